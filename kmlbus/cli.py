@@ -1,0 +1,240 @@
+"""``python -m kmlbus`` / ``kmlbus``: the command-line front end of the bus.
+
+Each subcommand is a thin wrapper; the work lives in the modules it names.
+Errors a person can act on (module not loaded, no privilege, a refused mode
+change) are printed as one line and exit non-zero, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kmlbus import codec, netlink, spec, statefile
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+
+def _counter(p: dict[str, Any], name: str) -> int:
+    return int(p.get("counters", {}).get(name, 0))
+
+
+def proxy_view(p: dict[str, Any], bus_state: dict[str, Any]) -> dict[str, Any]:
+    """Merge a kernel proxy dict with the daemon's view of it, with enum names."""
+    view: dict[str, Any] = {
+        "id": p.get("id"),
+        "name": p.get("name"),
+        "mode": codec.enum_name("mode", int(p.get("mode", 0))),
+        "lifecycle": codec.enum_name("lifecycle", int(p.get("lifecycle", 0))),
+        "mode_s": round(int(p.get("mode-ms", 0)) / 1000.0, 1),
+        "reason": codec.enum_name("reason", int(p.get("reason", 0))),
+        "bus_portid": int(p.get("bus-portid", 0)),
+        "share": p.get("share"),
+        "explore": p.get("explore"),
+        "nkeys": p.get("nkeys"),
+        "features": [f.get("name") for f in p.get("feature", [])],
+        "recommendation": p.get("recommendation", {}),
+        "counters": dict(p.get("counters", {})),
+    }
+    bus = bus_state.get("proxies", {}).get(view["name"])
+    if bus:
+        view["bus"] = bus
+    return view
+
+
+def _fmt_eff(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.1f}"
+
+
+def print_status_table(views: list[dict[str, Any]]) -> None:
+    """One row per proxy: mode, time in it, why, decisions and recommendations."""
+    hdr = ("ID", "NAME", "MODE", "FOR", "WHY", "LIFECYCLE", "BUS", "DEC d/m",
+           "RECS rx/app/ign/exp", "DROPS", "EFF d/m", "MATURITY")
+    rows = []
+    for v in views:
+        c = v["counters"]
+        bus = v.get("bus", {})
+        ev = bus.get("evidence", {})
+        rows.append((
+            str(v["id"]), str(v["name"]), v["mode"], f"{v['mode_s']}s", v["reason"], v["lifecycle"],
+            str(v["bus_portid"] or "-"),
+            f"{c.get('decisions-default', 0)}/{c.get('decisions-model', 0)}",
+            "/".join(str(c.get(k, 0)) for k in ("recs-received", "recs-applied", "recs-ignored", "recs-expired")),
+            str(c.get("drops", 0)),
+            f"{_fmt_eff(ev.get('default_mean'))}/{_fmt_eff(ev.get('model_mean'))}",
+            _fmt_eff(ev.get("maturity")),
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(hdr)]
+    print("  ".join(h.ljust(w) for h, w in zip(hdr, widths)))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    for v in views:
+        bus = v.get("bus")
+        if bus and bus.get("last"):
+            last = bus["last"]
+            print(f"  {v['name']}: last move {last.get('from')} -> {last.get('to')} "
+                  f"({last.get('trigger')}): {last.get('reason')}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show every proxy the kernel has, merged with the daemon's evidence."""
+    with netlink.Connection() as conn:
+        proxies = conn.proxies()
+    bus_state = statefile.read()
+    views = [proxy_view(p, bus_state) for p in proxies]
+    if args.json:
+        json.dump(views, sys.stdout, indent=1, sort_keys=True, default=str)
+        print()
+    else:
+        print_status_table(views)
+    return 0
+
+
+def _resolve_id(conn: netlink.Connection, proxy: str) -> int:
+    key: int | str = int(proxy) if proxy.isdigit() else proxy
+    return int(conn.proxy(key)["id"])
+
+
+def cmd_mode(args: argparse.Namespace) -> int:
+    """Ask the kernel for a mode change; pin/unpin go to the daemon's control file."""
+    from kmlbus import pins
+
+    if args.unpin:
+        pins.unpin(args.proxy)
+        print(f"{args.proxy}: unpinned; the bus may move it again")
+        return 0
+    if args.mode is None:
+        print("kmlbus mode: give a MODE (or --unpin)", file=sys.stderr)
+        return 2
+    with netlink.Connection() as conn:
+        pid = _resolve_id(conn, args.proxy)
+        conn.set_mode(pid, args.mode, "operator")
+    if args.pin:
+        pins.pin(args.proxy, args.mode)
+        print(f"{args.proxy}: now {args.mode}, pinned (kmlbus mode {args.proxy} --unpin to release)")
+    else:
+        print(f"{args.proxy}: now {args.mode}")
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """Print mode events as they come and telemetry rates once a second."""
+    with netlink.Connection(groups=("events", "telemetry")) as conn:
+        names = {int(p["id"]): str(p["name"]) for p in conn.proxies()}
+        want = None
+        if args.proxy:
+            want = int(args.proxy) if args.proxy.isdigit() else next(
+                (i for i, n in names.items() if n == args.proxy), -1)
+        samples: dict[int, int] = {}
+        feedback: dict[int, int] = {}
+        t0 = time.monotonic()
+        end = t0 + args.seconds if args.seconds else None
+        while end is None or time.monotonic() < end:
+            for m in conn.recv(timeout=0.2):
+                pid = int(m.attrs.get("id", 0))
+                if want is not None and pid != want:
+                    continue
+                if m.op == "mode-event":
+                    names[pid] = str(m.attrs.get("name", names.get(pid, pid)))
+                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
+                          f"{codec.enum_name('mode', int(m.attrs.get('old-mode', 0)))} -> "
+                          f"{codec.enum_name('mode', int(m.attrs['mode']))} "
+                          f"({codec.enum_name('reason', int(m.attrs.get('reason', 0)))})", flush=True)
+                elif m.op == "telemetry":
+                    samples[pid] = samples.get(pid, 0) + len(m.attrs.get("records", ()))
+                elif m.op == "feedback":
+                    feedback[pid] = feedback.get(pid, 0) + len(m.attrs.get("feedback", ()))
+            now = time.monotonic()
+            if now - t0 >= 1.0:
+                for pid in sorted(set(samples) | set(feedback)):
+                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
+                          f"{samples.get(pid, 0) / (now - t0):.0f} samples/s, "
+                          f"{feedback.get(pid, 0) / (now - t0):.0f} feedback/s", flush=True)
+                samples.clear()
+                feedback.clear()
+                t0 = now
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The daemon: attach to configured proxies, dispatch, drive modes."""
+    from kmlbus import daemon
+
+    return daemon.main(args.config, duration=args.duration)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks against a raw-socket floor measured in the same run."""
+    from kmlbus import bench
+
+    return bench.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Sample proxy driven through its modes by a good, then a bad model."""
+    from kmlbus import demo
+
+    return demo.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so tests can inspect it)."""
+    ap = argparse.ArgumentParser(prog="kmlbus", description=__doc__.split("\n")[0])
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("status", help="proxies with mode, lifecycle, counters, evidence")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("run", help="the bus daemon")
+    s.add_argument("--config", required=True, help="TOML file mapping proxies to ONNX models")
+    s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("mode", help="ask the kernel for a mode change")
+    s.add_argument("proxy", help="proxy name or id")
+    s.add_argument("mode", nargs="?", choices=spec.load().enums["mode"].entries)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--pin", action="store_true", help="suspend the bus's automatic moves")
+    g.add_argument("--unpin", action="store_true", help="let the bus move the proxy again")
+    s.set_defaults(func=cmd_mode)
+
+    s = sub.add_parser("watch", help="live mode events and telemetry rates")
+    s.add_argument("proxy", nargs="?", help="only this proxy (name or id)")
+    s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.set_defaults(func=cmd_watch)
+
+    s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")
+    s.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="drive the sample proxy through its modes (boots the VM if needed)")
+    s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
+    s.add_argument("--seconds", type=float, default=90.0, help="time limit per phase")
+    s.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, turn known failures into one-line messages."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args))
+    except netlink.ModuleNotLoaded as e:
+        print(f"kmlbus: {e}", file=sys.stderr)
+        return 3
+    except netlink.NetlinkError as e:
+        print(str(e), file=sys.stderr)
+        return 4 if e.errno != 1 else 5
+    except KeyboardInterrupt:
+        return 130

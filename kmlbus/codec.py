@@ -1,0 +1,563 @@
+"""Encode and decode kmlbus generic netlink messages, driven by the family spec.
+
+Everything family-specific (attribute numbers, types, nesting, packed struct
+layouts, operation numbers) comes from :func:`kmlbus.spec.load`; this module
+only knows netlink itself: the ``nlmsghdr``/``genlmsghdr`` headers, the
+``nlattr`` TLV format with its 4-byte alignment, and ``NLMSG_ERROR``/
+``NLMSG_DONE`` with extended-ack TLVs (``include/uapi/linux/netlink.h``).
+
+Decoding is the hot path of the bus: telemetry and feedback batches come back
+as zero-copy numpy views (``np.frombuffer`` on the received bytes, with the
+spec struct's dtype), never as per-record Python objects.  Decoding any byte
+string raises nothing but :class:`CodecError`, so a malformed datagram costs
+the caller one counter, not a crash.
+
+The codec is pure: no sockets, no pyroute2.  :mod:`kmlbus.netlink` does I/O.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kmlbus import spec as kspec
+
+__all__ = [
+    "CodecError",
+    "Message",
+    "NLA_ALIGNTO",
+    "NLA_F_NESTED",
+    "NLA_F_NET_BYTEORDER",
+    "NLA_TYPE_MASK",
+    "NLMSG_DONE",
+    "NLMSG_ERROR",
+    "NLMSG_MIN_TYPE",
+    "NLMSG_NOOP",
+    "NLMSG_OVERRUN",
+    "NLMSGERR_ATTR_MISS_NEST",
+    "NLMSGERR_ATTR_MISS_TYPE",
+    "NLMSGERR_ATTR_MSG",
+    "NLMSGERR_ATTR_OFFS",
+    "NLM_F_ACK",
+    "NLM_F_ACK_TLVS",
+    "NLM_F_CAPPED",
+    "NLM_F_DUMP",
+    "NLM_F_DUMP_INTR",
+    "NLM_F_MULTI",
+    "NLM_F_REQUEST",
+    "decode_attrs",
+    "decode_msg",
+    "decode_one",
+    "encode_attrs",
+    "encode_msg",
+    "enum_name",
+    "iter_attrs",
+    "iter_nlmsgs",
+    "nla_align",
+    "pack_attr",
+    "pack_genlmsg",
+    "pack_nlmsg",
+    "records",
+]
+
+# --- netlink constants (include/uapi/linux/netlink.h, genetlink.h) ---------
+NLMSG_NOOP = 0x1
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLMSG_OVERRUN = 0x4
+NLMSG_MIN_TYPE = 0x10
+
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_DUMP_INTR = 0x10
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLM_F_CAPPED = 0x100  # on NLMSG_ERROR: the echoed request is only its header
+NLM_F_ACK_TLVS = 0x200  # on NLMSG_ERROR/DONE: extended-ack TLVs follow
+
+NLMSGERR_ATTR_MSG = 1
+NLMSGERR_ATTR_OFFS = 2
+NLMSGERR_ATTR_MISS_TYPE = 5  # Linux 6.0+: number of a missing required attribute
+NLMSGERR_ATTR_MISS_NEST = 6  # Linux 6.0+: offset of the nest it was missing from
+
+NLA_ALIGNTO = 4
+NLA_F_NESTED = 1 << 15
+NLA_F_NET_BYTEORDER = 1 << 14
+NLA_TYPE_MASK = 0xFFFF & ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
+_GENLHDR = struct.Struct("=BBH")  # cmd, version, reserved
+_NLAHDR = struct.Struct("=HH")  # len, type
+_ERRNO = struct.Struct("=i")
+
+#: YNL scalar attribute types -> struct codes (host byte order, like the kernel's nla_put_u32).
+_INT_CODES = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "s8": "b", "s16": "h", "s32": "i", "s64": "q"}
+
+
+class CodecError(ValueError):
+    """A message or value does not fit the kmlbus wire format.
+
+    The only exception that decoding raises, whatever the input bytes.
+    """
+
+
+@dataclass
+class Message:
+    """One decoded netlink message.
+
+    ``type`` is the nlmsg type (the family id for genl messages, or
+    ``NLMSG_ERROR``/``NLMSG_DONE``); ``cmd``/``op`` are the genl command and
+    its spec name (``""`` when unknown or not a kmlbus message).  ``error`` is
+    a positive errno (0 for an ACK or a success), as in :mod:`errno`;
+    ``extack`` is the kernel's extended-ack message.  ``extack_missing`` is the
+    number of a required attribute the kernel says is missing (-1 if none).
+    ``payload`` keeps the raw attribute bytes of genl messages that were not
+    decoded as kmlbus (other families, e.g. nlctrl).
+    """
+
+    type: int
+    flags: int
+    seq: int
+    portid: int
+    cmd: int
+    op: str
+    attrs: dict[str, Any]
+    error: int = 0
+    extack: str = ""
+    extack_offset: int = -1
+    extack_missing: int = -1
+    payload: bytes = field(default=b"", repr=False)
+
+
+def nla_align(n: int) -> int:
+    """Round *n* up to the netlink attribute alignment (NLA_ALIGNTO, 4)."""
+    return (n + NLA_ALIGNTO - 1) & ~(NLA_ALIGNTO - 1)
+
+
+def pack_attr(nla_type: int, payload: bytes, *, nested: bool = False) -> bytes:
+    """One ``nlattr``: header, payload, zero padding to 4 bytes."""
+    n = _NLAHDR.size + len(payload)
+    if n > 0xFFFF:
+        raise CodecError(f"attribute {nla_type}: {len(payload)} bytes do not fit in one nlattr (max 65531)")
+    flag = NLA_F_NESTED if nested else 0
+    return _NLAHDR.pack(n, nla_type | flag) + payload + b"\0" * (nla_align(n) - n)
+
+
+def pack_nlmsg(msg_type: int, flags: int, seq: int, payload: bytes, portid: int = 0) -> bytes:
+    """One ``nlmsghdr`` followed by *payload* (padded to 4 bytes)."""
+    n = _NLMSGHDR.size + len(payload)
+    return _NLMSGHDR.pack(n, msg_type, flags, seq & 0xFFFFFFFF, portid) + payload + b"\0" * (nla_align(n) - n)
+
+
+def pack_genlmsg(family_id: int, cmd: int, version: int, attrs: bytes, *, seq: int, flags: int) -> bytes:
+    """A complete generic netlink message: nlmsghdr, genlmsghdr, attributes."""
+    return pack_nlmsg(family_id, flags, seq, _GENLHDR.pack(cmd, version, 0) + attrs)
+
+
+def iter_attrs(data: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+    """Walk the attributes in ``data[start:end]``.
+
+    Yields ``(type, flags, payload_start, payload_end)``; ``type`` has the
+    NLA_F_NESTED/NLA_F_NET_BYTEORDER bits removed (they are in ``flags``).
+    Raises :class:`CodecError` on a truncated or overlong attribute.
+    """
+    stop = len(data) if end is None else end
+    off = start
+    while off + _NLAHDR.size <= stop:
+        nla_len, nla_type = _NLAHDR.unpack_from(data, off)
+        if nla_len < _NLAHDR.size or off + nla_len > stop:
+            raise CodecError(f"attribute at offset {off}: length {nla_len} does not fit in {stop - off} bytes")
+        yield nla_type & NLA_TYPE_MASK, nla_type & ~NLA_TYPE_MASK, off + _NLAHDR.size, off + nla_len
+        off += nla_align(nla_len)
+    if off < stop:
+        raise CodecError(f"{stop - off} trailing bytes after the last attribute")
+
+
+def iter_nlmsgs(data: bytes) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """Walk the netlink messages of one datagram.
+
+    Yields ``(type, flags, seq, portid, payload_start, payload_end)``.
+    Raises :class:`CodecError` on a truncated header or an impossible length.
+    """
+    off = 0
+    n = len(data)
+    while off < n:
+        if off + _NLMSGHDR.size > n:
+            raise CodecError(f"netlink header at offset {off}: only {n - off} bytes left")
+        mlen, mtype, mflags, seq, portid = _NLMSGHDR.unpack_from(data, off)
+        if mlen < _NLMSGHDR.size or off + mlen > n:
+            raise CodecError(f"netlink message at offset {off}: length {mlen} does not fit in {n - off} bytes")
+        yield mtype, mflags, seq, portid, off + _NLMSGHDR.size, off + mlen
+        off += nla_align(mlen)
+
+
+# --- spec-driven attribute tables ------------------------------------------
+
+_Decoder = Callable[[bytes, int, int], Any]
+_Encoder = Callable[[Any], bytes]
+
+
+@dataclass(frozen=True)
+class _AttrCodec:
+    """How one spec attribute goes on and off the wire."""
+
+    attr: kspec.Attr
+    decode: _Decoder
+    encode: _Encoder
+    nested: bool
+
+
+def _int_codec(set_name: str, attr: kspec.Attr, enums: Mapping[str, kspec.Enum]) -> tuple[_Decoder, _Encoder]:
+    st = struct.Struct("=" + _INT_CODES[attr.type])
+    signed = attr.type.startswith("s")
+    bits = 8 * st.size
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    enum = enums.get(attr.enum) if attr.enum else None
+    where = f"{set_name}.{attr.name}"
+
+    def dec(buf: bytes, a: int, b: int) -> Any:
+        if b - a != st.size:
+            raise CodecError(f"{where} ({attr.type}): expected {st.size} bytes, found {b - a}")
+        return st.unpack_from(buf, a)[0]
+
+    def enc(v: Any) -> bytes:
+        if isinstance(v, str) and enum is not None:
+            try:
+                v = enum.value(v)
+            except ValueError:
+                raise CodecError(f"{where}: {v!r} is not one of {list(enum.entries)}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise CodecError(f"{where} ({attr.type}): expected an int, found {type(v).__name__}")
+        iv = int(v)
+        if not lo <= iv <= hi:
+            raise CodecError(f"{where} ({attr.type}): {iv} is outside [{lo}, {hi}]")
+        return st.pack(iv)
+
+    return dec, enc
+
+
+def _string_codec(set_name: str, attr: kspec.Attr) -> tuple[_Decoder, _Encoder]:
+    where = f"{set_name}.{attr.name}"
+
+    def dec(buf: bytes, a: int, b: int) -> Any:
+        raw = bytes(buf[a:b])
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            raw = raw[:nul]
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CodecError(f"{where} (string): not UTF-8: {e.reason}") from None
+
+    def enc(v: Any) -> bytes:
+        if not isinstance(v, str):
+            raise CodecError(f"{where} (string): expected a str, found {type(v).__name__}")
+        if "\0" in v:
+            raise CodecError(f"{where} (string): embedded NUL")
+        return v.encode("utf-8") + b"\0"
+
+    return dec, enc
+
+
+def _binary_codec(set_name: str, attr: kspec.Attr, structs: Mapping[str, kspec.StructDef]) -> tuple[_Decoder, _Encoder]:
+    where = f"{set_name}.{attr.name}"
+    if not attr.struct:
+        def dec_raw(buf: bytes, a: int, b: int) -> Any:
+            return bytes(buf[a:b])
+
+        def enc_raw(v: Any) -> bytes:
+            if not isinstance(v, (bytes, bytearray, memoryview)):
+                raise CodecError(f"{where} (binary): expected bytes, found {type(v).__name__}")
+            return bytes(v)
+
+        return dec_raw, enc_raw
+
+    dt = structs[attr.struct].dtype
+    size = dt.itemsize
+
+    def dec(buf: bytes, a: int, b: int) -> Any:
+        n = b - a
+        if n % size:
+            raise CodecError(f"{where} (struct {attr.struct}): {n} bytes is not a multiple of {size}")
+        return np.frombuffer(buf, dtype=dt, count=n // size, offset=a)
+
+    def enc(v: Any) -> bytes:
+        if isinstance(v, (bytes, bytearray, memoryview)):
+            raw = bytes(v)
+            if len(raw) % size:
+                raise CodecError(f"{where} (struct {attr.struct}): {len(raw)} bytes is not a multiple of {size}")
+            return raw
+        if isinstance(v, np.ndarray):
+            if v.dtype != dt:
+                try:
+                    v = v.astype(dt)
+                except (TypeError, ValueError) as e:
+                    raise CodecError(f"{where}: array dtype {v.dtype} is not struct {attr.struct}: {e}") from None
+            return np.ascontiguousarray(v).tobytes()
+        raise CodecError(f"{where} (struct {attr.struct}): expected a numpy array or bytes, found {type(v).__name__}")
+
+    return dec, enc
+
+
+def _flag_codec(set_name: str, attr: kspec.Attr) -> tuple[_Decoder, _Encoder]:
+    def dec(buf: bytes, a: int, b: int) -> Any:
+        return True
+
+    def enc(v: Any) -> bytes:
+        return b""
+
+    return dec, enc
+
+
+@functools.lru_cache(maxsize=None)
+def _tables() -> dict[str, dict[int, _AttrCodec]]:
+    """Per attribute set: attribute number -> codec.  Built once from the spec."""
+    sp = kspec.load()
+    tables: dict[str, dict[int, _AttrCodec]] = {name: {} for name in sp.attr_sets}
+    for set_name, aset in sp.attr_sets.items():
+        for attr in aset.attrs:
+            if attr.type in _INT_CODES:
+                dec, enc = _int_codec(set_name, attr, sp.enums)
+            elif attr.type == "string":
+                dec, enc = _string_codec(set_name, attr)
+            elif attr.type == "binary":
+                dec, enc = _binary_codec(set_name, attr, sp.structs)
+            elif attr.type == "flag":
+                dec, enc = _flag_codec(set_name, attr)
+            elif attr.type == "pad":
+                continue  # skipped on decode, never encoded by name
+            elif attr.type == "nest":
+                dec, enc = _nest_codec(attr.nested, tables)
+            else:
+                raise CodecError(f"spec {set_name}.{attr.name}: attribute type {attr.type!r} is not supported by the codec")
+            tables[set_name][attr.value] = _AttrCodec(attr, dec, enc, attr.type == "nest")
+    return tables
+
+
+def _nest_codec(inner: str, tables: dict[str, dict[int, _AttrCodec]]) -> tuple[_Decoder, _Encoder]:
+    # The inner table may not be filled yet when this closure is made: look it up lazily.
+    def dec(buf: bytes, a: int, b: int) -> Any:
+        return _decode_set(inner, tables[inner], buf, a, b)
+
+    def enc(v: Any) -> bytes:
+        if not isinstance(v, Mapping):
+            raise CodecError(f"nest {inner}: expected a dict, found {type(v).__name__}")
+        return _encode_set(inner, v)
+
+    return dec, enc
+
+
+def _decode_set(set_name: str, table: Mapping[int, _AttrCodec], buf: bytes, start: int, end: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for nr, _flags, a, b in iter_attrs(buf, start, end):
+        c = table.get(nr)
+        if c is None:
+            if nr and nr in _pad_numbers(set_name):
+                continue
+            out.setdefault("unknown", {})[nr] = bytes(buf[a:b])
+            continue
+        value = c.decode(buf, a, b)
+        if c.attr.multi:
+            out.setdefault(c.attr.name, []).append(value)
+        else:
+            out[c.attr.name] = value
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pad_numbers(set_name: str) -> frozenset[int]:
+    return frozenset(a.value for a in kspec.load().attr_sets[set_name].attrs if a.type == "pad")
+
+
+@functools.lru_cache(maxsize=None)
+def _by_name(set_name: str) -> dict[str, _AttrCodec]:
+    return {c.attr.name: c for c in _tables()[set_name].values()}
+
+
+def _encode_set(set_name: str, values: Mapping[str, Any]) -> bytes:
+    names = _by_name(set_name)
+    parts: list[bytes] = []
+    for name, v in values.items():
+        if name == "unknown" and name not in names:
+            if not isinstance(v, Mapping):
+                raise CodecError(f"{set_name}: 'unknown' must map attribute numbers to bytes")
+            for nr, raw in v.items():
+                if not isinstance(nr, int) or not 0 <= nr <= NLA_TYPE_MASK or not isinstance(raw, (bytes, bytearray)):
+                    raise CodecError(f"{set_name}: unknown attribute {nr!r} needs an int number and bytes")
+                parts.append(pack_attr(nr, bytes(raw)))
+            continue
+        c = names.get(name)
+        if c is None:
+            raise CodecError(f"{set_name}: no attribute {name!r}; the set has {sorted(names)}")
+        if v is None:
+            continue
+        if c.attr.multi:
+            if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Sequence):
+                raise CodecError(f"{set_name}.{name} is multi-attr: expected a list, found {type(v).__name__}")
+            for item in v:
+                parts.append(pack_attr(c.attr.value, c.encode(item), nested=c.nested))
+        else:
+            parts.append(pack_attr(c.attr.value, c.encode(v), nested=c.nested))
+    return b"".join(parts)
+
+
+def _set_table(set_name: str) -> dict[int, _AttrCodec]:
+    try:
+        return _tables()[set_name]
+    except KeyError:
+        raise CodecError(f"no attribute set {set_name!r} in the spec") from None
+
+
+# --- public API ------------------------------------------------------------
+
+
+def encode_attrs(set_name: str, values: Mapping[str, Any]) -> bytes:
+    """Encode *values* (attribute name -> value) as attributes of *set_name*.
+
+    ints for integer attributes (enum attributes also take the entry name),
+    ``str`` for strings, ``dict`` for nests, ``list`` for multi-attr, a numpy
+    array of the spec struct's dtype (or bytes) for struct arrays.  ``None``
+    values are left out.  ``{"unknown": {nr: bytes}}`` re-encodes raw
+    attributes.  Raises :class:`CodecError` for values that do not fit.
+    """
+    _set_table(set_name)
+    return _encode_set(set_name, values)
+
+
+def decode_attrs(set_name: str, data: bytes) -> dict[str, Any]:
+    """Decode the attributes in *data* as members of *set_name*.
+
+    Returns attribute name -> value (see :func:`encode_attrs`); pad attributes
+    are dropped, unknown numbers land in ``{"unknown": {nr: bytes}}``.
+    Raises only :class:`CodecError`.
+    """
+    table = _set_table(set_name)
+    buf = data if isinstance(data, bytes) else bytes(data)
+    return _decode_set(set_name, table, buf, 0, len(buf))
+
+
+def encode_msg(family_id: int, op: str, attrs: Mapping[str, Any], *, seq: int, flags: int) -> bytes:
+    """A complete request for *op* (a spec operation name) to family *family_id*."""
+    sp = kspec.load()
+    o = sp.op_by_name.get(op)
+    if o is None:
+        raise CodecError(f"no operation {op!r}; the spec has {[x.name for x in sp.ops]}")
+    return pack_genlmsg(family_id, o.value, sp.version, encode_attrs(o.attr_set, attrs), seq=seq, flags=flags)
+
+
+def _decode_err(buf: bytes, a: int, b: int, mflags: int, msg: Message) -> None:
+    """Fill *msg* from an NLMSG_ERROR payload: errno, then extack TLVs."""
+    if b - a < _ERRNO.size:
+        raise CodecError(f"NLMSG_ERROR payload of {b - a} bytes has no error code")
+    msg.error = -_ERRNO.unpack_from(buf, a)[0]
+    if b - a < _ERRNO.size + _NLMSGHDR.size:
+        return  # a bare errno (NLMSG_DONE carries only this)
+    echoed_len = _NLMSGHDR.unpack_from(buf, a + _ERRNO.size)[0]
+    tlv = a + _ERRNO.size + (_NLMSGHDR.size if mflags & NLM_F_CAPPED else nla_align(echoed_len))
+    if not mflags & NLM_F_ACK_TLVS:
+        return
+    if tlv > b:
+        raise CodecError(f"NLMSG_ERROR: echoed request of {echoed_len} bytes overruns the message")
+    _decode_extack(buf, tlv, b, msg)
+
+
+def _decode_extack(buf: bytes, a: int, b: int, msg: Message) -> None:
+    u32 = struct.Struct("=I")
+    for nr, _f, pa, pb in iter_attrs(buf, a, b):
+        if nr == NLMSGERR_ATTR_MSG:
+            msg.extack = bytes(buf[pa:pb]).split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif nr == NLMSGERR_ATTR_OFFS and pb - pa == 4:
+            msg.extack_offset = u32.unpack_from(buf, pa)[0]
+        elif nr == NLMSGERR_ATTR_MISS_TYPE and pb - pa == 4:
+            msg.extack_missing = u32.unpack_from(buf, pa)[0]
+
+
+def decode_msg(data: bytes, *, family_id: int | None = None) -> list[Message]:
+    """Decode every netlink message of one datagram.
+
+    genl messages are decoded with the kmlbus spec (op from the command, its
+    attribute set); when *family_id* is given, genl messages of other
+    families keep their attributes raw in ``Message.payload`` instead.
+    ``NLMSG_ERROR`` fills ``error``/``extack``; ``NLMSG_DONE`` fills ``error``.
+    Raises only :class:`CodecError`.
+    """
+    buf = data if isinstance(data, bytes) else bytes(data)
+    return [decode_one(buf, *m, family_id=family_id) for m in iter_nlmsgs(buf)]
+
+
+def decode_one(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: int, b: int,
+               *, family_id: int | None = None) -> Message:
+    """Decode one message located by :func:`iter_nlmsgs` (see :func:`decode_msg`)."""
+    msg = Message(mtype, mflags, seq, portid, 0, "", {})
+    try:
+        if mtype == NLMSG_ERROR:
+            _decode_err(buf, a, b, mflags, msg)
+        elif mtype == NLMSG_DONE:
+            if b - a >= _ERRNO.size:
+                msg.error = -_ERRNO.unpack_from(buf, a)[0]
+                if mflags & NLM_F_ACK_TLVS:
+                    _decode_extack(buf, a + _ERRNO.size, b, msg)
+        elif mtype >= NLMSG_MIN_TYPE:
+            if b - a < _GENLHDR.size:
+                raise CodecError(f"genl message of type {mtype}: {b - a} bytes, no genl header")
+            msg.cmd = buf[a]
+            if family_id is not None and mtype != family_id:
+                msg.payload = bytes(buf[a + _GENLHDR.size:b])
+            else:
+                sp = kspec.load()
+                o = sp.op_by_value.get(msg.cmd)
+                msg.op = o.name if o else ""
+                set_name = o.attr_set if o else sp.ops[0].attr_set
+                msg.attrs = _decode_set(set_name, _tables()[set_name], buf, a + _GENLHDR.size, b)
+    except CodecError:
+        raise
+    except (struct.error, ValueError, TypeError, IndexError) as e:  # defensive: never leak these
+        raise CodecError(f"message type {mtype}: {e}") from e
+    return msg
+
+
+@functools.lru_cache(maxsize=None)
+def _struct_attr_names() -> tuple[str, ...]:
+    sp = kspec.load()
+    return tuple(dict.fromkeys(a.name for s in sp.attr_sets.values() for a in s.attrs if a.struct))
+
+
+def records(msg_attrs: Mapping[str, Any]) -> npt.NDArray[Any]:
+    """The packed struct array of a telemetry/feedback message's attributes.
+
+    Returns the zero-copy numpy view already made by the decoder (``records``
+    for telemetry, ``feedback`` for feedback, whichever struct-array
+    attribute the message carries).  Raises :class:`CodecError` if none.
+    """
+    for name in _struct_attr_names():
+        v = msg_attrs.get(name)
+        if isinstance(v, np.ndarray):
+            return v
+    raise CodecError(f"no struct-array attribute ({', '.join(_struct_attr_names())}) in {sorted(msg_attrs)}")
+
+
+def enum_name(enum: str, value: int) -> str:
+    """Entry name of *value* in spec enum *enum* (e.g. ``enum_name("mode", 0)`` -> ``"emergency"``).
+
+    For flags enums, returns the set bit names joined with ``|``.  Unknown
+    values give ``"<enum>?<value>"`` rather than an exception, because this
+    is for display of what the kernel sent.
+    """
+    e = kspec.load().enums.get(enum)
+    if e is None:
+        raise CodecError(f"no enum {enum!r} in the spec")
+    if e.is_flags:
+        names = [n for i, n in enumerate(e.entries) if value & (1 << i)]
+        rest = value & ~sum(1 << i for i in range(len(e.entries)))
+        if rest:
+            names.append(hex(rest))
+        return "|".join(names)
+    if 0 <= value < len(e.entries):
+        return e.entries[value]
+    return f"{enum}?{value}"

@@ -1,0 +1,177 @@
+"""The TOML configuration and its binding to a kernel proxy schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kmlbus import config as cfg
+from kmlbus.config import ConfigError, FieldSchema, ProxySchema
+
+SAMPLE_ATTRS = {
+    "id": 1,
+    "name": "sample",
+    "nkeys": 64,
+    "efficiency-scale": 1000,
+    "feature": [
+        {"name": "seq_ratio", "scale": 1000},
+        {"name": "req_size", "scale": 1000},
+        {"name": "noise", "scale": 1000},
+    ],
+    "recommendation": {"name": "window", "scale": 1, "min": 1, "max": 64},
+}
+
+
+def sample_schema() -> ProxySchema:
+    return ProxySchema.from_attrs(SAMPLE_ATTRS)
+
+
+def test_defaults_when_file_is_empty(tmp_path: Path) -> None:
+    p = tmp_path / "bus.toml"
+    p.write_text("")
+    c = cfg.load(p)
+    assert c.bus.ttl_ms == 200
+    assert c.bus.trace is None
+    assert c.proxies == {}
+
+
+def test_full_file_resolves_paths_relative_to_the_file(tmp_path: Path) -> None:
+    p = tmp_path / "etc" / "bus.toml"
+    p.parent.mkdir()
+    p.write_text("""
+[bus]
+ttl_ms = 500
+latency_budget_ms = 5
+trace = "t.kmltrace"
+
+[proxy.sample]
+model = "models/m.onnx"
+input = "x"
+output = "y"
+features = ["seq_ratio"]
+input_scale = { seq_ratio = 100 }
+output_scale = 2.5
+""")
+    c = cfg.load(p)
+    assert c.bus == cfg.BusConfig(500, 5.0, p.parent.resolve() / "t.kmltrace")
+    sp = c.proxies["sample"]
+    assert sp.model == p.parent.resolve() / "models" / "m.onnx"
+    assert (sp.input, sp.output, sp.features) == ("x", "y", ("seq_ratio",))
+    assert sp.input_scale == {"seq_ratio": 100.0}
+    assert sp.output_scale == 2.5
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("[bus]\nttl_ms = 0", "bus.ttl_ms", "integer in 1..60000"),
+    ("[bus]\nttl_ms = 'x'", "bus.ttl_ms", "integer"),
+    ("[bus]\nttl = 3", "bus.ttl", "unknown key"),
+    ("[bus]\nlatency_budget_ms = -1", "bus.latency_budget_ms", "positive number"),
+    ("[proxy.sample]\nmodel = 3", "proxy.sample.model", "non-empty string"),
+    ("[proxy.sample]\nfeatures = []", "proxy.sample.features", "non-empty list"),
+    ("[proxy.sample]\nfeatures = ['a', 'a']", "proxy.sample.features", "distinct"),
+    ("[proxy.sample]\ninput_scale = { a = 0 }", "proxy.sample.input_scale.a", "positive"),
+    ("[proxy.sample]\ninput_scale = 'big'", "proxy.sample.input_scale", "positive number or"),
+    ("[proxy.sample]\nmodle = 'x'", "proxy.sample.modle", "unknown key"),
+    ("[proxies]\n", "proxies", "unknown table"),
+    ("[bus\n", "", "not valid TOML"),
+])
+def test_errors_are_one_line_naming_file_key_and_expectation(
+        tmp_path: Path, text: str, key: str, expected: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        cfg.load(p)
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert str(p.resolve()) in msg
+    assert key in msg
+    assert expected in msg
+
+
+def test_error_names_what_was_found(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[bus]\nttl_ms = 99999999\n")
+    with pytest.raises(ConfigError, match="found int 99999999"):
+        cfg.load(p)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        cfg.load(tmp_path / "nope.toml")
+
+
+def test_schema_from_netlink_reply() -> None:
+    s = sample_schema()
+    assert [f.name for f in s.features] == ["seq_ratio", "req_size", "noise"]
+    assert s.recommendation == FieldSchema("window", 1, 1, 64)
+    assert s.nkeys == 64 and s.id == 1
+    assert ProxySchema.from_attrs(s.to_attrs()) == s
+
+
+def test_schema_missing_attribute_is_named() -> None:
+    attrs = dict(SAMPLE_ATTRS)
+    del attrs["recommendation"]
+    with pytest.raises(ConfigError, match="recommendation"):
+        ProxySchema.from_attrs(attrs)
+
+
+def test_bind_defaults_feed_every_feature_at_schema_scale() -> None:
+    b = cfg.bind(sample_schema())
+    assert b.columns == (0, 1, 2)
+    assert b.divisors == (1000.0, 1000.0, 1000.0)
+    assert (b.out_scale, b.rec_min, b.rec_max, b.ttl_ms) == (1.0, 1, 64, 200)
+    assert b.model is None
+
+
+def test_bind_selects_features_in_config_order_with_overrides() -> None:
+    pc = cfg.loads("""
+[bus]
+ttl_ms = 300
+[proxy.sample]
+features = ["noise", "seq_ratio"]
+input_scale = { noise = 10 }
+output_scale = 4
+""").proxies["sample"]
+    b = cfg.bind(sample_schema(), pc, cfg.BusConfig(ttl_ms=300))
+    assert b.columns == (2, 0)
+    assert b.divisors == (10.0, 1000.0)
+    assert b.feature_names == ("noise", "seq_ratio")
+    assert b.out_scale == 4.0
+    assert b.ttl_ms == 300
+
+
+def test_bind_single_input_scale_applies_to_all() -> None:
+    pc = cfg.loads("[proxy.sample]\ninput_scale = 1\n").proxies["sample"]
+    assert cfg.bind(sample_schema(), pc).divisors == (1.0, 1.0, 1.0)
+
+
+def test_bind_rejects_a_feature_the_kernel_does_not_report() -> None:
+    pc = cfg.loads("[proxy.sample]\nfeatures = ['seq_ratio', 'latency']\n",
+                   Path("/etc/kmlbus.toml")).proxies["sample"]
+    with pytest.raises(ConfigError) as ei:
+        cfg.bind(sample_schema(), pc, path=Path("/etc/kmlbus.toml"))
+    msg = str(ei.value)
+    assert "/etc/kmlbus.toml" in msg and "proxy.sample.features" in msg
+    assert "seq_ratio, req_size, noise" in msg and "'latency'" in msg
+
+
+def test_bind_rejects_scale_for_a_feature_not_fed() -> None:
+    pc = cfg.loads("[proxy.sample]\nfeatures = ['seq_ratio']\n"
+                   "input_scale = { noise = 3 }\n").proxies["sample"]
+    with pytest.raises(ConfigError, match="input_scale"):
+        cfg.bind(sample_schema(), pc)
+
+
+def test_bind_without_bounds_uses_int32_range() -> None:
+    s = ProxySchema("p", (FieldSchema("a", 1),), FieldSchema("r", 10), 4)
+    b = cfg.bind(s)
+    assert (b.rec_min, b.rec_max) == (-(1 << 31), (1 << 31) - 1)
+    assert b.out_scale == 10.0
+
+
+@given(st.integers(min_value=1, max_value=60000))
+def test_any_legal_ttl_round_trips(ttl: int) -> None:
+    assert cfg.loads(f"[bus]\nttl_ms = {ttl}\n").bus.ttl_ms == ttl

@@ -1,0 +1,369 @@
+"""One proxy's interaction mode: a ``transitions`` machine built from the graph.
+
+:class:`ProxyModes` is the model object of a per-proxy
+``transitions.Machine`` whose states and triggers come from
+:func:`modes.graph.load` and nothing else, so a move the graph does not allow
+cannot happen here either (the kernel rejects the same moves with -EINVAL).
+
+It holds what ``kmlbus status`` shows for a proxy: the current mode, when it
+was entered (injectable clock), the last transition's reason and evidence
+snapshot, the operator pin, and a bounded history of transitions.
+
+Who moves a proxy, and how each move is recorded (:attr:`TransitionRecord.origin`):
+
+``policy``
+    An automatic move proposed by :class:`modes.policy.Policy` and applied
+    with :meth:`ProxyModes.apply`.  Suspended while the proxy is pinned.
+``fault``
+    A move to emergency proposed by ``Policy.fault``.  Safety first: a fault
+    reaches emergency even through a pin.  A pin to emergency is kept (the
+    fault agrees with it); a pin to any other mode is cleared, because
+    holding the operator's choice after the bus judged it unsafe would hide
+    the fault, and silently re-entering the pinned mode after recovery would
+    undo it.  The clearing is logged at WARNING and kept in the history.
+``operator``
+    :meth:`ProxyModes.pin` / :meth:`ProxyModes.set_mode` (``kmlbus mode``).
+    A target more than one edge away is reached along the shortest path of
+    allowed edges, one recorded transition per edge, so each step is one the
+    kernel accepts.
+``kernel``
+    :meth:`ProxyModes.sync_kernel`, for a ``mode-event`` the kernel sent
+    (bus gone, stale recommendations, another process's set-mode).  The
+    kernel is the authority on the mode actually applied, so this always
+    succeeds: through the graph's edge when there is one, otherwise (events
+    lost to a socket overrun) by resynchronising the machine's state with a
+    WARNING.  A kernel move away from the pinned mode clears the pin.  These
+    records have ``mirror`` False: the daemon must not send them back.
+
+Every record with ``mirror`` True must be sent to the kernel by the daemon
+(``set-mode``); listeners registered with :meth:`ProxyModes.subscribe` are
+called with each record, in order, which is the natural place to do that.
+Every transition is logged on this module's logger with reason and evidence.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Literal, Protocol
+
+from transitions import EventData, Machine
+
+from modes import graph as mgraph
+
+__all__ = [
+    "ModeError",
+    "Origin",
+    "ProxyModes",
+    "TransitionRecord",
+    "TransitionRequest",
+    "shortest_path",
+]
+
+log = logging.getLogger(__name__)
+
+Origin = Literal["policy", "fault", "operator", "kernel"]
+
+#: Transitions kept per proxy (enough for ``status``; the log has them all).
+HISTORY_LEN = 256
+
+
+class ModeError(ValueError):
+    """A mode request that the graph or the pin does not allow."""
+
+
+class TransitionRequest(Protocol):
+    """What :meth:`ProxyModes.apply` needs from a decision (``modes.policy.Decision``)."""
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def is_fault(self) -> bool: ...
+    @property
+    def evidence(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TransitionRecord:
+    """One mode change as it happened.
+
+    ``trigger`` is the graph's trigger name, or None when the machine was
+    resynchronised to a kernel mode that no single edge reaches.  ``reason``
+    is an entry of the spec's ``reason`` enum (what goes on the wire);
+    ``detail`` is the human explanation.
+    """
+
+    at: float
+    source: str
+    dest: str
+    trigger: str | None
+    reason: str
+    detail: str
+    origin: Origin
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mirror(self) -> bool:
+        """True if the daemon must send this change to the kernel."""
+        return self.origin != "kernel"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``kmlbus status --json``)."""
+        d = asdict(self)
+        d["mirror"] = self.mirror
+        return d
+
+
+def shortest_path(graph: mgraph.Graph, source: str, dest: str) -> list[str]:
+    """Modes visited from *source* to *dest* along allowed edges (excluding *source*).
+
+    Empty when source == dest.  Raises :class:`ModeError` if *dest* is unreachable.
+    """
+    if source == dest:
+        return []
+    prev: dict[str, str] = {source: source}
+    queue = collections.deque([source])
+    while queue:
+        cur = queue.popleft()
+        for s, d in sorted(graph.allowed):
+            if s == cur and d not in prev:
+                prev[d] = cur
+                if d == dest:
+                    path = [d]
+                    while prev[path[-1]] != source:
+                        path.append(prev[path[-1]])
+                    return path[::-1]
+                queue.append(d)
+    raise ModeError(f"mode {dest!r} cannot be reached from {source!r} in the mode graph")
+
+
+class ProxyModes:
+    """The interaction mode of one proxy, driven by a graph-built ``transitions`` machine.
+
+    ``mode`` is maintained by the machine (its ``model_attribute``).  The
+    machine also binds the graph's triggers and ``is_<mode>()`` helpers onto
+    this object; they are not part of the public API (use :meth:`apply`,
+    :meth:`pin`, :meth:`set_mode`, :meth:`sync_kernel`).
+    """
+
+    mode: str  # set by transitions.Machine
+
+    def __init__(
+        self,
+        proxy: str,
+        graph: mgraph.Graph | None = None,
+        *,
+        initial: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        history_len: int = HISTORY_LEN,
+    ) -> None:
+        """Start *proxy* in *initial* (default: the graph's initial mode).
+
+        Pass the kernel's current mode as *initial* when attaching to a proxy
+        that already runs.
+        """
+        self.proxy = proxy
+        self.graph = graph if graph is not None else mgraph.load()
+        self.clock = clock
+        start = initial if initial is not None else self.graph.initial
+        if start not in self.graph.states:
+            raise ModeError(f"proxy {proxy}: unknown mode {start!r}; expected one of {list(self.graph.states)}")
+        self.entered_at: float = clock()
+        #: Entry of the spec's ``reason`` enum for the last change ("none" at start).
+        self.reason = "none"
+        self.detail = "initial mode"
+        self.evidence: dict[str, Any] = {}
+        #: The mode the operator pinned, or None.
+        self.pinned: str | None = None
+        #: Incremented on every transition; evidence windows follow it.
+        self.epoch = 0
+        #: Clock time of the last fault seen (cool-down runs from here), or None.
+        self.last_fault_at: float | None = None
+        self.last_fault = ""
+        self._history: collections.deque[TransitionRecord] = collections.deque(maxlen=history_len)
+        self._listeners: list[Callable[[TransitionRecord], None]] = []
+        self._pending: dict[str, Any] = {}
+        self._machine = Machine(
+            model=self,
+            states=list(self.graph.states),
+            initial=start,
+            transitions=[
+                {"trigger": t.trigger, "source": list(t.sources), "dest": t.dest}
+                for t in self.graph.transitions
+            ],
+            auto_transitions=False,
+            send_event=True,
+            model_attribute="mode",
+            after_state_change=self._on_transition,
+            name=proxy,
+        )
+
+    # -- reading ----------------------------------------------------------
+
+    @property
+    def history(self) -> list[TransitionRecord]:
+        """Recent transitions, oldest first."""
+        return list(self._history)
+
+    @property
+    def last(self) -> TransitionRecord | None:
+        """The most recent transition, or None."""
+        return self._history[-1] if self._history else None
+
+    def time_in_mode(self) -> float:
+        """Seconds (clock units) since the current mode was entered."""
+        return self.clock() - self.entered_at
+
+    def status(self) -> dict[str, Any]:
+        """What ``kmlbus status`` shows for the mode (evidence comes from the policy)."""
+        return {
+            "proxy": self.proxy,
+            "mode": self.mode,
+            "in_mode_s": round(self.time_in_mode(), 3),
+            "pinned": self.pinned,
+            "reason": self.reason,
+            "detail": self.detail,
+            "evidence": self.evidence,
+            "last_fault": self.last_fault or None,
+            "transitions": len(self._history),
+        }
+
+    def subscribe(self, listener: Callable[[TransitionRecord], None]) -> None:
+        """Call *listener* with every future :class:`TransitionRecord` (e.g. to mirror it)."""
+        self._listeners.append(listener)
+
+    # -- moving -------------------------------------------------------------
+
+    def apply(self, decision: TransitionRequest) -> TransitionRecord | None:
+        """Carry out a policy decision; return the record, or None if it no longer applies.
+
+        Ignored (None) when the proxy has left ``decision.source`` meanwhile,
+        when the target is the current mode, or when the decision is automatic
+        and the proxy is pinned.  A fault goes through a pin (see module doc).
+        """
+        if decision.source != self.mode or decision.target == self.mode:
+            log.debug("proxy %s: decision %s -> %s ignored: proxy is in %s",
+                      self.proxy, decision.source, decision.target, self.mode)
+            return None
+        if self.pinned is not None:
+            if not decision.is_fault:
+                log.debug("proxy %s: pinned to %s, automatic %s -> %s suspended",
+                          self.proxy, self.pinned, decision.source, decision.target)
+                return None
+            if self.pinned != decision.target:
+                log.warning("proxy %s: pin to %s cleared by fault: %s",
+                            self.proxy, self.pinned, decision.detail)
+                self.pinned = None
+        origin: Origin = "fault" if decision.is_fault else "policy"
+        return self._step(decision.target, decision.reason, decision.detail, origin, decision.evidence)
+
+    def pin(self, mode: str, detail: str = "operator pin") -> list[TransitionRecord]:
+        """Move to *mode* (edge by edge) and hold it against automatic moves until :meth:`unpin`."""
+        records = self._walk(mode, detail, ignore_pin=True)
+        self.pinned = mode
+        log.info("proxy %s: pinned to %s", self.proxy, mode)
+        return records
+
+    def unpin(self) -> str | None:
+        """Release the pin; return the mode that was pinned (None if none was)."""
+        was, self.pinned = self.pinned, None
+        if was is not None:
+            log.info("proxy %s: unpinned from %s", self.proxy, was)
+        return was
+
+    def set_mode(self, mode: str, detail: str = "operator") -> list[TransitionRecord]:
+        """Operator move to *mode* without pinning (edge by edge); refused while pinned elsewhere."""
+        return self._walk(mode, detail, ignore_pin=False)
+
+    def sync_kernel(self, mode: str, reason: str, detail: str = "") -> TransitionRecord | None:
+        """Follow a kernel-initiated change (a ``mode-event``); never mirrored back.
+
+        *reason* is the event's ``reason`` enum entry.  Returns None when the
+        machine already is in *mode*.
+        """
+        if mode not in self.graph.states:
+            raise ModeError(f"proxy {self.proxy}: kernel reported unknown mode {mode!r}")
+        if mode == self.mode:
+            return None
+        if mode == "emergency":
+            self.note_fault(f"kernel: {reason}")
+        if self.pinned is not None and self.pinned != mode:
+            log.warning("proxy %s: pin to %s cleared: kernel moved the proxy to %s (%s)",
+                        self.proxy, self.pinned, mode, reason)
+            self.pinned = None
+        detail = detail or f"kernel: {reason}"
+        if self.graph.is_allowed(self.mode, mode):
+            return self._step(mode, reason, detail, "kernel", {})
+        # Events were lost (the kernel only makes allowed moves): take its word.
+        log.warning("proxy %s: resynchronising %s -> %s (no edge; mode events lost?)",
+                    self.proxy, self.mode, mode)
+        source = self.mode
+        self._machine.set_state(mode, model=self)
+        rec = TransitionRecord(self.clock(), source, mode, None, reason, detail + " (resync)", "kernel", {})
+        self._record(rec)
+        return rec
+
+    def note_fault(self, what: str) -> None:
+        """Remember a fault (the emergency cool-down restarts from now)."""
+        self.last_fault_at = self.clock()
+        self.last_fault = what
+
+    # -- internals ------------------------------------------------------------
+
+    def _walk(self, mode: str, detail: str, *, ignore_pin: bool) -> list[TransitionRecord]:
+        if mode not in self.graph.states:
+            raise ModeError(f"unknown mode {mode!r}; expected one of {list(self.graph.states)}")
+        if not ignore_pin and self.pinned is not None and self.pinned != mode:
+            raise ModeError(f"proxy {self.proxy} is pinned to {self.pinned}: "
+                            f"unpin it first (kmlbus mode {self.proxy} --unpin) or pin {mode}")
+        records = []
+        for step in shortest_path(self.graph, self.mode, mode):
+            records.append(self._step(step, "operator", detail, "operator", {}))
+        return records
+
+    def _step(self, dest: str, reason: str, detail: str, origin: Origin,
+              evidence: dict[str, Any]) -> TransitionRecord:
+        trigger = self.graph.trigger_for(self.mode, dest)
+        if trigger is None:
+            raise ModeError(f"proxy {self.proxy}: the mode graph has no move {self.mode} -> {dest}")
+        self._pending = {"reason": reason, "detail": detail, "origin": origin, "evidence": evidence}
+        try:
+            self._machine.events[trigger].trigger(self)
+        finally:
+            self._pending = {}
+        rec = self._history[-1]
+        assert rec.dest == dest, (rec, dest)
+        return rec
+
+    def _on_transition(self, event: EventData) -> None:
+        """``after_state_change`` callback of the machine: record and log."""
+        t = event.transition
+        assert t is not None
+        p = self._pending
+        rec = TransitionRecord(
+            self.clock(), t.source, self.mode, event.event.name if event.event else None,
+            p.get("reason", "none"), p.get("detail", ""), p.get("origin", "policy"),
+            dict(p.get("evidence", {})),
+        )
+        self._record(rec)
+
+    def _record(self, rec: TransitionRecord) -> None:
+        self.entered_at = rec.at
+        self.reason = rec.reason
+        self.detail = rec.detail
+        self.evidence = rec.evidence
+        self.epoch += 1
+        self._history.append(rec)
+        log.info("proxy %s: %s -> %s by %s (%s, %s: %s) evidence=%s",
+                 self.proxy, rec.source, rec.dest, rec.trigger, rec.origin, rec.reason,
+                 rec.detail, rec.evidence)
+        for listener in self._listeners:
+            listener(rec)

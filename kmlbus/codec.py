@@ -174,7 +174,7 @@ def iter_attrs(data: bytes, start: int = 0, end: int | None = None) -> Iterator[
         if nla_len < _NLAHDR.size or off + nla_len > stop:
             raise CodecError(f"attribute at offset {off}: length {nla_len} does not fit in {stop - off} bytes")
         yield nla_type & NLA_TYPE_MASK, nla_type & ~NLA_TYPE_MASK, off + _NLAHDR.size, off + nla_len
-        off += nla_align(nla_len)
+        off += (nla_len + NLA_ALIGNTO - 1) & ~(NLA_ALIGNTO - 1)
     if off < stop:
         raise CodecError(f"{stop - off} trailing bytes after the last attribute")
 

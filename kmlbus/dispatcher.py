@@ -1,0 +1,220 @@
+"""Turn a telemetry batch into a recommendation batch: the bus's hot path.
+
+For one batch of ``sample`` records of one proxy the dispatcher keeps the
+latest sample of each key (by ``seq``), converts its fixed-point features to
+float (``raw / scale``, vectorised), runs the proxy's model once on all rows,
+converts back to fixed point (``round(y * out_scale)``), clamps to the
+recommendation's [min, max] and returns one ``rec`` per distinct key with the
+configured ttl.  Only the latest sample per key matters because a key is one
+recommendation slot in the kernel: an older prediction would be overwritten
+in the same batch anyway.
+
+Keys outside the proxy's ``nkeys`` are dropped and counted (``recommend`` is
+all-or-nothing in the kernel, so one bad key would lose the whole batch), as
+are rows where the model produced NaN.  An inference failure is counted and
+raised as :class:`InferenceError`; the daemon turns it into a fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from . import spec as _spec
+from .config import Binding, ProxySchema
+from .registry import ModelRegistry, ModelRuntimeError, NoModelError
+
+__all__ = [
+    "DispatchError",
+    "Dispatcher",
+    "InferenceError",
+    "ProxyCounters",
+    "RecordsError",
+    "features_to_float",
+    "latest_per_key",
+    "to_fixed",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DispatchError(Exception):
+    """A batch could not be turned into recommendations; ``.proxy`` names the proxy."""
+
+    def __init__(self, proxy: str, message: str) -> None:
+        super().__init__(message)
+        self.proxy = proxy
+
+
+class InferenceError(DispatchError):
+    """The model failed (or is missing) for this batch: a fault for the daemon."""
+
+
+class RecordsError(DispatchError):
+    """The records are not an array of the spec's ``sample`` struct."""
+
+
+@dataclass
+class ProxyCounters:
+    """Per-proxy dispatcher counters (monotonic, except ``last_batch_ns``)."""
+
+    batches: int = 0
+    records: int = 0
+    inferences: int = 0
+    inference_ns: int = 0
+    recs_sent: int = 0
+    clamped: int = 0
+    errors: int = 0
+    bad_keys: int = 0
+    nonfinite: int = 0
+    over_budget: int = 0
+    last_batch_ns: int = 0
+    max_batch_ns: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _sample_dtype() -> np.dtype[np.void]:
+    return _spec.load().structs["sample"].dtype
+
+
+def _rec_dtype() -> np.dtype[np.void]:
+    return _spec.load().structs["rec"].dtype
+
+
+def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
+    """Indices into *records* of the highest-``seq`` sample of each distinct key, by key."""
+    if len(records) == 0:
+        return np.zeros(0, dtype=np.intp)
+    # lexsort: last key is primary -> sorted by key, then seq; the last row of each key wins
+    order = np.lexsort((records["seq"], records["key"]))
+    keys = records["key"][order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    return order[last].astype(np.intp)
+
+
+def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.NDArray[np.float32]:
+    """``records.features[:, columns] / divisors`` as float32 [N, n_features]."""
+    cols = np.asarray(binding.columns, dtype=np.intp)
+    div = np.asarray(binding.divisors, dtype=np.float64)
+    raw = records["features"][:, cols].astype(np.float64)
+    return (raw / div).astype(np.float32)
+
+
+def to_fixed(values: npt.NDArray[np.floating], binding: Binding
+             ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Model output (real units) -> clamped fixed point.
+
+    Returns ``(fixed int32, clamped mask, valid mask)``; NaN rows are invalid
+    (their fixed value is meaningless).  Rounding is half-to-even (``np.rint``).
+    """
+    v = np.rint(np.asarray(values, dtype=np.float64) * binding.out_scale)
+    valid = ~np.isnan(v)
+    v = np.where(valid, v, float(binding.rec_min))
+    c = np.clip(v, binding.rec_min, binding.rec_max)
+    clamped = valid & (c != v)
+    return c.astype(np.int32), clamped, valid
+
+
+class Dispatcher:
+    """Per-proxy telemetry -> recommendation conversion with counters and latency.
+
+    *registry* holds each proxy's binding and model; *schemas* (optional)
+    are bound in the registry without loading a model if not bound yet, so a
+    dispatcher can be built before models load.
+    """
+
+    def __init__(self, registry: ModelRegistry,
+                 schemas: Mapping[str, ProxySchema] | Iterable[ProxySchema] | None = None) -> None:
+        self.registry = registry
+        self.counters: dict[str, ProxyCounters] = {}
+        items = schemas.values() if isinstance(schemas, Mapping) else (schemas or ())
+        for s in items:
+            if s.name not in registry.proxies:
+                registry.bind(s, load=False)
+        self._budget_ns = int(registry.config.bus.latency_budget_ms * 1e6)
+
+    def counters_of(self, proxy: str) -> ProxyCounters:
+        """Counters of *proxy* (created zeroed on first use)."""
+        c = self.counters.get(proxy)
+        if c is None:
+            c = self.counters[proxy] = ProxyCounters()
+        return c
+
+    @property
+    def latency_budget_ns(self) -> int:
+        return self._budget_ns
+
+    def over_budget(self, proxy: str) -> bool:
+        """Whether the last batch of *proxy* took longer than the latency budget."""
+        return self.counters_of(proxy).last_batch_ns > self._budget_ns
+
+    def handle_telemetry(self, proxy: str, records: npt.NDArray[np.void]) -> npt.NDArray[np.void]:
+        """One telemetry batch -> an array of ``rec`` (possibly empty) to send to the kernel.
+
+        Raises :class:`InferenceError` when the model is missing or fails and
+        :class:`RecordsError` for records of the wrong dtype.  The batch's
+        wall time is in ``counters_of(proxy).last_batch_ns``.
+        """
+        t0 = time.perf_counter_ns()
+        c = self.counters_of(proxy)
+        try:
+            return self._handle(proxy, records, c)
+        finally:
+            dt = time.perf_counter_ns() - t0
+            c.last_batch_ns = dt
+            c.max_batch_ns = max(c.max_batch_ns, dt)
+            if dt > self._budget_ns:
+                c.over_budget += 1
+
+    def _handle(self, proxy: str, records: npt.NDArray[np.void],
+                c: ProxyCounters) -> npt.NDArray[np.void]:
+        b = self.registry.binding(proxy)
+        rec_dt = _rec_dtype()
+        if not isinstance(records, np.ndarray) or records.dtype != _sample_dtype():
+            c.errors += 1
+            found = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
+            raise RecordsError(proxy, f"proxy {proxy}: telemetry records: expected an array of "
+                                      f"struct sample, found {found}")
+        c.batches += 1
+        c.records += len(records)
+        if len(records) == 0:
+            return np.zeros(0, dtype=rec_dt)
+        good = records["key"] < b.schema.nkeys
+        nbad = int(len(records) - np.count_nonzero(good))
+        if nbad:
+            c.bad_keys += nbad
+            records = records[good]
+        idx = latest_per_key(records)
+        if len(idx) == 0:
+            return np.zeros(0, dtype=rec_dt)
+        latest = records[idx]
+        x = features_to_float(latest, b)
+        t0 = time.perf_counter_ns()
+        try:
+            y = self.registry.predict(proxy, x)
+        except (ModelRuntimeError, NoModelError) as e:
+            c.errors += 1
+            raise InferenceError(proxy, str(e)) from e
+        finally:
+            c.inference_ns += time.perf_counter_ns() - t0
+        c.inferences += len(x)
+        fixed, clamped, valid = to_fixed(y, b)
+        c.clamped += int(np.count_nonzero(clamped))
+        nnan = int(len(valid) - np.count_nonzero(valid))
+        if nnan:
+            c.nonfinite += nnan
+            log.warning("proxy %s: model produced %d NaN values, dropped", proxy, nnan)
+        out = np.zeros(int(np.count_nonzero(valid)), dtype=rec_dt)
+        out["key"] = latest["key"][valid]
+        out["value"] = fixed[valid]
+        out["ttl_ms"] = b.ttl_ms
+        c.recs_sent += len(out)
+        return out

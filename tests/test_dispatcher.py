@@ -1,0 +1,200 @@
+"""Dispatcher: fixed point in, one clamped rec per key out, counters and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from kmlbus import config as cfg
+from kmlbus import models, spec
+from kmlbus.config import FieldSchema, ProxySchema
+from kmlbus.dispatcher import (
+    Dispatcher,
+    InferenceError,
+    RecordsError,
+    features_to_float,
+    latest_per_key,
+    to_fixed,
+)
+from kmlbus.registry import ModelRegistry, ModelRuntimeError
+
+SAMPLE = spec.load().structs["sample"].dtype
+REC = spec.load().structs["rec"].dtype
+
+
+def sample_schema(nkeys: int = 64) -> ProxySchema:
+    return ProxySchema("sample", tuple(FieldSchema(n, 1000) for n in models.SAMPLE_FEATURES),
+                       FieldSchema("window", 1, 1, 64), nkeys)
+
+
+def samples(keys: list[int], f0: list[int], seqs: list[int] | None = None) -> npt.NDArray[np.void]:
+    r = np.zeros(len(keys), dtype=SAMPLE)
+    r["seq"] = seqs if seqs is not None else np.arange(1, len(keys) + 1)
+    r["key"] = keys
+    r["decision"] = 8
+    r["features"][:, 0] = f0
+    r["features"][:, 1] = 4000
+    r["features"][:, 2] = 123
+    return r
+
+
+def dispatcher(model_bytes: bytes | None = None, text: str = "") -> Dispatcher:
+    reg = ModelRegistry(cfg.loads(text))
+    d = Dispatcher(reg, {"sample": sample_schema()})
+    if model_bytes is not None:
+        reg.install("sample", model_bytes)
+    return d
+
+
+GOOD = models.to_bytes(models.sample_good_model())
+
+
+def test_good_model_recommends_1_plus_63_seq_ratio() -> None:
+    d = dispatcher(GOOD)
+    out = d.handle_telemetry("sample", samples([0, 1, 2], [0, 500, 1000]))
+    assert out.dtype == REC
+    assert out["key"].tolist() == [0, 1, 2]
+    assert out["value"].tolist() == [1, 32, 64]  # 32.5 rounds half to even
+    assert out["ttl_ms"].tolist() == [200, 200, 200]
+    c = d.counters_of("sample")
+    assert (c.batches, c.records, c.inferences, c.recs_sent, c.clamped, c.errors) == (
+        1, 3, 3, 3, 0, 0)
+    assert 0 < c.inference_ns <= c.last_batch_ns
+
+
+def test_latest_sample_of_each_key_wins_regardless_of_order() -> None:
+    d = dispatcher(GOOD)
+    recs = samples([5, 5, 7, 5], [0, 1000, 0, 500], seqs=[10, 30, 11, 20])
+    out = d.handle_telemetry("sample", recs)
+    assert dict(zip(out["key"].tolist(), out["value"].tolist())) == {5: 64, 7: 1}
+    assert d.counters_of("sample").inferences == 2
+
+
+def test_values_are_clamped_to_schema_bounds_and_counted() -> None:
+    d = dispatcher(models.to_bytes(models.linear_model([200.0, 0, 0], -50.0)))
+    out = d.handle_telemetry("sample", samples([0, 1, 2], [0, 300, 1000]))
+    assert out["value"].tolist() == [1, 10, 64]
+    assert d.counters_of("sample").clamped == 2
+
+
+def test_ttl_and_scales_come_from_config() -> None:
+    text = ("[bus]\nttl_ms = 750\n[proxy.sample]\nfeatures = ['seq_ratio']\n"
+            "input_scale = { seq_ratio = 10 }\noutput_scale = 0.5\n")
+    d = dispatcher(models.to_bytes(models.linear_model([1.0], 0.0)), text)
+    out = d.handle_telemetry("sample", samples([3], [40]))
+    # 40 / 10 = 4.0 -> model 4.0 -> * 0.5 = 2
+    assert out["value"].tolist() == [2] and out["ttl_ms"].tolist() == [750]
+
+
+def test_keys_beyond_nkeys_are_dropped_not_sent() -> None:
+    d = dispatcher(GOOD)
+    out = d.handle_telemetry("sample", samples([1, 64, 1000], [0, 0, 0]))
+    assert out["key"].tolist() == [1]
+    assert d.counters_of("sample").bad_keys == 2
+
+
+def test_nan_outputs_are_dropped_and_counted() -> None:
+    # a tiny divisor makes req_size infinite; inf * weight 0 in MatMul is NaN
+    d = dispatcher(models.to_bytes(models.linear_model([1.0, 0, 0], 0.0)),
+                   "[proxy.sample]\ninput_scale = 1e-300\n")
+    out = d.handle_telemetry("sample", samples([0, 1], [0, 0]))
+    assert len(out) == 0
+    c = d.counters_of("sample")
+    assert (c.nonfinite, c.recs_sent, c.errors) == (2, 0, 0)
+
+
+def test_to_fixed_rounds_clamps_and_flags_nan() -> None:
+    b = cfg.bind(sample_schema())
+    fixed, clamped, valid = to_fixed(np.array([np.nan, 3.4, np.inf, -np.inf, 2.5]), b)
+    assert valid.tolist() == [False, True, True, True, True]
+    assert fixed[1:].tolist() == [3, 64, 1, 2]
+    assert clamped.tolist() == [False, False, True, True, False]
+
+
+def test_features_to_float_divides_by_scale() -> None:
+    b = cfg.bind(sample_schema())
+    x = features_to_float(samples([0], [250]), b)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x, [[0.25, 4.0, 0.123]], rtol=1e-6)
+
+
+def test_empty_batch_gives_empty_recs() -> None:
+    d = dispatcher(GOOD)
+    out = d.handle_telemetry("sample", np.zeros(0, dtype=SAMPLE))
+    assert out.dtype == REC and len(out) == 0
+    assert d.counters_of("sample").batches == 1
+
+
+def test_missing_model_is_an_inference_error() -> None:
+    d = dispatcher(None)
+    with pytest.raises(InferenceError, match="proxy sample: no model installed"):
+        d.handle_telemetry("sample", samples([0], [0]))
+    assert d.counters_of("sample").errors == 1
+
+
+def test_runtime_failure_is_counted_and_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = dispatcher(GOOD)
+
+    def boom(name: str, x: object) -> None:
+        raise ModelRuntimeError(name, f"proxy {name}: inference failed in x: boom")
+
+    monkeypatch.setattr(d.registry, "predict", boom)
+    with pytest.raises(InferenceError) as ei:
+        d.handle_telemetry("sample", samples([0], [0]))
+    assert ei.value.proxy == "sample"
+    assert isinstance(ei.value.__cause__, ModelRuntimeError)
+    assert d.counters_of("sample").errors == 1
+
+
+def test_wrong_record_dtype_is_rejected() -> None:
+    d = dispatcher(GOOD)
+    with pytest.raises(RecordsError, match="expected an array of struct sample"):
+        d.handle_telemetry("sample", np.zeros(3, dtype=REC))
+
+
+def test_latency_budget_flags_slow_batches() -> None:
+    d = dispatcher(GOOD, "[bus]\nlatency_budget_ms = 0.000001\n")
+    d.handle_telemetry("sample", samples([0], [0]))
+    assert d.over_budget("sample")
+    assert d.counters_of("sample").over_budget == 1
+    d2 = dispatcher(GOOD, "[bus]\nlatency_budget_ms = 10000\n")
+    d2.handle_telemetry("sample", samples([0], [0]))
+    assert not d2.over_budget("sample")
+
+
+def test_a_batch_of_1024_is_fast() -> None:
+    d = dispatcher(GOOD)
+    rng = np.random.default_rng(0)
+    r = samples(rng.integers(0, 64, 1024).tolist(), rng.integers(0, 1001, 1024).tolist())
+    for _ in range(20):
+        d.handle_telemetry("sample", r)
+    assert d.counters_of("sample").max_batch_ns < 50_000_000  # generous: CI machines vary
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(SAMPLE, st.integers(0, 80)))
+def test_any_batch_yields_unique_in_range_keys_and_bounded_values(r: npt.NDArray[np.void]) -> None:
+    d = dispatcher(GOOD)
+    out = d.handle_telemetry("sample", r)
+    keys = out["key"]
+    assert len(set(keys.tolist())) == len(keys)
+    assert (keys < 64).all()
+    assert ((out["value"] >= 1) & (out["value"] <= 64)).all()
+    assert set(keys.tolist()) == {k for k in r["key"].tolist() if k < 64}
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10**6)), min_size=1, max_size=40,
+                unique_by=lambda t: t[1]))
+def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
+    r = np.zeros(len(pairs), dtype=SAMPLE)
+    r["key"] = [k for k, _ in pairs]
+    r["seq"] = [s for _, s in pairs]
+    idx = latest_per_key(r)
+    want = {}
+    for k, s in pairs:
+        want[k] = max(want.get(k, -1), s)
+    assert {int(r["key"][i]): int(r["seq"][i]) for i in idx} == want

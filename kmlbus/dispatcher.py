@@ -105,7 +105,8 @@ def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.ND
     cols = np.asarray(binding.columns, dtype=np.intp)
     div = np.asarray(binding.divisors, dtype=np.float64)
     raw = records["features"][:, cols].astype(np.float64)
-    return (raw / div).astype(np.float32)
+    with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
+        return (raw / div).astype(np.float32)
 
 
 def to_fixed(values: npt.NDArray[np.floating], binding: Binding

@@ -163,8 +163,7 @@ class Evidence:
         self._totals = {"default": 0, "model": 0}
         self._valid = Ring(self.window)
         self._estimated = Ring(self.window)
-        #: Default arm's collaboration mean kept for recommendation (see module doc).
-        self.reference_default: float | None = None
+        self._reference: float | None = None
         #: Records dropped because they belong to a previous mode.
         self.discarded = 0
         self._epoch = modes.epoch
@@ -249,6 +248,12 @@ class Evidence:
         }
 
     @property
+    def reference_default(self) -> float | None:
+        """Default arm's collaboration mean, kept in recommendation (see module doc)."""
+        self._follow()
+        return self._reference
+
+    @property
     def mode(self) -> str:
         """The mode these windows describe."""
         self._follow()
@@ -264,11 +269,11 @@ class Evidence:
         if new == "recommendation":
             dflt = self._arms["default"]
             if old == "collaboration" and len(dflt) >= self.modes.graph.guards.min_decisions:
-                self.reference_default = dflt.mean()
+                self._reference = dflt.mean()
             elif old != "recommendation":
-                self.reference_default = None
+                self._reference = None
         else:
-            self.reference_default = None
+            self._reference = None
         for ring in (*self._arms.values(), self._valid, self._estimated):
             ring.clear()
         self._totals = {"default": 0, "model": 0}

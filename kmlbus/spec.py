@@ -110,7 +110,7 @@ class StructDef:
     @functools.cached_property
     def dtype(self) -> np.dtype[Any]:
         """numpy structured dtype with the exact C layout (host order)."""
-        fields: list[tuple[str, Any]] = []
+        fields: list[Any] = []
         for m in self.members:
             key = m.name.replace("-", "_")
             if m.type in _SCALAR:

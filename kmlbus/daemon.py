@@ -1,0 +1,348 @@
+"""``kmlbus run``: the bus daemon.
+
+One :class:`Bus` owns one netlink socket.  That socket attaches to every
+configured proxy, so when the daemon dies the kernel sees the socket released
+and drops those proxies to emergency by itself: the kernel never depends on
+the daemon shutting down cleanly.
+
+The loop, per message from the kernel:
+
+* ``telemetry`` -> evidence; in modes whose duty is to recommend, the
+  dispatcher runs the model on the batch and the recommendations go back in
+  one ``recommend`` request;
+* ``feedback`` -> evidence (per-arm efficiency);
+* ``mode-event`` -> the mode machine follows kernel-initiated changes.
+
+Several times a second the policy looks at each proxy's evidence; a move it
+decides is sent to the kernel first and recorded in the machine only when the
+kernel accepts it, so both always agree.  Once a second the daemon checks that
+the family and its attachments are still there (module reloaded -> it
+reconnects and re-attaches), hot-swaps changed model files, follows operator
+pins, and writes its state file for ``kmlbus status``.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from kmlbus import codec, netlink, pins, statefile
+from kmlbus.config import Config, ConfigError, ProxySchema, load
+from kmlbus.dispatcher import DispatchError, Dispatcher
+from kmlbus.registry import ModelError, ModelRegistry
+from modes import graph as mgraph
+from modes.evidence import Evidence
+from modes.machine import ModeError, ProxyModes, TransitionRecord
+from modes.policy import Decision, Fault, Policy, duty
+
+__all__ = ["Bus", "ProxyState", "main"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds between policy evaluations.
+TICK_S = 0.1
+#: Seconds between health checks, model file polls and state file writes.
+HOUSEKEEPING_S = 1.0
+
+
+@dataclass
+class ProxyState:
+    """What the bus keeps about one attached proxy."""
+
+    id: int
+    name: str
+    schema: ProxySchema
+    modes: ProxyModes
+    evidence: Evidence
+
+
+class Bus:
+    """The daemon's state: connection, models, and one machine per proxy."""
+
+    def __init__(self, config: Config, *, graph: mgraph.Graph | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 state_path: Path | None = None) -> None:
+        self.config = config
+        self.graph = graph or mgraph.load()
+        self.clock = clock
+        self.policy = Policy(self.graph, clock)
+        self.registry = ModelRegistry(config)
+        self.dispatcher = Dispatcher(self.registry)
+        self.state_path = state_path
+        self.conn: netlink.Connection | None = None
+        self.proxies: dict[int, ProxyState] = {}
+        self.stop = threading.Event()
+        self.stats = {"reconnects": 0, "malformed": 0, "send_errors": 0, "refused_moves": 0}
+        self._next_tick = 0.0
+        self._next_housekeeping = 0.0
+        #: Telemetry/feedback per proxy and arm, for the demo's observer (not evidence).
+        self.started = clock()
+
+    # -- connection ------------------------------------------------------------
+
+    def connect(self) -> bool:
+        """Open the socket, attach configured proxies; False if the module is absent."""
+        try:
+            conn = netlink.Connection(groups=("telemetry", "events"))
+        except netlink.ModuleNotLoaded:
+            return False
+        self.conn = conn
+        self.proxies.clear()
+        for attrs in conn.proxies():
+            name = str(attrs.get("name"))
+            if name not in self.config.proxies:
+                continue
+            self._adopt(attrs)
+        missing = set(self.config.proxies) - {p.name for p in self.proxies.values()}
+        for name in sorted(missing):
+            log.warning("proxy %s: configured but the kernel has no such proxy (yet)", name)
+        return True
+
+    def _adopt(self, attrs: dict[str, Any]) -> None:
+        """Bind the model, build the machine, attach and parametrise one proxy."""
+        assert self.conn is not None
+        schema = ProxySchema.from_attrs(attrs)
+        kmode = codec.enum_name("mode", int(attrs.get("mode", 0)))
+        modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock)
+        r = schema.recommendation
+        bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
+        ps = ProxyState(schema.id, schema.name, schema, modes, Evidence(modes, bounds=bounds))
+        name = schema.name
+
+        def on_transition(rec: TransitionRecord) -> None:
+            self._log_transition(name, rec)
+
+        modes.subscribe(on_transition)
+        try:
+            self.registry.bind(schema)
+        except (ModelError, ConfigError) as e:
+            log.error("proxy %s: %s; it stays in emergency", schema.name, e)
+        g = self.graph.guards
+        self.conn.attach(schema.id)
+        self.conn.set_params(schema.id, share=g.collaboration_share, explore=g.exploration_share)
+        self.proxies[schema.id] = ps
+        if kmode != "emergency":
+            # A new bus has no evidence for the mode a previous one reached.
+            self._send_move(ps, self.policy.fault(modes, Fault.BUS_GONE, "new bus attached"))
+        log.info("proxy %s (id %d): attached in %s; model %s", schema.name, schema.id, modes.mode,
+                 "loaded" if self.registry.has_model(schema.name) else "missing")
+
+    def _lost(self, why: str) -> None:
+        """The family went away (module unloaded): forget it and wait for its return."""
+        log.warning("kmlbus family lost (%s); waiting for the module to come back", why)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        self.proxies.clear()
+        self.stats["reconnects"] += 1
+
+    # -- messages --------------------------------------------------------------
+
+    def handle(self, m: codec.Message) -> None:
+        """Route one multicast message; anything odd is counted, never fatal."""
+        pid = m.attrs.get("id")
+        ps = self.proxies.get(int(pid)) if isinstance(pid, int) else None
+        if ps is None:
+            return
+        try:
+            if m.op == "telemetry":
+                self._on_telemetry(ps, m.attrs["records"])
+            elif m.op == "feedback":
+                ps.evidence.add_feedback(m.attrs["feedback"])
+            elif m.op == "mode-event":
+                mode = codec.enum_name("mode", int(m.attrs["mode"]))
+                reason = codec.enum_name("reason", int(m.attrs.get("reason", 0)))
+                ps.modes.sync_kernel(mode, reason)
+        except (KeyError, ValueError, TypeError, ModeError) as e:
+            self.stats["malformed"] += 1
+            log.warning("proxy %s: malformed %s message ignored: %s", ps.name, m.op, e)
+
+    def _on_telemetry(self, ps: ProxyState, records: np.ndarray) -> None:
+        ps.evidence.add_samples(records)
+        if not duty(ps.modes.mode).recommend or not self.registry.has_model(ps.name):
+            return
+        try:
+            recs = self.dispatcher.handle_telemetry(ps.name, records)
+        except DispatchError as e:
+            self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e), ps.evidence))
+            return
+        c = self.dispatcher.counters_of(ps.name)
+        self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
+        if len(recs) and duty(ps.modes.mode).recommend and self.conn is not None:
+            try:
+                self.conn.recommend(ps.id, recs)
+            except netlink.NetlinkError as e:
+                self.stats["send_errors"] += 1
+                log.warning("proxy %s: recommendations refused: %s", ps.name, e)
+
+    # -- moves -----------------------------------------------------------------
+
+    def _log_transition(self, name: str, rec: TransitionRecord) -> None:
+        log.info("proxy %s: %s -> %s [%s, %s] %s", name, rec.source, rec.dest,
+                 rec.trigger or "resync", rec.reason, rec.detail)
+
+    def _send_move(self, ps: ProxyState, d: Decision | None) -> None:
+        """Mirror a decided move to the kernel, then record it in the machine."""
+        if d is None or self.conn is None:
+            return
+        try:
+            self.conn.set_mode(ps.id, d.target, d.reason)
+        except netlink.NetlinkError as e:
+            self.stats["refused_moves"] += 1
+            log.warning("proxy %s: kernel refused %s -> %s: %s", ps.name, d.source, d.target, e)
+            return
+        ps.modes.apply(d)
+
+    def tick(self) -> None:
+        """Let the policy judge every proxy's evidence."""
+        for ps in list(self.proxies.values()):
+            healthy = self.registry.has_model(ps.name)
+            self._send_move(ps, self.policy.evaluate(ps.modes, ps.evidence, healthy=healthy))
+
+    def housekeeping(self) -> None:
+        """Check attachments, hot-swap models, follow pins, publish state."""
+        assert self.conn is not None
+        seen = {int(a["id"]): a for a in self.conn.proxies()}
+        for ps in list(self.proxies.values()):
+            a = seen.get(ps.id)
+            if a is None or a.get("name") != ps.name or int(a.get("bus-portid", 0)) != self.conn.portid:
+                # Module reloaded (ids and groups may be new) or someone detached us.
+                raise _Reconnect(f"proxy {ps.name} is no longer attached to this bus")
+        if any(str(a.get("name")) in self.config.proxies and i not in self.proxies
+               for i, a in seen.items()):
+            raise _Reconnect("a configured proxy appeared")
+        for r in self.registry.poll():
+            log.info("model reload: %s", r)
+        self._follow_pins()
+        self.write_state()
+
+    def _follow_pins(self) -> None:
+        pinned = pins.load()
+        for ps in self.proxies.values():
+            want = pinned.get(ps.name) or pinned.get(str(ps.id))
+            if want and ps.modes.pinned != want:
+                try:
+                    ps.modes.pin(want)
+                except ModeError as e:
+                    log.warning("proxy %s: pin %s not possible: %s", ps.name, want, e)
+            elif not want and ps.modes.pinned is not None:
+                ps.modes.unpin()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The daemon's view for ``kmlbus status``: mode, reason, evidence vs thresholds."""
+        out: dict[str, Any] = {"pid": os.getpid(), "at": time.time(), "stats": dict(self.stats),
+                               "proxies": {}}
+        for ps in self.proxies.values():
+            st = ps.modes.status()
+            rep = self.policy.report(ps.modes, ps.evidence)
+            arms = rep.get("arms", {})
+            last = ps.modes.last
+            err = self.registry.error(ps.name)
+            lm = self.registry.model(ps.name)
+            out["proxies"][ps.name] = {
+                "mode": st["mode"], "in_mode_s": st["in_mode_s"], "pinned": st["pinned"],
+                "last": None if last is None else {
+                    "from": last.source, "to": last.dest, "trigger": last.trigger,
+                    "reason": f"{last.reason}: {last.detail}"},
+                "evidence": {
+                    "default_mean": arms.get("default", {}).get("mean"),
+                    "model_mean": arms.get("model", {}).get("mean"),
+                    "maturity": rep.get("maturity", {}).get("quality"),
+                    "detail": rep,
+                },
+                "model": None if lm is None else str(lm.source),
+                "model_error": None if err is None else str(err),
+                "dispatch": self.dispatcher.counters_of(ps.name).as_dict(),
+            }
+        return out
+
+    def write_state(self) -> None:
+        """Publish :meth:`snapshot` to the state file (errors only logged)."""
+        try:
+            statefile.write(self.snapshot(), self.state_path)
+        except OSError as e:
+            log.debug("state file not written: %s", e)
+
+    # -- loop ------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.05) -> None:
+        """Receive and handle what arrived within *timeout*, then run due periodic work."""
+        if self.conn is None:
+            if not self.connect():
+                self.stop.wait(0.5)
+                return
+        assert self.conn is not None
+        try:
+            for m in self.conn.recv(timeout=timeout):
+                self.handle(m)
+            now = self.clock()
+            if now >= self._next_tick:
+                self._next_tick = now + TICK_S
+                self.tick()
+            if now >= self._next_housekeeping:
+                self._next_housekeeping = now + HOUSEKEEPING_S
+                self.housekeeping()
+        except _Reconnect as e:
+            self._lost(str(e))
+        except netlink.ModuleNotLoaded as e:
+            self._lost(str(e))
+        except netlink.NetlinkError as e:
+            if e.errno not in (errno_mod.ENOENT, errno_mod.EOPNOTSUPP):
+                raise
+            self._lost(str(e))
+
+    def run(self, duration: float | None = None) -> None:
+        """Loop until :attr:`stop` is set or *duration* seconds have passed."""
+        end = None if duration is None else self.clock() + duration
+        while not self.stop.is_set() and (end is None or self.clock() < end):
+            self.step()
+
+    def shutdown(self) -> None:
+        """Detach every proxy (the kernel falls back to emergency) and close."""
+        if self.conn is None:
+            return
+        for ps in self.proxies.values():
+            try:
+                self.conn.detach(ps.id)
+            except netlink.KmlbusError as e:
+                log.warning("proxy %s: detach failed: %s", ps.name, e)
+        self.write_state()
+        self.conn.close()
+        self.conn = None
+
+
+class _Reconnect(Exception):
+    """Internal: the attachments are gone; reconnect from scratch."""
+
+
+def main(config_path: str, *, duration: float | None = None) -> int:
+    """``kmlbus run``: load the config, serve until SIGTERM/SIGINT, detach, exit 0."""
+    try:
+        cfg = load(config_path)
+    except ConfigError as e:
+        print(f"kmlbus run: {e}")
+        return 2
+    bus = Bus(cfg)
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: detaching and exiting", signum)
+        bus.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if not bus.connect():
+        raise netlink.ModuleNotLoaded()
+    try:
+        bus.run(duration)
+    finally:
+        bus.shutdown()
+    return 0

@@ -7,6 +7,13 @@
 #include <linux/types.h>
 #include <uapi/linux/kmlbus.h>
 
+/* Mode of a new proxy. */
+#define KMLBUS_MODE_INITIAL	KMLBUS_MODE_EMERGENCY
+
+/* Guard defaults the kernel uses until the bus sets them (permille). */
+#define KMLBUS_DEFAULT_SHARE	500
+#define KMLBUS_DEFAULT_EXPLORE	0
+
 /* kmlbus_mode_allowed[from][to]: the mode graph's edges; staying put is allowed. */
 static const bool kmlbus_mode_allowed[KMLBUS_MODE_MAX + 1][KMLBUS_MODE_MAX + 1] = {
 	[KMLBUS_MODE_EMERGENCY] = {

@@ -291,6 +291,11 @@ class Gen:
         o = ["/* SPDX-License-Identifier: GPL-2.0 */", header(GRAPH_REL).rstrip(), "",
              f"#ifndef {guard}", f"#define {guard}", "",
              "#include <linux/types.h>", "#include <uapi/linux/kmlbus.h>", "",
+             "/* Mode of a new proxy. */",
+             f"#define {fam}_MODE_INITIAL\t{fam}_MODE_{up(g.initial)}", "",
+             "/* Guard defaults the kernel uses until the bus sets them (permille). */",
+             f"#define {fam}_DEFAULT_SHARE\t{int(g.guards.collaboration_share)}",
+             f"#define {fam}_DEFAULT_EXPLORE\t{int(g.guards.exploration_share)}", "",
              f"/* kmlbus_mode_allowed[from][to]: the mode graph's edges; staying put is allowed. */",
              f"static const bool kmlbus_mode_allowed[{fam}_MODE_MAX + 1][{fam}_MODE_MAX + 1] = {{"]
         for src in g.states:

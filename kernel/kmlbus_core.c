@@ -1,0 +1,849 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kmlbus core: proxy registry, lifecycle, the decision path, the mode gate,
+ * telemetry/feedback buffering and the bus-release notifier.
+ *
+ * Locking:
+ * - kmlbus_reg_lock (mutex) serialises registry changes and every netlink
+ *   handler; the list is also walked under RCU by the release notifier.
+ * - kml_proxy.lock (mutex) serialises the lifecycle verbs of one proxy.
+ * - kml_proxy.mode_lock (irq-safe spinlock) serialises mode transitions,
+ *   which come from handlers, the notifier, the stale check and subsystems.
+ * - kml_proxy.ring_lock (irq-safe spinlock) guards both rings and seq; it is
+ *   the only lock the decision path takes.  Slots are read lock-free.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/module.h>
+#include <linux/slab.h>
+#include <linux/vmalloc.h>
+#include <linux/idr.h>
+#include <linux/jiffies.h>
+#include <linux/random.h>
+#include <linux/timekeeping.h>
+#include <linux/netlink.h>
+#include <linux/notifier.h>
+#include <linux/mm.h>
+
+#include "kmlbus_internal.h"
+#include "kmlbus_modes_gen.h"
+#include "kmlbus_nl_gen.h"
+
+#define CREATE_TRACE_POINTS
+#include "kmlbus_trace.h"
+
+static_assert(sizeof(struct kmlbus_sample) == 64);
+static_assert(sizeof(struct kmlbus_rec) == 12);
+static_assert(sizeof(struct kmlbus_feedback) == 24);
+
+LIST_HEAD(kmlbus_proxies);
+DEFINE_MUTEX(kmlbus_reg_lock);
+static DEFINE_IDA(kmlbus_ida);
+
+/* ---- recommendation slots ------------------------------------------- */
+
+static inline u64 slot_pack(s32 value, u32 ttl_ms)
+{
+	u32 exp = (u32)(jiffies + msecs_to_jiffies(ttl_ms));
+
+	if (!exp)	/* 0 means empty */
+		exp = 1;
+	return ((u64)(u32)value << 32) | exp;
+}
+
+/*
+ * Read slot @key: true and *value if fresh.  A stale slot is cleared and
+ * counted as expired exactly once (whoever wins the cmpxchg counts).
+ */
+static bool slot_read(struct kml_proxy *p, u32 key, s32 *value)
+{
+	u64 s = READ_ONCE(p->slots[key]);
+	u32 exp = (u32)s;
+
+	if (!s)
+		return false;
+	if ((s32)(exp - (u32)jiffies) > 0) {
+		*value = (s32)(u32)(s >> 32);
+		return true;
+	}
+	if (cmpxchg64(&p->slots[key], s, 0) == s)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_EXPIRED, 1);
+	return false;
+}
+
+int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs, u32 n)
+{
+	u32 i;
+
+	for (i = 0; i < n; i++)
+		WRITE_ONCE(p->slots[recs[i].key],
+			   slot_pack(recs[i].value, recs[i].ttl_ms));
+	WRITE_ONCE(p->last_rec, jiffies);
+	kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_RECEIVED, n);
+	return 0;
+}
+
+/* ---- rings ---------------------------------------------------------- */
+
+static int ring_alloc(struct kml_ring *r, u32 esize, u32 cap)
+{
+	r->buf = kvcalloc(cap, esize, GFP_KERNEL);
+	if (!r->buf)
+		return -ENOMEM;
+	r->esize = esize;
+	r->cap = cap;
+	r->head = 0;
+	r->count = 0;
+	return 0;
+}
+
+static void ring_free(struct kml_ring *r)
+{
+	kvfree(r->buf);
+	r->buf = NULL;
+}
+
+/* Slot for a new record or NULL if full; caller holds ring_lock. */
+static void *ring_push(struct kml_ring *r)
+{
+	u32 idx;
+
+	if (r->count == r->cap)
+		return NULL;
+	idx = (r->head + r->count) % r->cap;
+	r->count++;
+	return r->buf + (size_t)idx * r->esize;
+}
+
+/* Move the @n oldest records to @dst (or drop them if NULL). */
+static void ring_pop(struct kml_ring *r, void *dst, u32 n)
+{
+	u32 first = min(n, r->cap - r->head);
+
+	if (dst) {
+		memcpy(dst, r->buf + (size_t)r->head * r->esize,
+		       (size_t)first * r->esize);
+		memcpy((u8 *)dst + (size_t)first * r->esize, r->buf,
+		       (size_t)(n - first) * r->esize);
+	}
+	r->head = (r->head + n) % r->cap;
+	r->count -= n;
+}
+
+/* ---- flushing ------------------------------------------------------- */
+
+/*
+ * Send the oldest records of @r in messages of at most @batch records, or
+ * count them unheard when nobody listens.  Runs in process context under
+ * flush_lock, the rings' only consumer.
+ */
+static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
+		       int attr, u32 batch)
+{
+	unsigned long flags;
+	struct sk_buff *skb;
+	struct nlattr *nla;
+	void *hdr;
+	u32 n;
+
+	for (;;) {
+		spin_lock_irqsave(&p->ring_lock, flags);
+		n = min(r->count, batch);
+		if (n && !kmlbus_nl_telemetry_heard()) {
+			ring_pop(r, NULL, n);
+			spin_unlock_irqrestore(&p->ring_lock, flags);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			continue;
+		}
+		spin_unlock_irqrestore(&p->ring_lock, flags);
+		if (!n)
+			return;
+
+		/* count only grows meanwhile: we are the only consumer */
+		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
+				  nla_total_size((size_t)n * r->esize) +
+				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
+		if (!skb)
+			return;	/* retried on the next flush */
+		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
+		if (!hdr)
+			goto err_free;
+		if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id))
+			goto err_free;
+		nla = nla_reserve(skb, attr, n * r->esize);
+		if (!nla)
+			goto err_free;
+		spin_lock_irqsave(&p->ring_lock, flags);
+		ring_pop(r, nla_data(nla), n);
+		spin_unlock_irqrestore(&p->ring_lock, flags);
+		if (cmd == KMLBUS_CMD_TELEMETRY &&
+		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
+				      atomic64_read(&p->cnt[KMLBUS_A_COUNTERS_DROPS]),
+				      KMLBUS_A_PROXY_PAD)) {
+			nlmsg_free(skb);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			continue;
+		}
+		genlmsg_end(skb, hdr);
+		/* -ESRCH when the last listener left meanwhile: nothing to do */
+		genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_TELEMETRY,
+				  GFP_KERNEL);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
+	}
+
+err_free:
+	nlmsg_free(skb);
+}
+
+static void flush_now(struct kml_proxy *p)
+{
+	mutex_lock(&p->flush_lock);
+	flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY, KMLBUS_A_PROXY_RECORDS,
+		   KMLBUS_MSG_SAMPLES);
+	flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK, KMLBUS_A_PROXY_FEEDBACK,
+		   KMLBUS_MSG_FEEDBACK);
+	mutex_unlock(&p->flush_lock);
+}
+
+static bool proxy_live(int lifecycle)
+{
+	return lifecycle == KMLBUS_LIFECYCLE_STARTED ||
+	       lifecycle == KMLBUS_LIFECYCLE_RUNNING;
+}
+
+/* Kernel-initiated demotion when the bus stopped recommending. */
+static void check_stale(struct kml_proxy *p)
+{
+	u32 stale_ms = READ_ONCE(p->stale_ms);
+	u32 mode = READ_ONCE(p->mode);
+	unsigned long since;
+
+	if (!stale_ms || (mode != KMLBUS_MODE_COLLABORATION &&
+			  mode != KMLBUS_MODE_RECOMMENDATION))
+		return;
+	since = READ_ONCE(p->last_rec);
+	if (time_after(READ_ONCE(p->mode_since), since))
+		since = READ_ONCE(p->mode_since);
+	if (time_after(jiffies, since + msecs_to_jiffies(stale_ms)))
+		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_STALE,
+				   true, GFP_KERNEL);
+}
+
+static void flush_work_fn(struct work_struct *work)
+{
+	struct kml_proxy *p = container_of(to_delayed_work(work),
+					   struct kml_proxy, flush);
+
+	flush_now(p);
+	check_stale(p);
+	if (proxy_live(READ_ONCE(p->lifecycle)))
+		queue_delayed_work(system_wq, &p->flush,
+				   msecs_to_jiffies(KMLBUS_FLUSH_MS));
+}
+
+/* ---- mode gate ------------------------------------------------------ */
+
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
+		       gfp_t gfp)
+{
+	unsigned long flags;
+	u32 old;
+
+	if (mode > KMLBUS_MODE_MAX || reason > KMLBUS_REASON_MAX)
+		return -EINVAL;
+	spin_lock_irqsave(&p->mode_lock, flags);
+	old = p->mode;
+	if (!force && !kmlbus_mode_allowed[old][mode]) {
+		spin_unlock_irqrestore(&p->mode_lock, flags);
+		return -EINVAL;
+	}
+	WRITE_ONCE(p->mode, mode);
+	WRITE_ONCE(p->reason, reason);
+	if (old != mode) {
+		WRITE_ONCE(p->mode_since, jiffies);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_MODE_CHANGES, 1);
+	}
+	spin_unlock_irqrestore(&p->mode_lock, flags);
+
+	if (old != mode)
+		trace_kmlbus_mode_change(p->id, p->name, old, mode, reason);
+	/* a forced fallback is announced even if already in emergency */
+	if (old != mode || force)
+		kmlbus_nl_mode_event(p, old, mode, reason, gfp);
+	return 0;
+}
+
+/* ---- bus release ---------------------------------------------------- */
+
+static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
+				void *ptr)
+{
+	struct netlink_notify *n = ptr;
+	struct kml_proxy *p;
+
+	if (event != NETLINK_URELEASE || n->protocol != NETLINK_GENERIC ||
+	    !n->portid)
+		return NOTIFY_DONE;
+
+	/* may run in atomic context: RCU walk, no sleeping, GFP_ATOMIC */
+	rcu_read_lock();
+	list_for_each_entry_rcu(p, &kmlbus_proxies, node) {
+		if (READ_ONCE(p->bus_portid) != n->portid ||
+		    READ_ONCE(p->bus_net) != n->net)
+			continue;
+		if (cmpxchg(&p->bus_portid, n->portid, 0) != n->portid)
+			continue;
+		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY,
+				   KMLBUS_REASON_BUS_GONE, true, GFP_ATOMIC);
+	}
+	rcu_read_unlock();
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kmlbus_netlink_nb = {
+	.notifier_call = kmlbus_netlink_event,
+};
+
+/* ---- registry ------------------------------------------------------- */
+
+struct kml_proxy *kmlbus_find_by_id(u32 id)
+{
+	struct kml_proxy *p;
+
+	lockdep_assert_held(&kmlbus_reg_lock);
+	list_for_each_entry(p, &kmlbus_proxies, node)
+		if (p->id == id)
+			return p;
+	return NULL;
+}
+
+struct kml_proxy *kmlbus_find_by_name(const char *name)
+{
+	struct kml_proxy *p;
+
+	lockdep_assert_held(&kmlbus_reg_lock);
+	list_for_each_entry(p, &kmlbus_proxies, node)
+		if (!strncmp(p->name, name, KMLBUS_NAME_LEN))
+			return p;
+	return NULL;
+}
+
+static int desc_check(const struct kml_proxy_desc *d)
+{
+	u32 i;
+
+	if (!d || !d->name || !d->name[0] ||
+	    strnlen(d->name, KMLBUS_NAME_LEN) >= KMLBUS_NAME_LEN)
+		return -EINVAL;
+	if (!d->nkeys || d->nkeys > KMLBUS_MAX_KEYS ||
+	    d->nfeatures > KMLBUS_MAX_FEATURES)
+		return -EINVAL;
+	if (!d->ops || !d->ops->default_decision)
+		return -EINVAL;
+	if (d->recommendation.min > d->recommendation.max ||
+	    !d->recommendation.name ||
+	    strnlen(d->recommendation.name, KMLBUS_NAME_LEN) >= KMLBUS_NAME_LEN)
+		return -EINVAL;
+	for (i = 0; i < d->nfeatures; i++)
+		if (!d->features[i].name ||
+		    strnlen(d->features[i].name, KMLBUS_NAME_LEN) >= KMLBUS_NAME_LEN)
+			return -EINVAL;
+	return 0;
+}
+
+/**
+ * kml_proxy_create - register a proxy for a decision point (paper: create)
+ * @desc: schema, default algorithm and callbacks; copied, may be on stack
+ *
+ * The proxy starts in the graph's initial mode (emergency), lifecycle
+ * CREATED, visible to the bus but not yet deciding.
+ * Return: the proxy or ERR_PTR(-EINVAL / -EEXIST / -ENOMEM / -ENOSPC).
+ */
+struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
+{
+	struct kml_proxy *p;
+	u32 i;
+	int err;
+
+	err = desc_check(desc);
+	if (err)
+		return ERR_PTR(err);
+
+	p = kzalloc(sizeof(*p), GFP_KERNEL);
+	if (!p)
+		return ERR_PTR(-ENOMEM);
+	p->desc = *desc;
+	strscpy(p->name, desc->name, sizeof(p->name));
+	p->desc.name = p->name;
+	strscpy(p->rec_name, desc->recommendation.name, sizeof(p->rec_name));
+	p->desc.recommendation.name = p->rec_name;
+	for (i = 0; i < desc->nfeatures; i++) {
+		strscpy(p->feature_names[i], desc->features[i].name,
+			sizeof(p->feature_names[i]));
+		p->desc.features[i].name = p->feature_names[i];
+	}
+	mutex_init(&p->lock);
+	mutex_init(&p->flush_lock);
+	spin_lock_init(&p->mode_lock);
+	spin_lock_init(&p->ring_lock);
+	INIT_DELAYED_WORK(&p->flush, flush_work_fn);
+	p->mode = KMLBUS_MODE_INITIAL;
+	p->reason = KMLBUS_REASON_NONE;
+	p->mode_since = jiffies;
+	p->last_rec = jiffies;
+	p->share = KMLBUS_DEFAULT_SHARE;
+	p->explore = KMLBUS_DEFAULT_EXPLORE;
+
+	err = -ENOMEM;
+	p->slots = kvcalloc(desc->nkeys, sizeof(*p->slots), GFP_KERNEL);
+	if (!p->slots)
+		goto err_free;
+	err = ring_alloc(&p->samples, sizeof(struct kmlbus_sample),
+			 KMLBUS_RING_SAMPLES);
+	if (err)
+		goto err_slots;
+	err = ring_alloc(&p->feedback, sizeof(struct kmlbus_feedback),
+			 KMLBUS_RING_FEEDBACK);
+	if (err)
+		goto err_samples;
+
+	err = ida_alloc_min(&kmlbus_ida, 1, GFP_KERNEL);
+	if (err < 0)
+		goto err_feedback;
+	p->id = err;
+
+	mutex_lock(&kmlbus_reg_lock);
+	if (kmlbus_find_by_name(p->name)) {
+		mutex_unlock(&kmlbus_reg_lock);
+		err = -EEXIST;
+		goto err_ida;
+	}
+	WRITE_ONCE(p->lifecycle, KMLBUS_LIFECYCLE_CREATED);
+	list_add_tail_rcu(&p->node, &kmlbus_proxies);
+	mutex_unlock(&kmlbus_reg_lock);
+	return p;
+
+err_ida:
+	ida_free(&kmlbus_ida, p->id);
+err_feedback:
+	ring_free(&p->feedback);
+err_samples:
+	ring_free(&p->samples);
+err_slots:
+	kvfree(p->slots);
+err_free:
+	kfree(p);
+	return ERR_PTR(err);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_create);
+
+/**
+ * kml_proxy_init - (re)initialise: empty table and buffers (paper: init)
+ * @proxy: a CREATED or STOPPED proxy
+ * Return: 0 or -EBUSY when the proxy is started.
+ */
+int kml_proxy_init(struct kml_proxy *proxy)
+{
+	unsigned long flags;
+	int lc, err = 0;
+	u32 i;
+
+	mutex_lock(&proxy->lock);
+	lc = proxy->lifecycle;
+	if (lc != KMLBUS_LIFECYCLE_CREATED && lc != KMLBUS_LIFECYCLE_STOPPED &&
+	    lc != KMLBUS_LIFECYCLE_INITIALIZED) {
+		err = -EBUSY;
+		goto out;
+	}
+	for (i = 0; i < proxy->desc.nkeys; i++)
+		WRITE_ONCE(proxy->slots[i], 0);
+	mutex_lock(&proxy->flush_lock);
+	spin_lock_irqsave(&proxy->ring_lock, flags);
+	ring_pop(&proxy->samples, NULL, proxy->samples.count);
+	ring_pop(&proxy->feedback, NULL, proxy->feedback.count);
+	spin_unlock_irqrestore(&proxy->ring_lock, flags);
+	mutex_unlock(&proxy->flush_lock);
+	WRITE_ONCE(proxy->lifecycle, KMLBUS_LIFECYCLE_INITIALIZED);
+out:
+	mutex_unlock(&proxy->lock);
+	return err;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_init);
+
+/**
+ * kml_proxy_start - start deciding and publishing (paper: start)
+ * @proxy: an INITIALIZED or STOPPED proxy
+ * Return: 0, or -EINVAL from any other state.
+ */
+int kml_proxy_start(struct kml_proxy *proxy)
+{
+	int lc, err = 0;
+
+	mutex_lock(&proxy->lock);
+	lc = proxy->lifecycle;
+	if (lc != KMLBUS_LIFECYCLE_INITIALIZED && lc != KMLBUS_LIFECYCLE_STOPPED) {
+		err = proxy_live(lc) ? 0 : -EINVAL;
+		goto out;
+	}
+	WRITE_ONCE(proxy->lifecycle, KMLBUS_LIFECYCLE_STARTED);
+	queue_delayed_work(system_wq, &proxy->flush,
+			   msecs_to_jiffies(KMLBUS_FLUSH_MS));
+out:
+	mutex_unlock(&proxy->lock);
+	return err;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_start);
+
+/**
+ * kml_proxy_stop - stop publishing; decisions fall to the default (paper: stop)
+ * @proxy: a started proxy
+ *
+ * Flushes what is buffered.  Sleeps.
+ * Return: 0, or -EINVAL if the proxy was not started.
+ */
+int kml_proxy_stop(struct kml_proxy *proxy)
+{
+	int err = 0;
+
+	mutex_lock(&proxy->lock);
+	if (!proxy_live(proxy->lifecycle)) {
+		err = proxy->lifecycle == KMLBUS_LIFECYCLE_STOPPED ? 0 : -EINVAL;
+		goto out;
+	}
+	WRITE_ONCE(proxy->lifecycle, KMLBUS_LIFECYCLE_STOPPED);
+	cancel_delayed_work_sync(&proxy->flush);
+	flush_now(proxy);
+out:
+	mutex_unlock(&proxy->lock);
+	return err;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_stop);
+
+static void proxy_free_rcu(struct rcu_head *rcu)
+{
+	struct kml_proxy *p = container_of(rcu, struct kml_proxy, rcu);
+
+	kfree(p);
+}
+
+/**
+ * kml_proxy_destroy - unregister and free (paper: destroy)
+ * @proxy: the proxy; NULL and ERR_PTR values are ignored
+ *
+ * The caller must have stopped calling decide/report/submit.  Waits for
+ * netlink handlers, the release notifier and the flush work.  Sleeps.
+ */
+void kml_proxy_destroy(struct kml_proxy *proxy)
+{
+	if (IS_ERR_OR_NULL(proxy))
+		return;
+	kml_proxy_stop(proxy);
+
+	mutex_lock(&proxy->lock);
+	WRITE_ONCE(proxy->lifecycle, KMLBUS_LIFECYCLE_SHUTTING_DOWN);
+	mutex_unlock(&proxy->lock);
+
+	mutex_lock(&kmlbus_reg_lock);
+	list_del_rcu(&proxy->node);
+	mutex_unlock(&kmlbus_reg_lock);
+	synchronize_rcu();	/* notifier walkers are done with it */
+
+	cancel_delayed_work_sync(&proxy->flush);
+	ida_free(&kmlbus_ida, proxy->id);
+	ring_free(&proxy->feedback);
+	ring_free(&proxy->samples);
+	kvfree(proxy->slots);
+	mutex_destroy(&proxy->flush_lock);
+	mutex_destroy(&proxy->lock);
+	call_rcu(&proxy->rcu, proxy_free_rcu);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_destroy);
+
+/* ---- decision path (any context, never sleeps) ---------------------- */
+
+static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *features)
+{
+	u32 n = features ? p->desc.nfeatures : 0;
+
+	memcpy(dst, features, n * sizeof(s32));
+	memset(dst + n, 0, (KMLBUS_MAX_FEATURES - n) * sizeof(s32));
+}
+
+/* Append one sample; returns its seq (the seq is assigned even if dropped). */
+static u64 record_sample(struct kml_proxy *p, const struct kml_decision *d,
+			 s32 shadow, const s32 *features)
+{
+	struct kmlbus_sample *s;
+	unsigned long flags;
+	u32 count;
+	u64 seq;
+
+	spin_lock_irqsave(&p->ring_lock, flags);
+	seq = ++p->seq;
+	s = ring_push(&p->samples);
+	if (s) {
+		s->seq = seq;
+		s->ts_ns = ktime_get_ns();
+		s->key = d->key;
+		s->decision = d->value;
+		s->shadow = shadow;
+		s->arm = d->arm;
+		s->mode = d->mode;
+		s->flags = d->flags;
+		fill_features(s->features, p, features);
+	}
+	count = p->samples.count;
+	spin_unlock_irqrestore(&p->ring_lock, flags);
+
+	if (s) {
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
+		if (count == KMLBUS_FLUSH_COUNT)
+			mod_delayed_work(system_wq, &p->flush, 0);
+	} else {
+		kmlbus_count(p, KMLBUS_A_COUNTERS_DROPS, 1);
+	}
+	return seq;
+}
+
+static bool permille_hit(u32 permille)
+{
+	if (!permille)
+		return false;
+	if (permille >= KMLBUS_PERMILLE)
+		return true;
+	return get_random_u32_below(KMLBUS_PERMILLE) < permille;
+}
+
+/**
+ * kml_proxy_decide - make one decision (paper: apply_recommendation)
+ * @proxy: the proxy
+ * @key: recommendation slot, < nkeys
+ * @features: nfeatures fixed-point features (may be NULL if nfeatures is 0)
+ * @out: the decision; out->value is what the caller must use
+ *
+ * Reads the slot lock-free and decides by mode; records a telemetry sample
+ * while the proxy is started.  Never sleeps; any context.
+ * Return: 0, or -EINVAL for a bad key (then @out is the default's answer
+ * for key 0 is NOT computed: @out is zeroed).
+ */
+int kml_proxy_decide(struct kml_proxy *proxy, u32 key, const s32 *features,
+		     struct kml_decision *out)
+{
+	const struct kml_rec_desc *rd = &proxy->desc.recommendation;
+	bool fresh, use = false;
+	s32 def, mval = 0, shadow = 0;
+	int lc;
+
+	memset(out, 0, sizeof(*out));
+	if (unlikely(key >= proxy->desc.nkeys))
+		return -EINVAL;
+
+	def = proxy->desc.ops->default_decision(proxy, key, features);
+	out->key = key;
+	out->value = def;
+	out->arm = KMLBUS_ARM_DEFAULT;
+	out->mode = READ_ONCE(proxy->mode);
+
+	lc = READ_ONCE(proxy->lifecycle);
+	if (!proxy_live(lc))
+		return 0;	/* not started: the default, unrecorded */
+	if (lc == KMLBUS_LIFECYCLE_STARTED)
+		cmpxchg(&proxy->lifecycle, KMLBUS_LIFECYCLE_STARTED,
+			KMLBUS_LIFECYCLE_RUNNING);
+
+	fresh = slot_read(proxy, key, &mval);
+	if (fresh) {
+		if (mval < rd->min || mval > rd->max) {
+			mval = clamp(mval, rd->min, rd->max);
+			out->flags |= KMLBUS_SAMPLE_FLAGS_CLAMPED;
+			kmlbus_count(proxy, KMLBUS_A_COUNTERS_RECS_CLAMPED, 1);
+		}
+		shadow = mval;
+		out->flags |= KMLBUS_SAMPLE_FLAGS_HAS_SHADOW;
+	}
+
+	switch (out->mode) {
+	case KMLBUS_MODE_EMERGENCY:
+		if (fresh)
+			kmlbus_count(proxy, KMLBUS_A_COUNTERS_RECS_IGNORED, 1);
+		break;
+	case KMLBUS_MODE_LEARNING:
+		if (fresh && permille_hit(READ_ONCE(proxy->explore))) {
+			use = true;
+			out->flags |= KMLBUS_SAMPLE_FLAGS_EXPLORED;
+		}
+		break;
+	case KMLBUS_MODE_COLLABORATION:
+		use = fresh && permille_hit(READ_ONCE(proxy->share));
+		break;
+	case KMLBUS_MODE_RECOMMENDATION:
+		use = fresh;
+		break;
+	}
+
+	if (use) {
+		out->value = proxy->desc.ops->apply ?
+			     proxy->desc.ops->apply(proxy, key, mval) : mval;
+		out->arm = KMLBUS_ARM_MODEL;
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_DECISIONS_MODEL, 1);
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_RECS_APPLIED, 1);
+	} else {
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_DECISIONS_DEFAULT, 1);
+	}
+
+	out->seq = record_sample(proxy, out, shadow, features);
+	if (use)
+		trace_kmlbus_rec_applied(proxy->id, out->seq, key, mval, out->value);
+	return 0;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_decide);
+
+/**
+ * kml_proxy_submit - telemetry-only sample (paper: publish_data)
+ * @proxy: the proxy
+ * @key: slot the sample describes
+ * @features: the features
+ *
+ * Records the default's answer as a sample without deciding anything.
+ * Return: the sample's seq (> 0), -EINVAL for a bad key, -EAGAIN if the
+ * proxy is not started.
+ */
+int kml_proxy_submit(struct kml_proxy *proxy, u32 key, const s32 *features)
+{
+	struct kml_decision d = { .key = key, .arm = KMLBUS_ARM_DEFAULT };
+
+	if (unlikely(key >= proxy->desc.nkeys))
+		return -EINVAL;
+	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
+		return -EAGAIN;
+	d.value = proxy->desc.ops->default_decision(proxy, key, features);
+	d.mode = READ_ONCE(proxy->mode);
+	record_sample(proxy, &d, 0, features);
+	return 0;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_submit);
+
+/**
+ * kml_proxy_report - report a decision's efficiency (paper: error_backpropagation)
+ * @proxy: the proxy
+ * @dec: the decision, as returned by kml_proxy_decide()
+ * @efficiency: fixed point, efficiency_scale units, higher is better
+ *
+ * Never sleeps; any context.
+ * Return: 0, -ENOSPC if the feedback buffer was full (counted), -EAGAIN if
+ * the proxy is not started.
+ */
+int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
+		     s32 efficiency)
+{
+	struct kmlbus_feedback *f;
+	unsigned long flags;
+
+	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
+		return -EAGAIN;
+	spin_lock_irqsave(&proxy->ring_lock, flags);
+	f = ring_push(&proxy->feedback);
+	if (f) {
+		f->seq = dec->seq;
+		f->key = dec->key;
+		f->decision = dec->value;
+		f->efficiency = efficiency;
+		f->arm = dec->arm;
+		memset(f->pad, 0, sizeof(f->pad));
+	}
+	spin_unlock_irqrestore(&proxy->ring_lock, flags);
+	if (!f) {
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK_DROPS, 1);
+		return -ENOSPC;
+	}
+	kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK, 1);
+	return 0;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_report);
+
+/**
+ * kml_proxy_evaluate - estimate a decision's efficiency and report it
+ * (paper: estimate_efficiency)
+ * @proxy: the proxy
+ * @dec: the decision
+ *
+ * Return: as kml_proxy_report(), or -EOPNOTSUPP without estimate_efficiency.
+ */
+int kml_proxy_evaluate(struct kml_proxy *proxy, const struct kml_decision *dec)
+{
+	if (!proxy->desc.ops->estimate_efficiency)
+		return -EOPNOTSUPP;
+	return kml_proxy_report(proxy, dec,
+				proxy->desc.ops->estimate_efficiency(proxy, dec));
+}
+EXPORT_SYMBOL_GPL(kml_proxy_evaluate);
+
+/**
+ * kml_proxy_set_mode - move to another mode (paper: correct_system_state)
+ * @proxy: the proxy
+ * @mode: enum kmlbus_mode
+ * @reason: enum kmlbus_reason
+ *
+ * Checked against the mode graph; announces a mode-event.  Never sleeps.
+ * Return: 0 or -EINVAL (unknown mode/reason, or a move the graph forbids).
+ */
+int kml_proxy_set_mode(struct kml_proxy *proxy, u32 mode, u32 reason)
+{
+	return kmlbus_change_mode(proxy, mode, reason, false, GFP_ATOMIC);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_set_mode);
+
+u32 kml_proxy_id(const struct kml_proxy *proxy)
+{
+	return proxy->id;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_id);
+
+u32 kml_proxy_mode(const struct kml_proxy *proxy)
+{
+	return READ_ONCE(proxy->mode);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_mode);
+
+void *kml_proxy_priv(const struct kml_proxy *proxy)
+{
+	return proxy->desc.priv;
+}
+EXPORT_SYMBOL_GPL(kml_proxy_priv);
+
+/* ---- module --------------------------------------------------------- */
+
+static int __init kmlbus_init(void)
+{
+	int err;
+
+	/* the registry is static; then the release notifier, then the family */
+	err = netlink_register_notifier(&kmlbus_netlink_nb);
+	if (err)
+		return err;
+	err = kmlbus_nl_register();
+	if (err)
+		goto err_notifier;
+	return 0;
+
+err_notifier:
+	netlink_unregister_notifier(&kmlbus_netlink_nb);
+	return err;
+}
+
+static void __exit kmlbus_exit(void)
+{
+	kmlbus_nl_unregister();
+	netlink_unregister_notifier(&kmlbus_netlink_nb);
+	/* proxies hold symbol references to us: none can be left */
+	WARN_ON(!list_empty(&kmlbus_proxies));
+	rcu_barrier();	/* proxy_free_rcu callbacks */
+	ida_destroy(&kmlbus_ida);
+}
+
+module_init(kmlbus_init);
+module_exit(kmlbus_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("kmlbus: kernel model proxies with a generic netlink bus");
+MODULE_ALIAS_GENL_FAMILY(KMLBUS_FAMILY_NAME);

@@ -1,0 +1,106 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * kmlbus internals shared by the proxy core (kmlbus_core.c) and the generic
+ * netlink handlers (kmlbus_nl.c).  Subsystems use <kmlbus/kmlbus.h> only.
+ */
+#ifndef _KMLBUS_INTERNAL_H
+#define _KMLBUS_INTERNAL_H
+
+#include <linux/atomic.h>
+#include <linux/list.h>
+#include <linux/mutex.h>
+#include <linux/rcupdate.h>
+#include <linux/spinlock.h>
+#include <linux/workqueue.h>
+#include <net/genetlink.h>
+
+#include <kmlbus/kmlbus.h>
+
+/* Buffering: bounded rings, flushed by count or by time. */
+#define KMLBUS_RING_SAMPLES	1024
+#define KMLBUS_RING_FEEDBACK	1024
+#define KMLBUS_FLUSH_COUNT	32	/* records that trigger an immediate flush */
+#define KMLBUS_FLUSH_MS		20	/* otherwise flushed this often */
+/* Records per multicast message: 32 * 64 B samples keep a message < 4 KiB. */
+#define KMLBUS_MSG_SAMPLES	32
+#define KMLBUS_MSG_FEEDBACK	128
+
+/* A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock. */
+struct kml_ring {
+	u8 *buf;
+	u32 esize;
+	u32 cap;
+	u32 head;	/* index of the oldest record */
+	u32 count;
+};
+
+struct kml_proxy {
+	struct list_head node;		/* kmlbus_proxies, RCU */
+	struct rcu_head rcu;
+	u32 id;
+	char name[KMLBUS_NAME_LEN];
+	char feature_names[KMLBUS_MAX_FEATURES][KMLBUS_NAME_LEN];
+	char rec_name[KMLBUS_NAME_LEN];
+	struct kml_proxy_desc desc;	/* copy; names point at the arrays above */
+
+	struct mutex lock;		/* lifecycle verbs */
+	int lifecycle;			/* enum kmlbus_lifecycle, READ_ONCE */
+
+	spinlock_t mode_lock;		/* serialises mode transitions */
+	u32 mode;			/* READ_ONCE in the decision path */
+	u32 reason;
+	unsigned long mode_since;	/* jiffies */
+
+	u32 share;			/* permille, READ_ONCE */
+	u32 explore;			/* permille, READ_ONCE */
+	u32 stale_ms;			/* 0 = never demote for staleness */
+	unsigned long last_rec;		/* jiffies of the last recommend */
+
+	u32 bus_portid;			/* 0 = no bus; cleared by cmpxchg */
+	struct net *bus_net;		/* compared only, never dereferenced */
+
+	/*
+	 * Recommendation slots: value in the high 32 bits, expiry (low 32 bits
+	 * of jiffies) in the low 32 bits; 0 = empty.  One u64 so a reader in
+	 * any context sees value and expiry together without a lock.
+	 */
+	u64 *slots;
+
+	spinlock_t ring_lock;		/* irq-safe: producers may be in irq */
+	u64 seq;			/* last sample seq, under ring_lock */
+	struct kml_ring samples;
+	struct kml_ring feedback;
+
+	struct mutex flush_lock;	/* single consumer of both rings */
+	struct delayed_work flush;
+
+	atomic64_t cnt[KMLBUS_A_COUNTERS_MAX + 1];	/* by counters attribute */
+};
+
+extern struct list_head kmlbus_proxies;
+extern struct mutex kmlbus_reg_lock;
+extern struct genl_family kmlbus_family;
+
+static inline void kmlbus_count(struct kml_proxy *p, int counter, s64 n)
+{
+	atomic64_add(n, &p->cnt[counter]);
+}
+
+/* Registry lookups; caller holds kmlbus_reg_lock. */
+struct kml_proxy *kmlbus_find_by_id(u32 id);
+struct kml_proxy *kmlbus_find_by_name(const char *name);
+
+/* Mode gate.  @force skips the graph check (kernel fallback to emergency). */
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
+		       gfp_t gfp);
+int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs,
+		      u32 n);
+
+/* kmlbus_nl.c */
+int kmlbus_nl_register(void);
+void kmlbus_nl_unregister(void);
+void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
+			  gfp_t gfp);
+bool kmlbus_nl_telemetry_heard(void);
+
+#endif /* _KMLBUS_INTERNAL_H */

@@ -1,0 +1,358 @@
+"""Learning from feedback: fit a linear model from (features, decision, efficiency).
+
+This is kmlbus's version of the paper's "error back-propagation": the kernel
+reports, for each decision, the efficiency it measured; the bus joins that
+feedback to the decision's telemetry sample (by ``seq``), fits a better model
+and hot-swaps it through the registry.
+
+The method is deliberately simple and honest about what it needs:
+
+1. **Cells.** Feature space is cut into buckets (per-feature quantile bins,
+   fewer bins when data is scarce) and the recommendation's range into
+   equal-width decision bins.  Each (bucket, decision bin) cell keeps the
+   count and mean efficiency of the decisions that fell into it: the
+   :class:`EfficiencyTable`.
+2. **Best decision per bucket.** In each bucket the decision bin with the
+   highest mean efficiency wins (means shrunk toward the bucket's mean by
+   ``prior`` pseudo-samples, so one lucky sample does not beat a measured
+   cell); its mean decision is the bucket's target.
+3. **Regression.** Targets are regressed on the buckets' mean features by
+   least squares weighted by bucket size; the line is exported as an ONNX
+   ``MatMul + Add`` model (:func:`kmlbus.models.linear_model`).
+
+It can only learn what the data shows: if every decision was the default's,
+every bucket's best decision is the default and the fitted model reproduces
+it.  Exploration (the kernel's ``explore`` share in learning mode, fed with
+perturbed recommendations from :func:`perturb`) is what gives it decisions
+to compare.  The same table is the offline estimator used by
+:func:`kmlbus.traces.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from . import models
+from . import spec as _spec
+from .config import Binding
+from .dispatcher import features_to_float
+from .registry import LoadedModel, ModelRegistry
+
+__all__ = [
+    "EfficiencyTable",
+    "Estimate",
+    "Learner",
+    "LinearFit",
+    "perturb",
+]
+
+log = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Estimated mean efficiency of a policy, in real units (efficiency / scale)."""
+
+    efficiency: float
+    #: fraction of the evaluated samples whose cell had data (the rest are excluded)
+    coverage: float
+    n: int
+
+
+class EfficiencyTable:
+    """Mean efficiency per (feature bucket, decision bin) cell.
+
+    Built from observed ``(x, d, e)``: features in model units, decisions and
+    efficiencies in real units.  :meth:`estimate` is a *direct-method*
+    counterfactual estimator: the efficiency of deciding ``d'`` at ``x`` is
+    taken to be the mean observed efficiency of the cell ``(bucket(x),
+    bin(d'))``.  It is unbiased when efficiency varies little inside a cell,
+    and it cannot say anything about cells nobody explored (reported as
+    coverage < 1).
+    """
+
+    def __init__(self, x: F32, d: F64, e: F64, *, d_lo: float, d_hi: float,
+                 bins: int = 6, decision_bins: int = 16, target_per_bucket: int = 64,
+                 min_cell: int = 1, prior: float = 1.0) -> None:
+        n, k = x.shape
+        if n == 0:
+            raise ValueError("EfficiencyTable: no samples")
+        # fewer feature bins when data is scarce, so buckets keep ~target samples
+        per = int(max(1, min(bins, np.floor((n / target_per_bucket) ** (1.0 / max(k, 1))))))
+        self.edges: list[F64] = []
+        for j in range(k):
+            col = x[:, j].astype(np.float64)
+            qs = np.unique(np.quantile(col, np.linspace(0, 1, per + 1)[1:-1])) if per > 1 else \
+                np.zeros(0)
+            self.edges.append(np.asarray(qs, dtype=np.float64))
+        self.dims = tuple(len(ed) + 1 for ed in self.edges)
+        self.n_buckets = int(np.prod(self.dims))
+        self.d_lo, self.d_hi = float(d_lo), float(d_hi)
+        if not self.d_hi > self.d_lo:
+            self.d_hi = self.d_lo + 1.0
+        self.decision_bins = decision_bins
+        self.min_cell = min_cell
+        self.prior = prior
+
+        cell = self.bucket(x) * decision_bins + self.dbin(d)
+        size = self.n_buckets * decision_bins
+        self.count = np.bincount(cell, minlength=size).astype(np.float64)
+        self.sum_e = np.bincount(cell, weights=e, minlength=size)
+        self.sum_d = np.bincount(cell, weights=d, minlength=size)
+        b = self.bucket(x)
+        self.bucket_count = np.bincount(b, minlength=self.n_buckets).astype(np.float64)
+        self.bucket_x = np.stack(
+            [np.bincount(b, weights=x[:, j].astype(np.float64), minlength=self.n_buckets)
+             for j in range(k)], axis=1) / np.maximum(self.bucket_count, 1)[:, None]
+
+    def bucket(self, x: F32) -> I64:
+        """Bucket index of each row of *x*."""
+        idx = [np.searchsorted(ed, x[:, j].astype(np.float64), side="right")
+               for j, ed in enumerate(self.edges)]
+        return np.asarray(np.ravel_multi_index(idx, self.dims), dtype=np.int64)
+
+    def dbin(self, d: F64) -> I64:
+        """Decision bin of each decision (real units), clipped into range."""
+        frac = (np.asarray(d, dtype=np.float64) - self.d_lo) / (self.d_hi - self.d_lo)
+        return np.clip((frac * self.decision_bins).astype(np.int64), 0, self.decision_bins - 1)
+
+    def cell_means(self) -> F64:
+        """Mean efficiency per cell, NaN where the cell has fewer than ``min_cell`` samples."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = self.sum_e / self.count
+        m[self.count < self.min_cell] = np.nan
+        return np.asarray(m, dtype=np.float64)
+
+    def best_per_bucket(self) -> tuple[F64, F64, F64]:
+        """For buckets with data: (mean features, best mean decision, weight).
+
+        Cells are ranked by their mean efficiency shrunk toward the bucket's
+        mean by ``prior`` pseudo-samples, so a lucky single explored decision
+        does not beat a well-measured one by noise alone, yet a dense cell
+        (the default's decision) does not win just by being dense.
+        """
+        nb, nd = self.n_buckets, self.decision_bins
+        count = self.count.reshape(nb, nd)
+        sum_e = self.sum_e.reshape(nb, nd)
+        usable: npt.NDArray[np.bool_] = np.asarray(self.bucket_count > 0)
+        if not usable.any():
+            return np.zeros((0, self.bucket_x.shape[1])), np.zeros(0), np.zeros(0)
+        bucket_mean = sum_e.sum(axis=1) / np.maximum(self.bucket_count, 1)
+        score = (sum_e + self.prior * bucket_mean[:, None]) / (count + self.prior)
+        score[count < self.min_cell] = -np.inf
+        best = np.argmax(score, axis=1)
+        cells = np.arange(nb) * nd + best
+        d = self.sum_d[cells] / np.maximum(self.count[cells], 1)
+        return self.bucket_x[usable], d[usable], self.bucket_count[usable]
+
+    def estimate(self, x: F32, d: F64) -> Estimate:
+        """Estimated mean efficiency of deciding *d* at *x* (see the class doc)."""
+        if len(x) == 0:
+            return Estimate(float("nan"), 0.0, 0)
+        m = self.cell_means()[self.bucket(x) * self.decision_bins + self.dbin(d)]
+        ok = ~np.isnan(m)
+        eff = float(m[ok].mean()) if ok.any() else float("nan")
+        return Estimate(eff, float(ok.mean()), int(len(x)))
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """A fitted linear policy ``decision = x @ weights + bias`` (real units)."""
+
+    weights: tuple[float, ...]
+    bias: float
+    n_samples: int
+    n_buckets: int
+    #: in-sample estimate of the fitted policy and of the observed decisions
+    estimated: Estimate
+    observed: float
+
+    def predict(self, x: F32) -> F64:
+        y = np.asarray(x, dtype=np.float64) @ np.asarray(self.weights, dtype=np.float64)
+        return np.asarray(y + self.bias, dtype=np.float64)
+
+    def to_onnx(self, binding: Binding) -> bytes:
+        """The fit as a serialized ONNX model honouring *binding*'s tensor names."""
+        return models.to_bytes(models.linear_model(
+            self.weights, self.bias, binding.n_features,
+            input_name=binding.input_name or models.INPUT_NAME,
+            output_name=binding.output_name or models.OUTPUT_NAME,
+            doc=f"kmlbus learner fit over {self.n_samples} samples"))
+
+
+class Learner:
+    """Collects (features, decision, efficiency) for one proxy and fits a model.
+
+    Feed it every telemetry batch (:meth:`observe_telemetry`) and every
+    feedback batch (:meth:`observe_feedback`) of the proxy; samples are joined
+    by ``seq`` whichever arrives first.  Memory is bounded: the training set
+    is a ring of ``capacity`` rows, and unmatched halves wait in bounded
+    pending buffers (oldest dropped).
+    """
+
+    def __init__(self, binding: Binding, *, capacity: int = 65536, pending: int = 16384,
+                 bins: int = 6, decision_bins: int = 16, min_cell: int = 1,
+                 prior: float = 1.0) -> None:
+        self.binding = binding
+        self.capacity = capacity
+        self.pending_cap = pending
+        self.bins = bins
+        self.decision_bins = decision_bins
+        self.min_cell = min_cell
+        self.prior = prior
+        n = binding.n_features
+        self._x = np.zeros((capacity, n), dtype=np.float32)
+        self._d = np.zeros(capacity, dtype=np.float64)
+        self._e = np.zeros(capacity, dtype=np.float64)
+        self._arm = np.zeros(capacity, dtype=np.uint8)
+        self._n = 0  # rows ever added
+        self._tel_seq = np.zeros(0, dtype=np.uint64)
+        self._tel_x = np.zeros((0, n), dtype=np.float32)
+        self._fb = np.zeros(0, dtype=_spec.load().structs["feedback"].dtype)
+        self.unmatched_dropped = 0
+
+    # -- data -------------------------------------------------------------
+    @property
+    def n_samples(self) -> int:
+        """Rows currently in the training set."""
+        return min(self._n, self.capacity)
+
+    def add(self, x: npt.ArrayLike, decision: npt.ArrayLike, efficiency: npt.ArrayLike,
+            arm: npt.ArrayLike | None = None) -> None:
+        """Add rows directly: features in model units, decision and efficiency fixed point."""
+        xa = np.asarray(x, dtype=np.float32).reshape(-1, self.binding.n_features)
+        da = np.asarray(decision, dtype=np.float64) / self.binding.out_scale
+        ea = np.asarray(efficiency, dtype=np.float64) / self.binding.schema.efficiency_scale
+        aa = np.zeros(len(xa), np.uint8) if arm is None else np.asarray(arm, dtype=np.uint8)
+        if not len(xa) == len(da) == len(ea) == len(aa):
+            raise ValueError("Learner.add: x, decision, efficiency and arm differ in length")
+        for lo in range(0, len(xa), self.capacity):
+            hi = min(lo + self.capacity, len(xa))
+            pos = (self._n + np.arange(hi - lo)) % self.capacity
+            self._x[pos], self._d[pos], self._e[pos], self._arm[pos] = (
+                xa[lo:hi], da[lo:hi], ea[lo:hi], aa[lo:hi])
+            self._n += hi - lo
+
+    def observe_telemetry(self, records: npt.NDArray[np.void]) -> int:
+        """Remember the features of each decision; returns rows newly joined."""
+        if len(records) == 0:
+            return 0
+        self._tel_seq = np.concatenate([self._tel_seq, records["seq"].astype(np.uint64)])
+        self._tel_x = np.concatenate([self._tel_x, features_to_float(records, self.binding)])
+        return self._join()
+
+    def observe_feedback(self, feedback: npt.NDArray[np.void]) -> int:
+        """Remember measured efficiencies; returns rows newly joined."""
+        if len(feedback) == 0:
+            return 0
+        self._fb = np.concatenate([self._fb, feedback])
+        return self._join()
+
+    def _join(self) -> int:
+        _, ti, fi = np.intersect1d(self._tel_seq, self._fb["seq"].astype(np.uint64),
+                                   assume_unique=False, return_indices=True)
+        if len(ti):
+            fb = self._fb[fi]
+            self.add(self._tel_x[ti], fb["decision"], fb["efficiency"], fb["arm"])
+            keep_t = np.ones(len(self._tel_seq), bool)
+            keep_t[ti] = False
+            keep_f = np.ones(len(self._fb), bool)
+            keep_f[fi] = False
+            self._tel_seq, self._tel_x, self._fb = (
+                self._tel_seq[keep_t], self._tel_x[keep_t], self._fb[keep_f])
+        over_t = len(self._tel_seq) - self.pending_cap
+        if over_t > 0:
+            self._tel_seq, self._tel_x = self._tel_seq[over_t:], self._tel_x[over_t:]
+            self.unmatched_dropped += over_t
+        over_f = len(self._fb) - self.pending_cap
+        if over_f > 0:
+            self._fb = self._fb[over_f:]
+            self.unmatched_dropped += over_f
+        return int(len(ti))
+
+    def data(self) -> tuple[F32, F64, F64, npt.NDArray[np.uint8]]:
+        """The training set: (x, decision, efficiency, arm), real units, oldest first."""
+        n = self.n_samples
+        if self._n <= self.capacity:
+            sl = np.arange(n)
+        else:
+            sl = (self._n + np.arange(self.capacity)) % self.capacity
+        return self._x[sl], self._d[sl], self._e[sl], self._arm[sl]
+
+    # -- fitting ----------------------------------------------------------
+    def table(self) -> EfficiencyTable:
+        """The efficiency table of the current training set."""
+        x, d, e, _ = self.data()
+        b = self.binding
+        lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
+        if b.rec_min <= -(1 << 31) or b.rec_max >= (1 << 31) - 1:  # unbounded: use the data
+            lo, hi = float(d.min()), float(d.max())
+        return EfficiencyTable(x, d, e, d_lo=lo, d_hi=hi, bins=self.bins,
+                               decision_bins=self.decision_bins, min_cell=self.min_cell,
+                               prior=self.prior)
+
+    def fit(self, min_samples: int = 256) -> LinearFit | None:
+        """Fit the linear policy; None while there are fewer than *min_samples* rows."""
+        if self.n_samples < min_samples:
+            return None
+        x, d, e, _ = self.data()
+        t = self.table()
+        bx, bd, bw = t.best_per_bucket()
+        if len(bd) == 0:
+            return None
+        a = np.hstack([bx, np.ones((len(bx), 1))])
+        sw = np.sqrt(bw)[:, None]
+        # a tiny ridge keeps constant features (one bucket wide) from exploding
+        lam = 1e-6 * max(1.0, float(np.trace(a.T @ (a * bw[:, None]))))
+        lhs = np.vstack([a * sw, np.sqrt(lam) * np.eye(a.shape[1])[:-1]])
+        rhs = np.concatenate([bd * sw[:, 0], np.zeros(a.shape[1] - 1)])
+        coef, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
+        w = tuple(float(c) for c in coef[:-1])
+        bias = float(coef[-1])
+        fit = LinearFit(w, bias, len(x), len(bd), Estimate(0.0, 0.0, 0), float(e.mean()))
+        est = t.estimate(x, self._policy_decisions(fit, x))
+        fit = LinearFit(w, bias, len(x), len(bd), est, float(e.mean()))
+        log.info("proxy %s: fitted weights=%s bias=%.3f on %d samples, %d buckets, "
+                 "estimated efficiency %.3f (observed %.3f)", self.binding.proxy,
+                 [round(v, 3) for v in w], bias, len(x), len(bd), est.efficiency, fit.observed)
+        return fit
+
+    def _policy_decisions(self, fit: LinearFit, x: F32) -> F64:
+        """What the fitted model would decide, after the dispatcher's rounding and clamp."""
+        b = self.binding
+        fixed = np.clip(np.rint(fit.predict(x) * b.out_scale), b.rec_min, b.rec_max)
+        return np.asarray(fixed / b.out_scale, dtype=np.float64)
+
+    def update(self, registry: ModelRegistry, min_samples: int = 256
+               ) -> tuple[LinearFit, LoadedModel] | None:
+        """Fit and hot-swap the result into *registry* (None if not enough data yet)."""
+        fit = self.fit(min_samples)
+        if fit is None:
+            return None
+        lm = registry.install(self.binding.proxy, fit.to_onnx(self.binding),
+                              f"learned({fit.n_samples} samples)")
+        return fit, lm
+
+
+def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generator,
+            spread: float = 0.25) -> npt.NDArray[np.void]:
+    """Exploration: a copy of *recs* with values moved by up to ``spread`` of the range.
+
+    Meant for learning mode, where the kernel applies a recommendation only
+    on its ``explore`` share of decisions: those decisions then try values
+    near the model's, which is what the learner needs to compare.
+    """
+    out = recs.copy()
+    lo, hi = binding.rec_min, binding.rec_max
+    width = max(1.0, spread * (float(hi) - float(lo)))
+    noise = rng.uniform(-width, width, len(out))
+    out["value"] = np.clip(np.rint(out["value"].astype(np.float64) + noise), lo, hi)
+    return out

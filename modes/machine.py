@@ -291,10 +291,10 @@ class ProxyModes:
         """
         if mode not in self.graph.states:
             raise ModeError(f"proxy {self.proxy}: kernel reported unknown mode {mode!r}")
+        if mode == "emergency":  # also when already there: the cool-down restarts
+            self.note_fault(f"kernel: {reason}")
         if mode == self.mode:
             return None
-        if mode == "emergency":
-            self.note_fault(f"kernel: {reason}")
         if self.pinned is not None and self.pinned != mode:
             log.warning("proxy %s: pin to %s cleared: kernel moved the proxy to %s (%s)",
                         self.proxy, self.pinned, mode, reason)

@@ -1,0 +1,290 @@
+"""Machine + policy + gate driven together: a hypothesis state machine and replays.
+
+The stateful test plays kernel and daemon at once: each batch of decisions
+goes through the reference gate in the proxy's current mode (the daemon
+mirrors every move at once), becomes telemetry samples and feedback with
+chosen per-arm efficiencies, and the policy's decisions are applied.  Faults,
+operator pins, kernel mode events and clock advances are interleaved.  The
+test keeps its own counts since the last mode change, so the guards are
+checked against an independent tally rather than the evidence object itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from kmlbus import spec as kspec
+from modes import gate as mgate
+from modes import graph as mgraph
+from modes.evidence import Evidence
+from modes.machine import ModeError, ProxyModes, TransitionRecord
+from modes.policy import Fault, Policy
+
+SPEC = kspec.load()
+FB = SPEC.structs["feedback"].dtype
+SAMPLE = SPEC.structs["sample"].dtype
+GRAPH = mgraph.load()
+STATES = GRAPH.states
+REASONS = SPEC.enums["reason"].entries
+BOUNDS = (1, 64)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 50.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def run_batch(mode: str, seq0: int, fresh: np.ndarray, draw: np.ndarray, share: int, explore: int,
+              shadow: np.ndarray, eff_default: np.ndarray, eff_model: np.ndarray,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gate a batch like the kernel would; return (arm, samples, feedback)."""
+    n = fresh.size
+    arm, flags = mgate.gate_batch(mode, fresh, share, explore, draw)
+    seq = np.arange(seq0, seq0 + n, dtype=np.uint64)
+    s = np.zeros(n, SAMPLE)
+    s["seq"], s["mode"], s["arm"], s["flags"] = seq, STATES.index(mode), arm, flags
+    s["shadow"] = np.where(flags & mgate.FLAG_HAS_SHADOW, shadow, 0)
+    f = np.zeros(n, FB)
+    f["seq"], f["arm"] = seq, arm
+    f["efficiency"] = np.where(arm == mgate.ARM_MODEL, eff_model, eff_default)
+    return arm, s, f
+
+
+class ModeMachine(RuleBasedStateMachine):
+    """Random evidence, faults, pins, kernel events and time against the invariants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clk = Clock()
+        self.g = dataclasses.replace(
+            GRAPH, guards=dataclasses.replace(GRAPH.guards, window=40, min_decisions=20))
+        self.pm = ProxyModes("p", self.g, clock=self.clk)
+        self.ev = Evidence(self.pm, bounds=BOUNDS)
+        self.pol = Policy(self.g, self.clk)
+        self.seq = 1
+        self.share = self.g.guards.collaboration_share
+        self.explore = self.g.guards.exploration_share
+        self.reset_tally()
+        self.pm.subscribe(self.on_transition)
+        self.seen = 0
+
+    def reset_tally(self) -> None:
+        self.tally = {"default": 0, "model": 0, "valid": 0}
+
+    def on_transition(self, rec: TransitionRecord) -> None:
+        # Independent checks of the guards at the moment of each policy move.
+        n = self.g.guards.min_decisions
+        event(f"{rec.origin} {rec.trigger}")
+        if rec.origin == "policy":
+            if rec.trigger == "promote":
+                assert self.tally["model"] >= n and self.tally["default"] >= n, self.tally
+            if rec.trigger == "mature":
+                assert self.tally["valid"] >= n, self.tally
+            if rec.trigger == "degrade":
+                assert self.tally["model"] >= n, self.tally
+            if rec.trigger == "recover":
+                since = max(rec.evidence["checks"]["cooldown"]["quiet_s"], 0.0)
+                assert since >= self.g.guards.cooldown_s
+        self.reset_tally()
+
+    @initialize(share=st.integers(0, 1000), explore=st.sampled_from([0, 0, 50, 500]))
+    def params(self, share: int, explore: int) -> None:
+        self.share, self.explore = share, explore
+
+    @rule(rounds=st.integers(1, 8), n=st.integers(1, 60),
+          model_mean=st.sampled_from([200, 550, 600, 900]), default_mean=st.sampled_from([300, 600]),
+          fresh_frac=st.sampled_from([0.0, 0.5, 0.95, 1.0]), valid_frac=st.sampled_from([0.0, 0.7, 1.0]),
+          seed=st.integers(0, 2**32 - 1))
+    def decisions(self, rounds: int, n: int, model_mean: int, default_mean: int, fresh_frac: float,
+                  valid_frac: float, seed: int) -> None:
+        """Batches of decisions with the chosen per-arm efficiencies, each followed by a policy
+        evaluation as the daemon does."""
+        rng = np.random.default_rng(seed)
+        for _ in range(rounds):
+            self.batch(rng, n, model_mean, default_mean, fresh_frac, valid_frac)
+            self.evaluate(True)
+            self.clk.t += 0.02
+
+    def batch(self, rng: np.random.Generator, n: int, model_mean: int, default_mean: int,
+              fresh_frac: float, valid_frac: float) -> None:
+        mode = self.pm.mode
+        fresh = rng.random(n) < fresh_frac
+        draw = rng.integers(0, mgate.PERMILLE, n)
+        shadow = np.where(rng.random(n) < valid_frac, 8, 500)
+        eff_d = rng.normal(default_mean, 20, n).round()
+        eff_m = rng.normal(model_mean, 20, n).round()
+        arm, s, f = run_batch(mode, self.seq, fresh, draw, self.share, self.explore, shadow, eff_d, eff_m)
+        self.seq += n
+        model = arm == mgate.ARM_MODEL
+        # the gate's mode semantics
+        if mode == "emergency":
+            assert not model.any()
+        elif mode == "learning":
+            assert np.array_equal(model, fresh & (draw < self.explore))
+            assert np.array_equal(model, (s["flags"] & mgate.FLAG_EXPLORED) != 0)
+            if self.explore == 0:
+                assert not model.any()
+        elif mode == "collaboration":
+            assert np.array_equal(model, fresh & (draw < self.share))
+        else:
+            assert np.array_equal(model, fresh)
+        self.ev.add_samples(s)
+        self.ev.add_feedback(f)
+        self.tally["model"] += int(model.sum())
+        self.tally["default"] += int((~model).sum())
+        if mode == "learning":
+            self.tally["valid"] += int(np.count_nonzero(fresh & (shadow == 8)))
+
+    @rule(healthy=st.booleans())
+    def evaluate_now(self, healthy: bool) -> None:
+        self.evaluate(healthy)
+
+    def evaluate(self, healthy: bool) -> None:
+        before, pinned = self.pm.mode, self.pm.pinned
+        d = self.pol.evaluate(self.pm, self.ev, healthy=healthy)
+        if pinned is not None:
+            assert d is None
+        if d is None:
+            return
+        assert d.source == before and self.g.is_allowed(before, d.target)
+        if before == "emergency":
+            assert healthy
+        rec = self.pm.apply(d)
+        assert rec is not None and self.pm.mode == d.target
+
+    @rule(fault=st.sampled_from(list(Fault)))
+    def fault(self, fault: Fault) -> None:
+        d = self.pol.fault(self.pm, fault, "stateful", self.ev)
+        if d is not None:
+            self.pm.apply(d)
+        assert self.pm.mode == "emergency"
+        assert self.pm.last_fault_at == self.clk.t
+
+    @rule(mode=st.sampled_from(STATES))
+    def pin(self, mode: str) -> None:
+        self.pm.pin(mode)
+        assert self.pm.mode == mode and self.pm.pinned == mode
+
+    @rule()
+    def unpin(self) -> None:
+        self.pm.unpin()
+        assert self.pm.pinned is None
+
+    @rule(mode=st.sampled_from(STATES))
+    def operator_set(self, mode: str) -> None:
+        if self.pm.pinned not in (None, mode):
+            with pytest.raises(ModeError):
+                self.pm.set_mode(mode)
+        else:
+            self.pm.set_mode(mode)
+            assert self.pm.mode == mode
+
+    @rule(data=st.data())
+    def kernel_event(self, data: Any) -> None:
+        # The kernel only makes allowed moves; occasionally an event is lost.
+        allowed = sorted(d for s, d in self.g.allowed if s == self.pm.mode)
+        lost = data.draw(st.booleans(), label="lost")
+        mode = data.draw(st.sampled_from(STATES if lost or not allowed else allowed), label="mode")
+        reason = data.draw(st.sampled_from(REASONS), label="reason")
+        self.pm.sync_kernel(mode, reason)
+        assert self.pm.mode == mode
+        if mode == "emergency":
+            assert self.pm.last_fault_at == self.clk.t
+
+    @rule(dt=st.floats(0.0, 3.0))
+    def advance(self, dt: float) -> None:
+        self.clk.t += dt
+
+    @invariant()
+    def pin_holds(self) -> None:
+        assert self.pm.pinned is None or self.pm.pinned == self.pm.mode
+
+    @invariant()
+    def history_uses_only_graph_edges(self) -> None:
+        hist = self.pm.history
+        for r in hist[self.seen:] if self.seen <= len(hist) else hist:
+            if r.trigger is None:
+                assert r.origin == "kernel"  # resync after lost events
+            else:
+                assert (r.source, r.dest) in self.g.allowed
+                assert r.trigger == self.g.trigger_for(r.source, r.dest)
+        for a, b in zip(hist, hist[1:]):
+            assert a.dest == b.source
+        if hist:
+            assert hist[-1].dest == self.pm.mode
+        self.seen = len(hist)
+
+    @invariant()
+    def evidence_follows_the_mode(self) -> None:
+        assert self.ev.mode == self.pm.mode
+
+
+TestModeMachine = ModeMachine.TestCase
+TestModeMachine.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+
+
+# -- replays of the sample workload (DESIGN.md) with full-size guards -------------------
+
+
+def sample_workload(model: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(default efficiency, model efficiency, model value) for *n* decisions."""
+    s = rng.random(64)
+    k = rng.integers(0, 64, n)
+    f0 = np.clip(s[k] + rng.normal(0, 0.05, n), 0, 1) * 1000
+    wstar = 1 + np.round(63 * s[k])
+    w_model = {"good": 1 + np.round(63 * f0 / 1000), "bad": np.full(n, 64.0)}[model]
+
+    def eff(w: np.ndarray) -> np.ndarray:
+        return np.round(1000 - 1000 * np.abs(w - wstar) / 64)
+
+    return eff(np.full(n, 8.0)), eff(w_model), w_model
+
+
+def replay(model: str, steps: int = 60, batch: int = 32) -> ProxyModes:
+    clk = Clock()
+    pm = ProxyModes("sample", GRAPH, clock=clk)
+    ev = Evidence(pm, bounds=BOUNDS)
+    pol = Policy(GRAPH, clk)
+    rng = np.random.default_rng(7)
+    seq = 1
+    for _ in range(steps):
+        for _ in range(20):
+            clk.t += batch / 2000  # the sample proxy's default rate
+            eff_d, eff_m, w = sample_workload(model, batch, rng)
+            fresh = np.ones(batch, bool)
+            draw = rng.integers(0, mgate.PERMILLE, batch)
+            _, s, f = run_batch(pm.mode, seq, fresh, draw, GRAPH.guards.collaboration_share,
+                                GRAPH.guards.exploration_share, w.astype(np.int32), eff_d, eff_m)
+            seq += batch
+            ev.add_samples(s)
+            ev.add_feedback(f)
+            d = pol.evaluate(pm, ev)
+            if d is not None:
+                pm.apply(d)
+    return pm
+
+
+def test_a_good_model_is_promoted_all_the_way_to_recommendation() -> None:
+    pm = replay("good")
+    assert [(r.source, r.dest) for r in pm.history] == [
+        ("emergency", "learning"), ("learning", "collaboration"), ("collaboration", "recommendation")]
+    assert pm.mode == "recommendation"
+    promote = pm.history[-1].evidence
+    assert promote["arms"]["model"]["count"] >= GRAPH.guards.min_decisions
+
+
+def test_a_bad_model_is_shadowed_then_demoted_and_never_recommended() -> None:
+    pm = replay("bad")
+    moves = [(r.source, r.dest) for r in pm.history]
+    assert ("collaboration", "learning") in moves
+    assert all(dest != "recommendation" for _, dest in moves)

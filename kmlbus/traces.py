@@ -1,0 +1,470 @@
+"""Record the bus's batches to a msgpack file, replay them, evaluate a model offline.
+
+A trace is a stream of msgpack objects::
+
+    header  {"format": "kmlbus-trace", "version": 1, "family": "kmlbus",
+             "spec_version": 1, "created_ns": ..., "structs": {name: numpy descr},
+             "schemas": {proxy: get-reply attrs}}
+    record  {"kind": "telemetry" | "feedback" | "recs" | "mode" | "schema",
+             "ts": ns since the epoch, "proxy": name, "data": bytes}
+
+``data`` is the raw bytes of a numpy array of the spec struct of that kind
+(``sample``, ``feedback``, ``rec``), or of :data:`MODE_EVENT_DTYPE`; the
+header records each struct's layout, so a trace stays readable after the
+spec grows.  ``schema`` records (a proxy seen after the header was written)
+carry msgpack-encoded get-reply attributes and are folded into the reader's
+schemas, not yielded.
+
+Reading never lets a msgpack exception escape: a corrupt or truncated trace
+raises :class:`TraceError` naming the file and the byte offset of the first
+object that could not be read.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from . import spec as _spec
+from .config import ConfigError, ProxyConfig, ProxySchema, bind
+from .dispatcher import features_to_float, to_fixed
+from .learner import EfficiencyTable, Estimate
+from .registry import ModelError, check_session, make_session
+
+__all__ = [
+    "FORMAT",
+    "KINDS",
+    "MODE_EVENT_DTYPE",
+    "Evaluation",
+    "TraceError",
+    "TraceEvent",
+    "TraceHeader",
+    "TraceReader",
+    "TraceWriter",
+    "VERSION",
+    "evaluate",
+    "open_trace",
+    "read_header",
+    "replay",
+]
+
+FORMAT = "kmlbus-trace"
+VERSION = 1
+#: record kind -> spec struct of its data
+KINDS = {"telemetry": "sample", "feedback": "feedback", "recs": "rec", "mode": "mode-event"}
+#: a mode change as recorded (values are the spec's mode/reason enum numbers)
+MODE_EVENT_DTYPE: np.dtype[np.void] = np.dtype(
+    [("mode", "<u4"), ("old_mode", "<u4"), ("reason", "<u4")])
+_MAX_OBJECT = 64 << 20  # no single record may claim more (the kernel's batches are tiny)
+
+
+class TraceError(ValueError):
+    """A trace file is unreadable, corrupt, truncated or from an unknown format."""
+
+
+def _struct_dtypes() -> dict[str, np.dtype[np.void]]:
+    sp = _spec.load()
+    out: dict[str, np.dtype[np.void]] = {
+        KINDS[k]: sp.structs[KINDS[k]].dtype for k in ("telemetry", "feedback", "recs")}
+    out["mode-event"] = MODE_EVENT_DTYPE
+    return out
+
+
+def _descr(dt: np.dtype[np.void]) -> list[list[Any]]:
+    return [list(item) for item in dt.descr]
+
+
+def _dtype_from_descr(raw: Any) -> np.dtype[np.void]:
+    fields: list[tuple[Any, ...]] = []
+    for item in raw:
+        name, typ = str(item[0]), str(item[1])
+        if len(item) > 2:
+            fields.append((name, typ, tuple(int(n) for n in item[2])))
+        else:
+            fields.append((name, typ))
+    return np.dtype(fields)
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+
+class TraceWriter:
+    """Append batches to a new trace file (context manager).
+
+    One writer per file; each ``write`` is one msgpack object, buffered and
+    flushed on :meth:`flush`/:meth:`close`.  The daemon opens it on
+    ``[bus] trace`` and calls :meth:`telemetry`, :meth:`feedback`,
+    :meth:`recs` and :meth:`mode` as batches pass through.
+    """
+
+    def __init__(self, path: str | os.PathLike[str],
+                 schemas: Iterable[ProxySchema] | Mapping[str, ProxySchema] = ()) -> None:
+        self.path = Path(path)
+        items = schemas.values() if isinstance(schemas, Mapping) else schemas
+        self._schemas = {s.name: s for s in items}
+        self._dtypes = _struct_dtypes()
+        self._f: BinaryIO = open(self.path, "wb")
+        self._packer = msgpack.Packer(use_bin_type=True)
+        sp = _spec.load()
+        header = {
+            "format": FORMAT, "version": VERSION, "family": sp.name,
+            "spec_version": sp.version, "created_ns": time.time_ns(),
+            "structs": {k: _descr(v) for k, v in self._dtypes.items()},
+            "schemas": {n: s.to_attrs() for n, s in self._schemas.items()},
+        }
+        self._f.write(self._packer.pack(header))
+        self.records = 0
+
+    def add_schema(self, schema: ProxySchema) -> None:
+        """Record a proxy that appeared after the trace was opened."""
+        if self._schemas.get(schema.name) == schema:
+            return
+        self._schemas[schema.name] = schema
+        self._put("schema", schema.name, self._packer.pack(schema.to_attrs()), None)
+
+    def _put(self, kind: str, proxy: str, data: bytes, ts: int | None) -> None:
+        rec = {"kind": kind, "ts": time.time_ns() if ts is None else ts, "proxy": proxy,
+               "data": data}
+        self._f.write(self._packer.pack(rec))
+        self.records += 1
+
+    def write(self, kind: str, proxy: str, array: npt.NDArray[np.void],
+              ts: int | None = None) -> None:
+        """Record one batch; *array* must have the dtype of *kind*'s struct."""
+        if kind not in KINDS:
+            raise ValueError(f"trace kind {kind!r}: expected one of {', '.join(KINDS)}")
+        want = self._dtypes[KINDS[kind]]
+        if array.dtype != want:
+            raise ValueError(f"trace {kind} batch: expected dtype of struct {KINDS[kind]}, "
+                             f"found {array.dtype}")
+        self._put(kind, proxy, np.ascontiguousarray(array).tobytes(), ts)
+
+    def telemetry(self, proxy: str, records: npt.NDArray[np.void], ts: int | None = None) -> None:
+        self.write("telemetry", proxy, records, ts)
+
+    def feedback(self, proxy: str, feedback: npt.NDArray[np.void], ts: int | None = None) -> None:
+        self.write("feedback", proxy, feedback, ts)
+
+    def recs(self, proxy: str, recs: npt.NDArray[np.void], ts: int | None = None) -> None:
+        self.write("recs", proxy, recs, ts)
+
+    def mode(self, proxy: str, mode: int, old_mode: int, reason: int,
+             ts: int | None = None) -> None:
+        """Record a mode change (enum numbers of the spec's ``mode`` and ``reason``)."""
+        a = np.zeros(1, dtype=MODE_EVENT_DTYPE)
+        a["mode"], a["old_mode"], a["reason"] = mode, old_mode, reason
+        self.write("mode", proxy, a, ts)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> TraceWriter:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    """What a trace says about itself."""
+
+    version: int
+    spec_version: int
+    created_ns: int
+    dtypes: Mapping[str, np.dtype[np.void]]
+    schemas: Mapping[str, ProxySchema]
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One recorded batch; ``offset`` is where its msgpack object starts in the file."""
+
+    kind: str
+    ts: int
+    proxy: str
+    data: npt.NDArray[np.void]
+    offset: int
+
+
+@dataclass
+class TraceReader:
+    """Iterate a trace's events; ``schemas`` grows as ``schema`` records pass."""
+
+    path: Path
+    header: TraceHeader
+    schemas: dict[str, ProxySchema] = field(default_factory=dict)
+    _unpacker: Any = None
+    _file: Any = None
+    _offset: int = 0
+    _size: int = 0
+
+    def __iter__(self) -> Iterator[TraceEvent]:
+        try:
+            while True:
+                start = self._offset
+                obj = _next(self._unpacker, self.path, start)
+                if obj is _EOF:
+                    if start != self._size:
+                        raise TraceError(f"{self.path}: truncated at offset {start}: "
+                                         f"{self._size - start} trailing bytes are not a "
+                                         "complete record")
+                    return
+                self._offset = self._unpacker.tell()
+                ev = self._event(obj, start)
+                if ev is not None:
+                    yield ev
+        finally:
+            self.close()
+
+    def _event(self, obj: Any, off: int) -> TraceEvent | None:
+        def bad(why: str) -> TraceError:
+            return TraceError(f"{self.path}: record at offset {off}: {why}")
+
+        if not isinstance(obj, dict):
+            raise bad(f"expected a map, found {type(obj).__name__}")
+        kind, ts, proxy, data = (obj.get(k) for k in ("kind", "ts", "proxy", "data"))
+        if not isinstance(proxy, str):
+            raise bad(f"expected a proxy name, found {proxy!r}")
+        if not isinstance(ts, int):
+            raise bad(f"expected an integer ts, found {ts!r}")
+        if not isinstance(data, bytes):
+            raise bad(f"expected binary data, found {type(data).__name__}")
+        if kind == "schema":
+            try:
+                attrs = msgpack.unpackb(data, raw=False)
+                self.schemas[proxy] = ProxySchema.from_attrs(attrs)
+            except (ConfigError, ValueError, TypeError) as e:
+                raise bad(f"unreadable schema: {e}") from None
+            return None
+        if kind not in KINDS:
+            raise bad(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        dt = self.header.dtypes.get(KINDS[kind])
+        if dt is None:
+            raise bad(f"header has no layout for struct {KINDS[kind]}")
+        if len(data) % dt.itemsize:
+            raise bad(f"{kind} data of {len(data)} bytes is not a whole number of "
+                      f"{dt.itemsize}-byte {KINDS[kind]} structs")
+        return TraceEvent(kind, ts, proxy, np.frombuffer(data, dtype=dt), off)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Eof:
+    pass
+
+
+_EOF = _Eof()
+
+
+def _next(unpacker: Any, path: Path, offset: int) -> Any:
+    """The next object, :data:`_EOF` at a clean or truncated end; never a msgpack exception."""
+    try:
+        return next(unpacker)
+    except StopIteration:
+        return _EOF
+    except Exception as e:  # msgpack raises FormatError, StackError, ExtraData, UnicodeError...
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TraceError(f"{path}: corrupt trace at offset {offset}: {why}") from None
+
+
+def open_trace(path: str | os.PathLike[str]) -> TraceReader:
+    """Open a trace and read its header (raises :class:`TraceError`)."""
+    p = Path(path)
+    try:
+        f = open(p, "rb")
+        size = os.fstat(f.fileno()).st_size
+    except OSError as e:
+        raise TraceError(f"{p}: cannot open trace: {e.strerror}") from None
+    unpacker = msgpack.Unpacker(f, raw=False, max_buffer_size=_MAX_OBJECT,
+                                strict_map_key=True)
+    try:
+        raw = _next(unpacker, p, 0)
+        if raw is _EOF:
+            why = "empty file" if size == 0 else "truncated header"
+            raise TraceError(f"{p}: not a kmlbus trace ({why}) at offset 0")
+        header = _header(p, raw)
+    except BaseException:
+        f.close()
+        raise
+    reader = TraceReader(p, header, dict(header.schemas))
+    reader._unpacker, reader._file, reader._size = unpacker, f, size
+    reader._offset = unpacker.tell()
+    return reader
+
+
+def _header(p: Path, raw: Any) -> TraceHeader:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise TraceError(f"{p}: not a kmlbus trace at offset 0 (expected a header map with "
+                         f"format {FORMAT!r})")
+    version = raw.get("version")
+    if version != VERSION:
+        raise TraceError(f"{p}: trace format version {version!r}, this kmlbus reads {VERSION}")
+    try:
+        dtypes = {str(k): _dtype_from_descr(v) for k, v in raw["structs"].items()}
+        schemas = {str(k): ProxySchema.from_attrs(v) for k, v in raw.get("schemas", {}).items()}
+        return TraceHeader(int(version), int(raw.get("spec_version", 0)),
+                           int(raw.get("created_ns", 0)), dtypes, schemas)
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+        raise TraceError(f"{p}: malformed trace header at offset 0: {e}") from None
+
+
+def read_header(path: str | os.PathLike[str]) -> TraceHeader:
+    """Just the header of the trace at *path*."""
+    r = open_trace(path)
+    r.close()
+    return r.header
+
+
+def replay(path: str | os.PathLike[str]) -> Iterator[TraceEvent]:
+    """Yield the recorded batches of *path* in order, as numpy arrays."""
+    yield from open_trace(path)
+
+
+# --------------------------------------------------------------------------
+# Offline evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A model's estimated efficiency on a trace, against the recorded default.
+
+    Efficiencies are in real units (fixed point / the proxy's efficiency scale).
+    """
+
+    proxy: str
+    telemetry_records: int
+    feedback_records: int
+    joined: int
+    #: the model, estimated by the cell-mean estimator over the joined samples
+    model: Estimate
+    #: measured mean efficiency of the default arm's decisions
+    default_measured: float
+    default_n: int
+    #: measured efficiency of the default arm on the samples the model's estimate
+    #: covers (the like-for-like comparison when coverage is partial)
+    default_on_covered: Estimate
+    #: measured mean efficiency of decisions the recorded model made, if any
+    recorded_model_measured: float
+    recorded_model_n: int
+
+    @property
+    def gain(self) -> float:
+        """Estimated model efficiency minus the default's measured efficiency."""
+        return self.model.efficiency - self.default_measured
+
+    def __str__(self) -> str:
+        return (f"proxy {self.proxy}: model {self.model.efficiency:.3f} (estimated, coverage "
+                f"{self.model.coverage:.0%} of {self.joined} decisions) vs default "
+                f"{self.default_measured:.3f} (measured over {self.default_n}); "
+                f"gain {self.gain:+.3f}")
+
+
+def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str], *,
+             proxy: str | None = None, config: ProxyConfig | None = None,
+             bins: int = 6, decision_bins: int = 16) -> Evaluation:
+    """Replay *path*'s telemetry through *model* offline and estimate its efficiency.
+
+    Estimator (direct method, see :class:`kmlbus.learner.EfficiencyTable`):
+    every decision with both a telemetry sample and a feedback record (joined
+    by ``seq``) goes into cells (feature bucket x decision bin) holding the
+    mean measured efficiency.  The model is run on each sample's features (via
+    the same binding, rounding and clamping as the dispatcher); its estimated
+    efficiency is the mean of the cells its decisions land in.  Decisions in
+    cells the trace never measured are left out and reported as coverage < 1:
+    a trace from a default-only run can only evaluate models that decide like
+    the default, which is why learning mode explores.  The default is reported
+    as measured (all default-arm feedback) and as measured on the covered samples.
+    """
+    reader = open_trace(path)
+    tel: list[npt.NDArray[np.void]] = []
+    fb: list[npt.NDArray[np.void]] = []
+    for ev in reader:
+        if proxy is None and ev.kind in ("telemetry", "feedback"):
+            proxy = ev.proxy
+        if ev.proxy != proxy:
+            continue
+        if ev.kind == "telemetry":
+            tel.append(ev.data)
+        elif ev.kind == "feedback":
+            fb.append(ev.data)
+    if proxy is None:
+        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
+    schema = reader.schemas.get(proxy)
+    if schema is None:
+        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
+    sp = _spec.load()
+    t = np.concatenate(tel) if tel else np.zeros(0, sp.structs["sample"].dtype)
+    f = np.concatenate(fb) if fb else np.zeros(0, sp.structs["feedback"].dtype)
+    try:
+        t = t.astype(sp.structs["sample"].dtype)
+        f = f.astype(sp.structs["feedback"].dtype)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"{reader.path}: recorded structs do not convert to this spec: {e}") \
+            from None
+    b = bind(schema, config)
+    _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
+    ts, fs = t[ti], f[fi]
+    escale = float(schema.efficiency_scale)
+    arm_default = sp.enums["arm"].value("default")
+    d_all = f["efficiency"].astype(np.float64) / escale
+    is_def = f["arm"] == arm_default
+    default_measured = float(d_all[is_def].mean()) if is_def.any() else float("nan")
+    rec_model = float(d_all[~is_def].mean()) if (~is_def).any() else float("nan")
+    nan_est = Estimate(float("nan"), 0.0, 0)
+    if len(ts) == 0:
+        return Evaluation(proxy, len(t), len(f), 0, nan_est, default_measured,
+                          int(is_def.sum()), nan_est, rec_model, int((~is_def).sum()))
+
+    session = make_session(proxy, model)
+    inp, out = check_session(proxy, session, b.n_features, input_name=b.input_name,
+                             output_name=b.output_name, source=str(model)[:80]
+                             if not isinstance(model, bytes) else "in-memory model")
+    x = features_to_float(ts, b)
+    try:
+        (y,) = session.run([out], {inp: x})
+    except Exception as e:
+        raise ModelError(proxy, f"proxy {proxy}: model failed on the trace's features: "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+    fixed, _, valid = to_fixed(np.asarray(y, dtype=np.float32).reshape(-1), b)
+    d_model = fixed.astype(np.float64) / b.out_scale
+    d_rec = fs["decision"].astype(np.float64) / b.out_scale
+    e_rec = fs["efficiency"].astype(np.float64) / escale
+    lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
+    if b.rec_min <= -(1 << 31) or b.rec_max >= (1 << 31) - 1:
+        lo, hi = float(min(d_rec.min(), d_model.min())), float(max(d_rec.max(), d_model.max()))
+    table = EfficiencyTable(x, d_rec, e_rec, d_lo=lo, d_hi=hi, bins=bins,
+                            decision_bins=decision_bins)
+    model_est = table.estimate(x[valid], d_model[valid])
+    # the default's own decisions, on the samples where the model's cell was measured
+    means = table.cell_means()
+    covered = ~np.isnan(means[table.bucket(x) * table.decision_bins + table.dbin(d_model)])
+    covered &= valid
+    dmask = covered & (fs["arm"] == arm_default)
+    default_est = Estimate(float(e_rec[dmask].mean()) if dmask.any() else float("nan"),
+                           float(dmask.mean()), int(dmask.sum()))
+    return Evaluation(proxy, len(t), len(f), len(ts), model_est, default_measured,
+                      int(is_def.sum()), default_est, rec_model, int((~is_def).sum()))

@@ -1,0 +1,239 @@
+"""Traces: record/replay round trips, clear errors on damaged files, offline evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from kmlbus import models, spec, traces
+from kmlbus.config import FieldSchema, ProxySchema
+from kmlbus.traces import TraceError, TraceWriter
+
+SP = spec.load()
+SAMPLE = SP.structs["sample"].dtype
+FEEDBACK = SP.structs["feedback"].dtype
+REC = SP.structs["rec"].dtype
+ARM_DEFAULT = SP.enums["arm"].value("default")
+ARM_MODEL = SP.enums["arm"].value("model")
+
+
+def sample_schema() -> ProxySchema:
+    return ProxySchema("sample", tuple(FieldSchema(n, 1000) for n in models.SAMPLE_FEATURES),
+                       FieldSchema("window", 1, 1, 64), 64, 1000, 1)
+
+
+def write_small(path: Path) -> dict[str, npt.NDArray[np.void]]:
+    rng = np.random.default_rng(0)
+    tel = np.zeros(5, SAMPLE)
+    tel["seq"] = np.arange(1, 6)
+    tel["features"] = rng.integers(-5, 5, (5, 8))
+    fb = np.zeros(3, FEEDBACK)
+    fb["seq"] = [1, 2, 3]
+    fb["efficiency"] = [900, 800, 700]
+    recs = np.zeros(2, REC)
+    recs["key"], recs["value"], recs["ttl_ms"] = [1, 2], [10, 20], 200
+    with TraceWriter(path, [sample_schema()]) as w:
+        w.telemetry("sample", tel, ts=1)
+        w.feedback("sample", fb, ts=2)
+        w.recs("sample", recs, ts=3)
+        w.mode("sample", SP.enums["mode"].value("learning"),
+               SP.enums["mode"].value("emergency"), SP.enums["reason"].value("recovery"), ts=4)
+    return {"telemetry": tel, "feedback": fb, "recs": recs}
+
+
+def test_round_trip_of_every_kind(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    sent = write_small(p)
+    h = traces.read_header(p)
+    assert h.version == traces.VERSION and h.spec_version == SP.version
+    assert h.schemas == {"sample": sample_schema()}
+    assert h.dtypes["sample"] == SAMPLE and h.dtypes["feedback"] == FEEDBACK
+    evs = list(traces.replay(p))
+    assert [(e.kind, e.ts, e.proxy) for e in evs] == [
+        ("telemetry", 1, "sample"), ("feedback", 2, "sample"), ("recs", 3, "sample"),
+        ("mode", 4, "sample")]
+    for e in evs[:3]:
+        np.testing.assert_array_equal(e.data, sent[e.kind])
+        assert e.data.dtype == sent[e.kind].dtype
+    assert evs[3].data["mode"][0] == SP.enums["mode"].value("learning")
+    assert evs[3].data["reason"][0] == SP.enums["reason"].value("recovery")
+    assert evs[0].offset > 0 and evs[1].offset > evs[0].offset
+
+
+def test_schemas_added_later_are_folded_in(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    other = ProxySchema("other", (FieldSchema("a", 10),), FieldSchema("r", 1, 0, 9), 4)
+    with TraceWriter(p) as w:
+        w.add_schema(other)
+        w.add_schema(other)  # unchanged: not written twice
+        w.recs("other", np.zeros(1, REC))
+        assert w.records == 2
+    r = traces.open_trace(p)
+    assert r.schemas == {}
+    assert [e.kind for e in r] == ["recs"]
+    assert r.schemas == {"other": other}
+
+
+def test_writer_rejects_wrong_dtype_and_kind(tmp_path: Path) -> None:
+    with TraceWriter(tmp_path / "t") as w:
+        with pytest.raises(ValueError, match="expected dtype of struct sample"):
+            w.telemetry("sample", np.zeros(2, REC))
+        with pytest.raises(ValueError, match="trace kind 'bogus'"):
+            w.write("bogus", "sample", np.zeros(2, REC))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(hnp.arrays(SAMPLE, st.integers(0, 40)), max_size=5))
+def test_any_telemetry_batches_round_trip(tmp_path: Path, batches: list[npt.NDArray[np.void]]
+                                          ) -> None:
+    p = tmp_path / "h.kmltrace"
+    with TraceWriter(p, [sample_schema()]) as w:
+        for b in batches:
+            w.telemetry("sample", b)
+    got = [e.data for e in traces.replay(p)]
+    assert len(got) == len(batches)
+    for a, b in zip(got, batches):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_truncated_trace_names_the_offset(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    write_small(p)
+    data = p.read_bytes()
+    offsets = [e.offset for e in traces.replay(p)]
+    cut = offsets[2] + 7  # in the middle of the recs record
+    p.write_bytes(data[:cut])
+    it = traces.replay(p)
+    assert next(it).kind == "telemetry" and next(it).kind == "feedback"
+    with pytest.raises(TraceError) as ei:
+        next(it)
+    assert f"truncated at offset {offsets[2]}" in str(ei.value) and str(p) in str(ei.value)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_damaged_trace_raises_only_trace_error(tmp_path: Path, data: st.DataObject) -> None:
+    p = tmp_path / "d.kmltrace"
+    if not (tmp_path / "orig").exists():
+        write_small(tmp_path / "orig")
+    raw = bytearray((tmp_path / "orig").read_bytes())
+    how = data.draw(st.sampled_from(["cut", "flip", "junk"]))
+    if how == "cut":
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    elif how == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+    else:
+        raw += data.draw(st.binary(min_size=1, max_size=30))
+    p.write_bytes(bytes(raw))
+    try:
+        for ev in traces.replay(p):
+            assert ev.data.dtype.names is not None
+    except TraceError as e:
+        assert "\n" not in str(e) and str(p) in str(e)
+        assert "offset" in str(e) or "version" in str(e)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty file"),
+    (msgpack.packb([1, 2, 3]), "not a kmlbus trace at offset 0"),
+    (msgpack.packb({"format": "kmlbus-trace", "version": 99}), "format version 99"),
+    (msgpack.packb({"format": "kmlbus-trace", "version": 1, "structs": 5}), "malformed"),
+    (b"\xc1", "corrupt trace at offset 0"),
+])
+def test_not_a_trace(tmp_path: Path, content: bytes, match: str) -> None:
+    p = tmp_path / "x"
+    p.write_bytes(content)
+    with pytest.raises(TraceError, match=match):
+        list(traces.replay(p))
+
+
+def test_bad_record_fields_are_named_with_offset(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    write_small(p)
+    off = p.stat().st_size
+    with open(p, "ab") as f:
+        f.write(msgpack.packb({"kind": "telemetry", "ts": 1, "proxy": "sample",
+                               "data": b"\x00" * 65}, use_bin_type=True))
+    with pytest.raises(TraceError, match=f"record at offset {off}: telemetry data of 65 bytes"):
+        list(traces.replay(p))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(TraceError, match="cannot open trace"):
+        traces.read_header(tmp_path / "nope")
+
+
+# -- offline evaluation ------------------------------------------------------
+
+def record_sample_run(p: Path, n: int, explore: float, seed: int = 11) -> None:
+    """A trace shaped like the sample proxy in learning mode with exploration."""
+    rng = np.random.default_rng(seed)
+    s = rng.uniform(0, 1, 64)
+    with TraceWriter(p, [sample_schema()]) as w:
+        seq = 0
+        for _ in range(n // 250):
+            keys = rng.integers(0, 64, 250)
+            t = np.zeros(250, SAMPLE)
+            t["seq"] = seq + 1 + np.arange(250)
+            seq += 250
+            t["key"] = keys
+            t["features"][:, 0] = np.rint(np.clip(s[keys] + rng.normal(0, 0.05, 250), 0, 1) * 1000)
+            t["features"][:, 1] = rng.integers(1, 65, 250) * 1000
+            t["features"][:, 2] = rng.integers(0, 1001, 250)
+            ex = rng.uniform(0, 1, 250) < explore
+            dec = np.where(ex, rng.integers(1, 65, 250), 8)
+            t["decision"] = dec
+            t["arm"] = np.where(ex, ARM_MODEL, ARM_DEFAULT)
+            wstar = 1 + np.rint(63 * s[keys])
+            f = np.zeros(250, FEEDBACK)
+            f["seq"], f["key"], f["decision"], f["arm"] = t["seq"], keys, dec, t["arm"]
+            f["efficiency"] = 1000 - (1000 * np.abs(dec - wstar)) // 64
+            w.telemetry("sample", t)
+            w.feedback("sample", f[::-1])
+
+
+def test_evaluate_ranks_good_above_default_above_bad(tmp_path: Path) -> None:
+    p = tmp_path / "run.kmltrace"
+    record_sample_run(p, 20000, explore=0.3)
+    good = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    bad = traces.evaluate(p, models.save(models.sample_bad_model(), tmp_path / "bad.onnx"))
+    assert good.proxy == "sample" and good.joined == 20000
+    assert 0.55 < good.default_measured < 0.7  # the fixed window 8
+    assert good.model.coverage > 0.8 and good.model.efficiency > 0.9
+    assert good.gain > 0.25
+    assert bad.gain < -0.1
+    assert "gain +" in str(good) and "proxy sample" in str(good)
+    assert good.recorded_model_n > 0
+
+
+def test_evaluate_without_exploration_reports_low_coverage(tmp_path: Path) -> None:
+    p = tmp_path / "run.kmltrace"
+    record_sample_run(p, 5000, explore=0.0)
+    ev = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    assert ev.model.coverage < 0.3  # only window-8 cells were ever measured
+    assert ev.recorded_model_n == 0
+
+
+def test_evaluate_checks_the_model_contract(tmp_path: Path) -> None:
+    p = tmp_path / "run.kmltrace"
+    record_sample_run(p, 500, explore=0.1)
+    from kmlbus.registry import ModelContractError
+    with pytest.raises(ModelContractError, match="proxy sample"):
+        traces.evaluate(p, models.to_bytes(models.mismatched_model("width")))
+
+
+def test_evaluate_empty_trace(tmp_path: Path) -> None:
+    p = tmp_path / "e.kmltrace"
+    with TraceWriter(p, [sample_schema()]):
+        pass
+    with pytest.raises(TraceError, match="no telemetry or feedback"):
+        traces.evaluate(p, models.to_bytes(models.sample_good_model()))

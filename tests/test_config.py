@@ -175,3 +175,22 @@ def test_bind_without_bounds_uses_int32_range() -> None:
 @given(st.integers(min_value=1, max_value=60000))
 def test_any_legal_ttl_round_trips(ttl: int) -> None:
     assert cfg.loads(f"[bus]\nttl_ms = {ttl}\n").bus.ttl_ms == ttl
+
+
+def test_example_config_loads_binds_and_serves(tmp_path: Path) -> None:
+    import shutil
+
+    import numpy as np
+
+    from kmlbus import models
+    from kmlbus.registry import ModelRegistry
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "kmlbus.toml"
+    shutil.copy(example, tmp_path / "kmlbus.toml")
+    assert models.main([str(tmp_path / "models")]) == 0
+    c = cfg.load(tmp_path / "kmlbus.toml")
+    assert c.bus.ttl_ms == 200 and c.bus.trace is None
+    reg = ModelRegistry(c)
+    b = reg.bind(sample_schema())
+    assert b.feature_names == models.SAMPLE_FEATURES
+    np.testing.assert_allclose(reg.predict("sample", [[1.0, 0.0, 0.0]]), [64.0])

@@ -354,19 +354,29 @@ def _nest_codec(inner: str, tables: dict[str, dict[int, _AttrCodec]]) -> tuple[_
 
 
 def _decode_set(set_name: str, table: Mapping[int, _AttrCodec], buf: bytes, start: int, end: int) -> dict[str, Any]:
+    # The attribute walk of iter_attrs, inlined: this runs for every telemetry message.
     out: dict[str, Any] = {}
-    for nr, _flags, a, b in iter_attrs(buf, start, end):
+    off = start
+    unpack = _NLAHDR.unpack_from
+    while off + 4 <= end:
+        nla_len, nr = unpack(buf, off)
+        if nla_len < 4 or off + nla_len > end:
+            raise CodecError(f"{set_name}: attribute at offset {off}: length {nla_len} does not fit in {end - off} bytes")
+        nr &= NLA_TYPE_MASK
+        a, b = off + 4, off + nla_len
+        off += (nla_len + 3) & ~3
         c = table.get(nr)
         if c is None:
-            if nr and nr in _pad_numbers(set_name):
-                continue
-            out.setdefault("unknown", {})[nr] = bytes(buf[a:b])
+            if nr not in _pad_numbers(set_name):
+                out.setdefault("unknown", {})[nr] = bytes(buf[a:b])
             continue
         value = c.decode(buf, a, b)
         if c.attr.multi:
             out.setdefault(c.attr.name, []).append(value)
         else:
             out[c.attr.name] = value
+    if off < end:
+        raise CodecError(f"{set_name}: {end - off} trailing bytes after the last attribute")
     return out
 
 
@@ -510,16 +520,26 @@ def decode_one(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: in
             if family_id is not None and mtype != family_id:
                 msg.payload = bytes(buf[a + _GENLHDR.size:b])
             else:
-                sp = kspec.load()
-                o = sp.op_by_value.get(msg.cmd)
-                msg.op = o.name if o else ""
-                set_name = o.attr_set if o else sp.ops[0].attr_set
-                msg.attrs = _decode_set(set_name, _tables()[set_name], buf, a + _GENLHDR.size, b)
+                msg.op, set_name, table = _op_index().get(msg.cmd) or _unknown_op()
+                msg.attrs = _decode_set(set_name, table, buf, a + _GENLHDR.size, b)
     except CodecError:
         raise
     except (struct.error, ValueError, TypeError, IndexError) as e:  # defensive: never leak these
         raise CodecError(f"message type {mtype}: {e}") from e
     return msg
+
+
+@functools.lru_cache(maxsize=None)
+def _op_index() -> dict[int, tuple[str, str, dict[int, _AttrCodec]]]:
+    """genl command -> (op name, attribute set, its decode table)."""
+    return {o.value: (o.name, o.attr_set, _tables()[o.attr_set]) for o in kspec.load().ops}
+
+
+@functools.lru_cache(maxsize=None)
+def _unknown_op() -> tuple[str, str, dict[int, _AttrCodec]]:
+    """An unknown command still decodes, with the first operation's attribute set."""
+    set_name = kspec.load().ops[0].attr_set
+    return "", set_name, _tables()[set_name]
 
 
 @functools.lru_cache(maxsize=None)

@@ -101,7 +101,7 @@ def valid_message() -> st.SearchStrategy[bytes]:
 
 
 @pytest.mark.parametrize(("op", "which", "names"), op_lists(), ids=lambda x: x if isinstance(x, str) else None)
-@settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_every_operation_attribute_list_round_trips(op: str, which: str, names: tuple[str, ...], data: st.DataObject) -> None:
     o = SPEC.op_by_name[op]
@@ -116,14 +116,14 @@ def test_every_operation_attribute_list_round_trips(op: str, which: str, names: 
 
 
 @pytest.mark.parametrize("set_name", sorted(SPEC.attr_sets))
-@settings(max_examples=80)
+@settings(max_examples=80, deadline=None)
 @given(data=st.data())
 def test_every_attribute_set_round_trips(set_name: str, data: st.DataObject) -> None:
     attrs = data.draw(attrs_of(set_name, None))
     assert normalize(codec.decode_attrs(set_name, codec.encode_attrs(set_name, attrs))) == normalize(attrs)
 
 
-@settings(max_examples=50)
+@settings(max_examples=50, deadline=None)
 @given(msgs=st.lists(valid_message(), min_size=1, max_size=5))
 def test_several_messages_in_one_datagram_decode_in_order(msgs: list[bytes]) -> None:
     decoded = codec.decode_msg(b"".join(msgs))
@@ -146,13 +146,13 @@ def _decode_everything(data: bytes) -> None:
             pass
 
 
-@settings(max_examples=1500)
+@settings(max_examples=1500, deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes_raise_only_codec_error(data: bytes) -> None:
     _decode_everything(data)
 
 
-@settings(max_examples=1500)
+@settings(max_examples=1500, deadline=None)
 @given(st.data())
 def test_mutated_messages_raise_only_codec_error(data: st.DataObject) -> None:
     raw = bytearray(data.draw(valid_message()))
@@ -170,7 +170,7 @@ def test_mutated_messages_raise_only_codec_error(data: st.DataObject) -> None:
     _decode_everything(bytes(raw))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(attrs=st.data())
 def test_mutated_attributes_inside_a_valid_header_raise_only_codec_error(attrs: st.DataObject) -> None:
     # A well-formed nlmsghdr/genlmsghdr around garbage reaches the attribute decoders themselves.

@@ -1,0 +1,160 @@
+"""Measure the wire layer: raw socket vs pyroute2, numpy views vs per-record decoding.
+
+Why: DESIGN.md keeps pyroute2 for the control plane only and decodes the hot
+telemetry path with numpy views.  This benchmark checks that choice on the
+machine at hand.  Everything is measured in the same run and reported as
+ratios against the raw/numpy baseline, because absolute times differ a lot
+between the host and a TCG guest (ENVIRONMENT.md).
+
+- request/reply: ``CTRL_CMD_GETFAMILY("nlctrl")`` (a family every kernel
+  has) through :class:`kmlbus.netlink.GenlSocket` and through pyroute2's
+  ``GenericNetlinkSocket``; both send, wait for reply + ACK and parse.
+- decode: one telemetry message of ``batch`` sample records through
+  :func:`kmlbus.codec.decode_msg` (numpy view), through a pyroute2 genlmsg
+  class whose ``nla_map`` is built from the spec (records then viewed with
+  numpy, pyroute2's best case), and record by record with
+  ``struct.iter_unpack`` (what a pure-Python decoder would do).
+
+Run: ``python -m kmlbus.bench_wire``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from kmlbus import codec
+from kmlbus import netlink as nl
+from kmlbus import spec as kspec
+
+__all__ = ["run"]
+
+#: YNL attribute types -> pyroute2 nla types (the benchmark's adapter, not part of the bus).
+_PR2_TYPES = {
+    "u8": "uint8", "u16": "uint16", "u32": "uint32", "u64": "uint64",
+    "s8": "int8", "s16": "int16", "s32": "int32", "s64": "int64",
+    "string": "asciiz", "binary": "cdata", "nest": "cdata", "flag": "flag", "pad": "none",
+}
+
+
+def _timeit(fn: Callable[[], Any], n: int, rounds: int = 7) -> float:
+    """Median seconds per call of *fn* over *rounds* rounds of *n* calls."""
+    fn()  # warm up caches, lazy tables, the kernel's socket state
+    per: list[float] = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        per.append((time.perf_counter() - t0) / n)
+    return statistics.median(per)
+
+
+def _pyroute2_msg_class(sp: kspec.Spec, set_name: str) -> type:
+    """A pyroute2 genlmsg class for one attribute set, with its nla_map taken from the spec."""
+    from pyroute2.netlink import genlmsg
+
+    nla_map = tuple(
+        (a.value, "KMLBUS_A_%s_%s" % (set_name.upper(), a.name.upper().replace("-", "_")), _PR2_TYPES[a.type])
+        for a in sp.attr_sets[set_name].attrs
+    )
+    return type("kmlbus_%s_msg" % set_name, (genlmsg,), {"nla_map": nla_map})
+
+
+def _telemetry_message(sp: kspec.Spec, batch: int) -> bytes:
+    rng = np.random.default_rng(1)
+    recs = np.zeros(batch, dtype=sp.structs["sample"].dtype)
+    recs["seq"] = np.arange(1, batch + 1)
+    recs["key"] = rng.integers(0, 64, batch)
+    recs["features"][:, :3] = rng.integers(0, 64000, (batch, 3))
+    return codec.encode_msg(0x20, "telemetry", {"id": 1, "records": recs, "drops": 0}, seq=0, flags=0)
+
+
+def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool = True) -> dict[str, float]:
+    """Measure and return times (``*_us``, median microseconds) and ratios (``*_x``).
+
+    Ratios are the alternative's time over the baseline's, measured in this
+    same run: ``request_pyroute2_x`` (pyroute2 / raw request),
+    ``decode_pyroute2_x`` and ``decode_struct_x`` (over the numpy view).
+    """
+    sp = kspec.load()
+    out: dict[str, float] = {"batch": float(batch)}
+
+    # --- request/reply against nlctrl -------------------------------------------
+    with nl.GenlSocket() as raw:
+        out["request_raw_us"] = _timeit(lambda: raw.get_family("nlctrl"), requests) * 1e6
+
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, GenericNetlinkSocket, ctrlmsg
+
+    pr2 = GenericNetlinkSocket()
+    try:
+        pr2.bind("nlctrl", ctrlmsg)
+
+        def pr2_request() -> Any:
+            msg = ctrlmsg()
+            msg["cmd"] = CTRL_CMD_GETFAMILY
+            msg["version"] = 1
+            msg["attrs"].append(["CTRL_ATTR_FAMILY_NAME", "nlctrl"])
+            (reply,) = pr2.nlm_request(msg, msg_type=GENL_ID_CTRL, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+            return reply.get_attr("CTRL_ATTR_FAMILY_ID")
+
+        out["request_pyroute2_us"] = _timeit(pr2_request, max(requests // 5, 20)) * 1e6
+    finally:
+        pr2.close()
+
+    # --- decoding one telemetry batch -------------------------------------------
+    data = _telemetry_message(sp, batch)
+    dt = sp.structs["sample"].dtype
+
+    def numpy_view() -> Any:
+        (m,) = codec.decode_msg(data)
+        return codec.records(m.attrs)
+
+    cls = _pyroute2_msg_class(sp, "proxy")
+    rec_name = "KMLBUS_A_PROXY_RECORDS"
+
+    def pyroute2_decode() -> Any:
+        m = cls(data)
+        m.decode()
+        return np.frombuffer(m.get_attr(rec_name), dtype=dt)
+
+    fmt = sp.struct_format("sample")
+    import struct as _struct
+
+    rec_attr = sp.attr_sets["proxy"].by_name["records"].value
+
+    def struct_records() -> Any:
+        out: list[tuple[Any, ...]] = []
+        for _t, _fl, _s, _p, a, b in codec.iter_nlmsgs(data):
+            for nr, _f, pa, pb in codec.iter_attrs(data, a + 4, b):  # + genlmsghdr
+                if nr == rec_attr:
+                    out.extend(_struct.iter_unpack(fmt, data[pa:pb]))
+        return out
+
+    assert numpy_view().tobytes() == pyroute2_decode().tobytes()
+    assert len(struct_records()) == batch
+    out["decode_numpy_us"] = _timeit(numpy_view, decodes) * 1e6
+    out["decode_pyroute2_us"] = _timeit(pyroute2_decode, max(decodes // 10, 50)) * 1e6
+    out["decode_struct_us"] = _timeit(struct_records, max(decodes // 5, 50)) * 1e6
+    out["decode_numpy_ns_per_record"] = out["decode_numpy_us"] * 1e3 / batch
+
+    out["request_pyroute2_x"] = out["request_pyroute2_us"] / out["request_raw_us"]
+    out["decode_pyroute2_x"] = out["decode_pyroute2_us"] / out["decode_numpy_us"]
+    out["decode_struct_x"] = out["decode_struct_us"] / out["decode_numpy_us"]
+
+    if verbose:
+        print(f"request/reply (nlctrl getfamily): raw {out['request_raw_us']:.1f} us, "
+              f"pyroute2 {out['request_pyroute2_us']:.1f} us = {out['request_pyroute2_x']:.1f}x raw")
+        print(f"telemetry batch of {batch}: numpy view {out['decode_numpy_us']:.2f} us "
+              f"({out['decode_numpy_ns_per_record']:.0f} ns/record), "
+              f"pyroute2 {out['decode_pyroute2_us']:.1f} us = {out['decode_pyroute2_x']:.1f}x, "
+              f"struct per record {out['decode_struct_us']:.1f} us = {out['decode_struct_x']:.1f}x")
+    return out
+
+
+if __name__ == "__main__":
+    run()

@@ -58,7 +58,7 @@ from modes import graph as mgraph
 from modes.evidence import Evidence
 from modes.machine import ProxyModes
 
-__all__ = ["DUTIES", "Decision", "Duty", "Fault", "Policy", "duty"]
+__all__ = ["DUTIES", "Check", "Decision", "Duty", "Fault", "Policy", "duty"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,21 @@ class Decision:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Check:
+    """One guard measured now: the move it allows, whether it is met, and the numbers."""
+
+    name: str
+    target: str
+    met: bool
+    detail: str
+    values: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``met``, ``target`` and the values against their thresholds."""
+        return {"target": self.target, "met": self.met, **self.values}
+
+
 def _raised(x: float, margin: float) -> float:
     return x + margin * abs(x)
 
@@ -180,45 +195,26 @@ class Policy:
         """
         if modes.pinned is not None:
             return None
-        g = self.guards
+        for check in self.checks(modes, evidence, healthy=healthy):
+            if check.met:
+                return self._move(modes, evidence, check.target, check.detail)
+        return None
+
+    def checks(self, modes: ProxyModes, evidence: Evidence, *,
+               healthy: bool = True) -> list[Check]:
+        """The guards of the moves out of the proxy's mode, measured now.
+
+        :meth:`evaluate` takes the first one met; ``status`` shows them all.
+        """
         mode = modes.mode
         if mode == "emergency":
-            since = max(modes.entered_at, modes.last_fault_at or modes.entered_at)
-            quiet = self.clock() - since
-            if healthy and quiet >= g.cooldown_s:
-                return self._move(modes, evidence, "learning",
-                                  f"healthy for {quiet:.1f}s >= cool-down {g.cooldown_s}s")
-            return None
-        dflt, model = evidence.arm("default"), evidence.arm("model")
+            return [self._cooldown(modes, healthy)]
         if mode == "learning":
-            if self._mature(evidence):
-                m = evidence.maturity()
-                return self._move(modes, evidence, "collaboration",
-                                  f"shadow quality {m.quality:.3f} >= {g.maturity} "
-                                  f"over {m.decisions} decisions ({m.valid} valid shadows)")
-            return None
+            return [self._maturity(evidence)]
         if mode == "collaboration":
-            n = g.min_decisions
-            if dflt.count < n or model.count < n or dflt.mean is None or model.mean is None:
-                return None
-            if model.mean >= _raised(dflt.mean, g.promotion_margin):
-                return self._move(modes, evidence, "recommendation",
-                                  f"model {model.mean:.1f} >= default {dflt.mean:.1f} "
-                                  f"+{g.promotion_margin:.0%} over {model.count}/{dflt.count} decisions")
-            if model.mean < _lowered(dflt.mean, g.demotion_margin):
-                return self._move(modes, evidence, "learning",
-                                  f"model {model.mean:.1f} < default {dflt.mean:.1f} "
-                                  f"-{g.demotion_margin:.0%} over {model.count}/{dflt.count} decisions")
-            return None
+            return [self._promotion(evidence), self._demotion(evidence, collaboration=True)]
         if mode == "recommendation":
-            ref = self.reference(evidence)
-            if ref is None or model.count < g.min_decisions or model.mean is None:
-                return None
-            if model.mean < _lowered(ref, g.demotion_margin):
-                return self._move(modes, evidence, "learning",
-                                  f"model {model.mean:.1f} < reference default {ref:.1f} "
-                                  f"-{g.demotion_margin:.0%} over {model.count} decisions")
-            return None
+            return [self._demotion(evidence, collaboration=False)]
         raise mgraph.GraphError(f"policy has no rule for mode {mode!r}")
 
     def reference(self, evidence: Evidence) -> float | None:
@@ -258,49 +254,77 @@ class Policy:
 
     # -- visibility -----------------------------------------------------------------
 
-    def report(self, modes: ProxyModes, evidence: Evidence) -> dict[str, Any]:
-        """Evidence against the thresholds, as ``kmlbus status`` shows it."""
-        g = self.guards
+    def report(self, modes: ProxyModes, evidence: Evidence, *, healthy: bool = True) -> dict[str, Any]:
+        """Evidence against the thresholds (the snapshot stored with each decision)."""
         ev = evidence.summary()
-        dflt, model = evidence.arm("default"), evidence.arm("model")
-        m = evidence.maturity()
-        checks: dict[str, Any] = {}
-        if modes.mode == "emergency":
-            since = max(modes.entered_at, modes.last_fault_at or modes.entered_at)
-            checks["cooldown"] = {"quiet_s": round(self.clock() - since, 3), "threshold_s": g.cooldown_s}
-        elif modes.mode == "learning":
-            checks["maturity"] = {"quality": m.quality, "threshold": g.maturity,
-                                  "valid": m.valid, "min_decisions": g.min_decisions,
-                                  "estimated": m.estimated, "met": self._mature(evidence)}
-        elif modes.mode == "collaboration":
-            checks["promotion"] = {
-                "model": model.mean, "default": dflt.mean,
-                "threshold": None if dflt.mean is None else _raised(dflt.mean, g.promotion_margin),
-                "counts": [model.count, dflt.count], "min_decisions": g.min_decisions}
-            checks["demotion"] = {
-                "model": model.mean,
-                "threshold": None if dflt.mean is None else _lowered(dflt.mean, g.demotion_margin)}
-        else:
-            ref = self.reference(evidence)
-            checks["demotion"] = {
-                "model": model.mean, "reference_default": ref,
-                "threshold": None if ref is None else _lowered(ref, g.demotion_margin),
-                "count": model.count, "min_decisions": g.min_decisions}
-        ev["checks"] = checks
+        ev["checks"] = {c.name: c.as_dict() for c in self.checks(modes, evidence, healthy=healthy)}
         return ev
 
-    # -- internals --------------------------------------------------------------------
+    def status(self, modes: ProxyModes, evidence: Evidence, *, healthy: bool = True) -> dict[str, Any]:
+        """Everything ``kmlbus status`` shows for a proxy: mode, time in it, pin, last
+        reason and its evidence, and the live evidence against the thresholds."""
+        st = modes.status()
+        st["now"] = self.report(modes, evidence, healthy=healthy)
+        st["duty"] = asdict(duty(modes.mode))
+        return st
 
-    def _mature(self, evidence: Evidence) -> bool:
+    # -- guards --------------------------------------------------------------------------
+
+    def _quiet(self, modes: ProxyModes) -> float:
+        since = max(modes.entered_at, modes.last_fault_at or modes.entered_at)
+        return self.clock() - since
+
+    def _cooldown(self, modes: ProxyModes, healthy: bool) -> Check:
+        g = self.guards
+        quiet = self._quiet(modes)
+        return Check("cooldown", "learning", healthy and quiet >= g.cooldown_s,
+                     f"healthy for {quiet:.1f}s >= cool-down {g.cooldown_s}s",
+                     {"quiet_s": round(quiet, 3), "threshold_s": g.cooldown_s, "healthy": healthy})
+
+    def _maturity(self, evidence: Evidence) -> Check:
         g = self.guards
         m = evidence.maturity()
-        if m.quality < g.maturity or m.valid < g.min_decisions:
-            return False
-        if m.estimated is None:
-            return True
-        d = evidence.arm("default")
-        return (d.count >= g.min_decisions and d.mean is not None
-                and m.estimated >= _lowered(d.mean, g.demotion_margin))
+        met = m.quality >= g.maturity and m.valid >= g.min_decisions
+        values: dict[str, Any] = {"quality": m.quality, "threshold": g.maturity, "valid": m.valid,
+                                  "decisions": m.decisions, "min_decisions": g.min_decisions}
+        if m.estimated is not None:
+            d = evidence.arm("default")
+            floor = None if d.mean is None else _lowered(d.mean, g.demotion_margin)
+            values.update(estimated=m.estimated, estimated_floor=floor, default_count=d.count)
+            met = met and d.count >= g.min_decisions and floor is not None and m.estimated >= floor
+        return Check("maturity", "collaboration", met,
+                     f"shadow quality {m.quality:.3f} >= {g.maturity} over {m.decisions} "
+                     f"decisions ({m.valid} valid shadows)", values)
+
+    def _promotion(self, evidence: Evidence) -> Check:
+        g = self.guards
+        d, m = evidence.arm("default"), evidence.arm("model")
+        thr = None if d.mean is None else _raised(d.mean, g.promotion_margin)
+        enough = d.count >= g.min_decisions and m.count >= g.min_decisions
+        met = enough and thr is not None and m.mean is not None and m.mean >= thr
+        return Check("promotion", "recommendation", met,
+                     f"model {m.mean or 0:.1f} >= default {d.mean or 0:.1f} +{g.promotion_margin:.0%} "
+                     f"over {m.count}/{d.count} decisions",
+                     {"model": m.mean, "default": d.mean, "threshold": thr,
+                      "counts": {"model": m.count, "default": d.count}, "min_decisions": g.min_decisions})
+
+    def _demotion(self, evidence: Evidence, *, collaboration: bool) -> Check:
+        g = self.guards
+        d, m = evidence.arm("default"), evidence.arm("model")
+        if collaboration:
+            ref, label = d.mean, "default"
+            enough = d.count >= g.min_decisions and m.count >= g.min_decisions
+        else:
+            ref, label = self.reference(evidence), "reference default"
+            enough = m.count >= g.min_decisions
+        thr = None if ref is None else _lowered(ref, g.demotion_margin)
+        met = enough and thr is not None and m.mean is not None and m.mean < thr
+        return Check("demotion", "learning", met,
+                     f"model {m.mean or 0:.1f} < {label} {ref or 0:.1f} -{g.demotion_margin:.0%} "
+                     f"over {m.count} model decisions",
+                     {"model": m.mean, "reference_default" if not collaboration else "default": ref,
+                      "threshold": thr, "counts": {"model": m.count, "default": d.count},
+                      "min_decisions": g.min_decisions})
 
     def _move(self, modes: ProxyModes, evidence: Evidence, target: str, detail: str) -> Decision:
         trigger = self.graph.trigger_for(modes.mode, target)

@@ -363,3 +363,17 @@ def test_gate_honours_the_collaboration_share_statistically(share: int) -> None:
     tol = 5 * math.sqrt(p * (1 - p) / np.count_nonzero(fresh)) + 1e-12  # 5 sigma
     assert abs(got - p) <= tol
     assert not np.any((arm == A_M) & ~fresh)
+
+
+def test_status_shows_mode_time_reason_and_evidence_against_thresholds() -> None:
+    clk, pm, ev, pol, seq = setup("collaboration")
+    ev.add_feedback(feedback(seq.take(40), "default", 600))
+    ev.add_feedback(feedback(seq.take(10), "model", 900))
+    clk.t += 2.5
+    st_ = pol.status(pm, ev)
+    json.dumps(st_)
+    assert st_["mode"] == "collaboration" and st_["in_mode_s"] == 2.5
+    promo = st_["now"]["checks"]["promotion"]
+    assert promo["met"] is False and promo["threshold"] == pytest.approx(630)
+    assert promo["counts"] == {"model": 10, "default": 40} and promo["min_decisions"] == 20
+    assert st_["now"]["arms"]["default"]["mean"] == 600 and st_["duty"]["recommend"] is True

@@ -194,3 +194,20 @@ def test_example_config_loads_binds_and_serves(tmp_path: Path) -> None:
     b = reg.bind(sample_schema())
     assert b.feature_names == models.SAMPLE_FEATURES
     np.testing.assert_allclose(reg.predict("sample", [[1.0, 0.0, 0.0]]), [64.0])
+
+
+MODEL_SIDE = ["kmlbus/config.py", "kmlbus/registry.py", "kmlbus/dispatcher.py",
+              "kmlbus/models.py", "kmlbus/learner.py", "kmlbus/traces.py"]
+
+
+def test_model_side_modules_pass_mypy_strict() -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    if subprocess.run([sys.executable, "-m", "mypy", "--version"],
+                      capture_output=True).returncode:
+        pytest.skip("mypy is not installed")
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
+                        *MODEL_SIDE], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

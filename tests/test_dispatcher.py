@@ -194,7 +194,7 @@ def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
     r["key"] = [k for k, _ in pairs]
     r["seq"] = [s for _, s in pairs]
     idx = latest_per_key(r)
-    want = {}
+    want: dict[int, int] = {}
     for k, s in pairs:
         want[k] = max(want.get(k, -1), s)
     assert {int(r["key"][i]): int(r["seq"][i]) for i in idx} == want

@@ -43,7 +43,8 @@ def test_linear_model_matches_numpy(w: list[float], b: float, n: int) -> None:
     x = np.random.default_rng(n).uniform(-1, 1, (n, len(w))).astype(np.float32)
     got = run(models.linear_model(w, b), x)
     assert got.shape == (n, 1)
-    np.testing.assert_allclose(got[:, 0], x @ np.float32(w) + np.float32(b), rtol=1e-4, atol=1e-3)
+    want = x @ np.asarray(w, dtype=np.float32) + np.float32(b)
+    np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-3)
 
 
 def test_linear_model_rejects_wrong_width() -> None:

@@ -211,3 +211,11 @@ def test_model_side_modules_pass_mypy_strict() -> None:
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
                         *MODEL_SIDE], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_schema_survives_the_wire_codec() -> None:
+    from kmlbus import codec
+
+    s = sample_schema()
+    wire = codec.encode_attrs("proxy", s.to_attrs())
+    assert ProxySchema.from_attrs(codec.decode_attrs("proxy", wire)) == s

@@ -198,3 +198,12 @@ def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
     for k, s in pairs:
         want[k] = max(want.get(k, -1), s)
     assert {int(r["key"][i]): int(r["seq"][i]) for i in idx} == want
+
+
+def test_records_decoded_by_the_codec_are_accepted() -> None:
+    from kmlbus import codec
+
+    wire = codec.encode_attrs("proxy", {"id": 1, "records": samples([0, 1], [0, 1000])})
+    decoded = codec.decode_attrs("proxy", wire)["records"]
+    out = dispatcher(GOOD).handle_telemetry("sample", decoded)
+    assert out["value"].tolist() == [1, 64]

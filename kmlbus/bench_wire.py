@@ -53,15 +53,63 @@ def _timeit(fn: Callable[[], Any], n: int, rounds: int = 7) -> float:
     return statistics.median(per)
 
 
+def _pr2_name(set_name: str, attr: str) -> str:
+    return "KMLBUS_A_%s_%s" % (set_name.upper(), attr.upper().replace("-", "_"))
+
+
+def _pyroute2_nla_map(sp: kspec.Spec, set_name: str, base: type, cls_attrs: dict[str, Any]) -> tuple[Any, ...]:
+    """nla_map of one attribute set, taken from the spec; nests become nested nla classes."""
+    from pyroute2.netlink import nla
+
+    out = []
+    for a in sp.attr_sets[set_name].attrs:
+        kind = _PR2_TYPES[a.type]
+        if a.type == "nest":
+            kind = "nest_" + a.nested.replace("-", "_")
+            if kind not in cls_attrs:
+                inner: dict[str, Any] = {}
+                inner["nla_map"] = _pyroute2_nla_map(sp, a.nested, nla, inner)
+                cls_attrs[kind] = type(kind, (nla,), inner)
+        out.append((a.value, _pr2_name(set_name, a.name), kind))
+    return tuple(out)
+
+
 def _pyroute2_msg_class(sp: kspec.Spec, set_name: str) -> type:
     """A pyroute2 genlmsg class for one attribute set, with its nla_map taken from the spec."""
     from pyroute2.netlink import genlmsg
 
-    nla_map = tuple(
-        (a.value, "KMLBUS_A_%s_%s" % (set_name.upper(), a.name.upper().replace("-", "_")), _PR2_TYPES[a.type])
-        for a in sp.attr_sets[set_name].attrs
-    )
-    return type("kmlbus_%s_msg" % set_name, (genlmsg,), {"nla_map": nla_map})
+    attrs: dict[str, Any] = {}
+    attrs["nla_map"] = _pyroute2_nla_map(sp, set_name, genlmsg, attrs)
+    return type("kmlbus_%s_msg" % set_name, (genlmsg,), attrs)
+
+
+def _kmlbus_requests(sp: kspec.Spec, requests: int, proxy: str) -> dict[str, float]:
+    """``get`` of one proxy through Connection and through pyroute2 (needs kmlbus.ko)."""
+    from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    out: dict[str, float] = {}
+    with nl.Connection() as conn:
+        out["kmlbus_get_raw_us"] = _timeit(lambda: conn.proxy(proxy), requests) * 1e6
+    cls = _pyroute2_msg_class(sp, "proxy")
+    get = sp.op_by_name["get"].value
+    pr2 = GenericNetlinkSocket()
+    try:
+        pr2.bind(sp.name, cls)
+
+        def pr2_get() -> Any:
+            msg = cls()
+            msg["cmd"] = get
+            msg["version"] = sp.version
+            msg["attrs"].append([_pr2_name("proxy", "name"), proxy])
+            (reply,) = pr2.nlm_request(msg, msg_type=pr2.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+            return reply.get_attr(_pr2_name("proxy", "nkeys"))
+
+        out["kmlbus_get_pyroute2_us"] = _timeit(pr2_get, max(requests // 5, 20)) * 1e6
+    finally:
+        pr2.close()
+    out["kmlbus_get_pyroute2_x"] = out["kmlbus_get_pyroute2_us"] / out["kmlbus_get_raw_us"]
+    return out
 
 
 def _telemetry_message(sp: kspec.Spec, batch: int) -> bytes:
@@ -73,12 +121,15 @@ def _telemetry_message(sp: kspec.Spec, batch: int) -> bytes:
     return codec.encode_msg(0x20, "telemetry", {"id": 1, "records": recs, "drops": 0}, seq=0, flags=0)
 
 
-def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool = True) -> dict[str, float]:
+def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool = True,
+        proxy: str = "sample") -> dict[str, float]:
     """Measure and return times (``*_us``, median microseconds) and ratios (``*_x``).
 
     Ratios are the alternative's time over the baseline's, measured in this
     same run: ``request_pyroute2_x`` (pyroute2 / raw request),
     ``decode_pyroute2_x`` and ``decode_struct_x`` (over the numpy view).
+    When kmlbus.ko is loaded and has proxy *proxy*, ``kmlbus_get_*`` time a
+    real ``get`` both ways too.
     """
     sp = kspec.load()
     out: dict[str, float] = {"batch": float(batch)}
@@ -146,7 +197,16 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
     out["decode_pyroute2_x"] = out["decode_pyroute2_us"] / out["decode_numpy_us"]
     out["decode_struct_x"] = out["decode_struct_us"] / out["decode_numpy_us"]
 
+    try:
+        out.update(_kmlbus_requests(sp, requests, proxy))
+    except nl.KmlbusError as e:  # no module (the host) or no such proxy: nlctrl numbers only
+        if verbose:
+            print(f"kmlbus get not measured: {e}")
+
     if verbose:
+        if "kmlbus_get_raw_us" in out:
+            print(f"kmlbus get {proxy!r}: raw {out['kmlbus_get_raw_us']:.1f} us, pyroute2 "
+                  f"{out['kmlbus_get_pyroute2_us']:.1f} us = {out['kmlbus_get_pyroute2_x']:.1f}x raw")
         print(f"request/reply (nlctrl getfamily): raw {out['request_raw_us']:.1f} us, "
               f"pyroute2 {out['request_pyroute2_us']:.1f} us = {out['request_pyroute2_x']:.1f}x raw")
         print(f"telemetry batch of {batch}: numpy view {out['decode_numpy_us']:.2f} us "

@@ -377,14 +377,22 @@ class GenlSocket:
 
 
 def _bad_attr_name(request: bytes, offset: int, set_name: str) -> str:
-    """Name the top-level attribute of *request* that extack offset *offset* points into."""
+    """Name the top-level attribute of *request* that extack offset *offset* points into.
+
+    For a struct array (e.g. ``recs``) an offset inside the payload also names
+    the entry: ``recs[3]``.
+    """
     sp = kspec.load()
     base = 16 + 4  # nlmsghdr + genlmsghdr
     try:
         for nr, _f, a, b in codec.iter_attrs(request, base, len(request)):
             if a - 4 <= offset < b:
                 attr = sp.attr_sets[set_name].by_value.get(nr)
-                return attr.name if attr else f"#{nr}"
+                if attr is None:
+                    return f"#{nr}"
+                if attr.struct and offset >= a:
+                    return f"{attr.name}[{(offset - a) // sp.structs[attr.struct].size}]"
+                return attr.name
     except CodecError:
         pass
     return ""

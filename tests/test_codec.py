@@ -146,13 +146,13 @@ def _decode_everything(data: bytes) -> None:
             pass
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=600))
 def test_random_bytes_raise_only_codec_error(data: bytes) -> None:
     _decode_everything(data)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.data())
 def test_mutated_messages_raise_only_codec_error(data: st.DataObject) -> None:
     raw = bytearray(data.draw(valid_message()))

@@ -5,7 +5,7 @@ waiting for user space: it reads slot *key* of its recommendation table and,
 by mode, lets the model's value or the default algorithm decide.  This module
 is that rule in plain Python, for the user-space stand-in of a proxy, for
 offline replay of traces, and as the oracle the property tests hold the
-kernel to.  Semantics (``/work/briefs/common.md``, DESIGN.md):
+kernel to.  Semantics (DESIGN.md, "Kernel proxy semantics" and the modes table):
 
 * a fresh recommendation is available to the gate, clamped to the
   recommendation field's ``[min, max]`` (flag ``clamped`` when that changed

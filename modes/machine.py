@@ -16,11 +16,14 @@ Who moves a proxy, and how each move is recorded (:attr:`TransitionRecord.origin
     with :meth:`ProxyModes.apply`.  Suspended while the proxy is pinned.
 ``fault``
     A move to emergency proposed by ``Policy.fault``.  Safety first: a fault
-    reaches emergency even through a pin.  A pin to emergency is kept (the
-    fault agrees with it); a pin to any other mode is cleared, because
-    holding the operator's choice after the bus judged it unsafe would hide
-    the fault, and silently re-entering the pinned mode after recovery would
-    undo it.  The clearing is logged at WARNING and kept in the history.
+    reaches emergency even through a pin.  The pin is *kept*: the operator
+    took charge of the proxy, so after the fault it stays in emergency
+    (automatic recovery is suspended like every automatic move) until the
+    operator pins again (which walks back to the pinned mode) or unpins
+    (which hands the proxy back to the policy, starting with the cool-down).
+    Re-entering the pinned mode by itself would undo the fault; forgetting
+    the pin would let the policy take over a proxy the operator holds.  The
+    event is logged at WARNING and :attr:`ProxyModes.pin_broken` says so.
 ``operator``
     :meth:`ProxyModes.pin` / :meth:`ProxyModes.set_mode` (``kmlbus mode``).
     A target more than one edge away is reached along the shortest path of
@@ -32,8 +35,10 @@ Who moves a proxy, and how each move is recorded (:attr:`TransitionRecord.origin
     kernel is the authority on the mode actually applied, so this always
     succeeds: through the graph's edge when there is one, otherwise (events
     lost to a socket overrun) by resynchronising the machine's state with a
-    WARNING.  A kernel move away from the pinned mode clears the pin.  These
-    records have ``mirror`` False: the daemon must not send them back.
+    WARNING.  A kernel fall to emergency is a fault (the pin is kept, as
+    above); a kernel move to any other mode than the pinned one means someone
+    else set the mode, and clears the pin.  These records have ``mirror``
+    False: the daemon must not send them back.
 
 Every record with ``mirror`` True must be sent to the kernel by the daemon
 (``set-mode``); listeners registered with :meth:`ProxyModes.subscribe` are
@@ -218,6 +223,11 @@ class ProxyModes:
         """The most recent transition, or None."""
         return self._history[-1] if self._history else None
 
+    @property
+    def pin_broken(self) -> bool:
+        """True when a fault took the pinned proxy to emergency (it waits for the operator)."""
+        return self.pinned is not None and self.mode != self.pinned
+
     def time_in_mode(self) -> float:
         """Seconds (clock units) since the current mode was entered."""
         return self.clock() - self.entered_at
@@ -229,6 +239,7 @@ class ProxyModes:
             "mode": self.mode,
             "in_mode_s": round(self.time_in_mode(), 3),
             "pinned": self.pinned,
+            "pin_broken": self.pin_broken,
             "reason": self.reason,
             "detail": self.detail,
             "evidence": self.evidence,
@@ -259,14 +270,17 @@ class ProxyModes:
                           self.proxy, self.pinned, decision.source, decision.target)
                 return None
             if self.pinned != decision.target:
-                log.warning("proxy %s: pin to %s cleared by fault: %s",
-                            self.proxy, self.pinned, decision.detail)
-                self.pinned = None
+                log.warning("proxy %s: fault overrides the pin to %s: %s; held in %s until "
+                            "re-pinned or unpinned", self.proxy, self.pinned, decision.detail,
+                            decision.target)
         origin: Origin = "fault" if decision.is_fault else "policy"
         return self._step(decision.target, decision.reason, decision.detail, origin, decision.evidence)
 
     def pin(self, mode: str, detail: str = "operator pin") -> list[TransitionRecord]:
-        """Move to *mode* (edge by edge) and hold it against automatic moves until :meth:`unpin`."""
+        """Move to *mode* (edge by edge) and hold it against automatic moves until :meth:`unpin`.
+
+        Pinning the mode already pinned walks back to it after a fault.
+        """
         records = self._walk(mode, detail, ignore_pin=True)
         self.pinned = mode
         log.info("proxy %s: pinned to %s", self.proxy, mode)
@@ -296,9 +310,13 @@ class ProxyModes:
         if mode == self.mode:
             return None
         if self.pinned is not None and self.pinned != mode:
-            log.warning("proxy %s: pin to %s cleared: kernel moved the proxy to %s (%s)",
-                        self.proxy, self.pinned, mode, reason)
-            self.pinned = None
+            if mode == "emergency":
+                log.warning("proxy %s: kernel fallback (%s) overrides the pin to %s; held in "
+                            "emergency until re-pinned or unpinned", self.proxy, reason, self.pinned)
+            else:
+                log.warning("proxy %s: pin to %s cleared: kernel moved the proxy to %s (%s)",
+                            self.proxy, self.pinned, mode, reason)
+                self.pinned = None
         detail = detail or f"kernel: {reason}"
         if self.graph.is_allowed(self.mode, mode):
             return self._step(mode, reason, detail, "kernel", {})

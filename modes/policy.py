@@ -165,7 +165,11 @@ def _lowered(x: float, margin: float) -> float:
 
 
 class Policy:
-    """The automatic mode rules over a graph's guards (see module doc)."""
+    """The automatic mode rules over a graph's guards (see module doc).
+
+    *clock* must be the clock the proxies' :class:`ProxyModes` use: the
+    cool-down compares it with their ``entered_at`` and ``last_fault_at``.
+    """
 
     def __init__(self, graph: mgraph.Graph | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:

@@ -207,7 +207,9 @@ class ModeMachine(RuleBasedStateMachine):
 
     @invariant()
     def pin_holds(self) -> None:
-        assert self.pm.pinned is None or self.pm.pinned == self.pm.mode
+        # A pinned proxy is in its pinned mode, or was taken to emergency by a fault.
+        assert self.pm.pinned is None or self.pm.mode in (self.pm.pinned, "emergency")
+        assert self.pm.pin_broken == (self.pm.pinned not in (None, self.pm.mode))
 
     @invariant()
     def history_uses_only_graph_edges(self) -> None:

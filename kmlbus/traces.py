@@ -37,7 +37,7 @@ import numpy.typing as npt
 from . import spec as _spec
 from .config import ConfigError, ProxyConfig, ProxySchema, bind
 from .dispatcher import features_to_float, to_fixed
-from .learner import EfficiencyTable, Estimate
+from .learner import EfficiencyTable, Estimate, Learner
 from .registry import ModelError, check_session, make_session
 
 __all__ = [
@@ -52,9 +52,12 @@ __all__ = [
     "TraceWriter",
     "VERSION",
     "evaluate",
+    "learn",
+    "main",
     "open_trace",
     "read_header",
     "replay",
+    "summary",
 ]
 
 FORMAT = "kmlbus-trace"
@@ -347,6 +350,54 @@ def replay(path: str | os.PathLike[str]) -> Iterator[TraceEvent]:
 # Offline evaluation
 
 
+def _collect(path: str | os.PathLike[str], proxy: str | None
+             ) -> tuple[TraceReader, str, ProxySchema, npt.NDArray[np.void], npt.NDArray[np.void]]:
+    """All telemetry and feedback of one proxy (default: the first one recorded)."""
+    reader = open_trace(path)
+    tel: list[npt.NDArray[np.void]] = []
+    fb: list[npt.NDArray[np.void]] = []
+    for ev in reader:
+        if proxy is None and ev.kind in ("telemetry", "feedback"):
+            proxy = ev.proxy
+        if ev.proxy != proxy:
+            continue
+        if ev.kind == "telemetry":
+            tel.append(ev.data)
+        elif ev.kind == "feedback":
+            fb.append(ev.data)
+    if proxy is None:
+        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
+    schema = reader.schemas.get(proxy)
+    if schema is None:
+        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
+    sp = _spec.load()
+    sample_dt, fb_dt = sp.structs["sample"].dtype, sp.structs["feedback"].dtype
+    try:
+        t = np.concatenate(tel).astype(sample_dt) if tel else np.zeros(0, sample_dt)
+        f = np.concatenate(fb).astype(fb_dt) if fb else np.zeros(0, fb_dt)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"{reader.path}: recorded structs do not convert to this spec: {e}") \
+            from None
+    return reader, proxy, schema, t, f
+
+
+def learn(path: str | os.PathLike[str], *, proxy: str | None = None,
+          config: ProxyConfig | None = None, **learner_options: Any) -> Learner:
+    """A :class:`~kmlbus.learner.Learner` fed with every decision of a recorded trace.
+
+    ``learn(path).fit()`` fits a model offline from a run recorded in
+    learning mode (with exploration); :func:`evaluate` then estimates it.
+    """
+    _, proxy, schema, t, f = _collect(path, proxy)
+    learner = Learner(bind(schema, config), **learner_options)
+    # join here rather than through observe_*: a whole trace exceeds the pending buffers
+    _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
+    fs = f[fi]
+    learner.add(features_to_float(t[ti], learner.binding), fs["decision"], fs["efficiency"],
+                fs["arm"])
+    return learner
+
+
 @dataclass(frozen=True)
 class Evaluation:
     """A model's estimated efficiency on a trace, against the recorded default.
@@ -398,32 +449,8 @@ def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str]
     the default, which is why learning mode explores.  The default is reported
     as measured (all default-arm feedback) and as measured on the covered samples.
     """
-    reader = open_trace(path)
-    tel: list[npt.NDArray[np.void]] = []
-    fb: list[npt.NDArray[np.void]] = []
-    for ev in reader:
-        if proxy is None and ev.kind in ("telemetry", "feedback"):
-            proxy = ev.proxy
-        if ev.proxy != proxy:
-            continue
-        if ev.kind == "telemetry":
-            tel.append(ev.data)
-        elif ev.kind == "feedback":
-            fb.append(ev.data)
-    if proxy is None:
-        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
-    schema = reader.schemas.get(proxy)
-    if schema is None:
-        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
+    reader, proxy, schema, t, f = _collect(path, proxy)
     sp = _spec.load()
-    t = np.concatenate(tel) if tel else np.zeros(0, sp.structs["sample"].dtype)
-    f = np.concatenate(fb) if fb else np.zeros(0, sp.structs["feedback"].dtype)
-    try:
-        t = t.astype(sp.structs["sample"].dtype)
-        f = f.astype(sp.structs["feedback"].dtype)
-    except (TypeError, ValueError) as e:
-        raise TraceError(f"{reader.path}: recorded structs do not convert to this spec: {e}") \
-            from None
     b = bind(schema, config)
     _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
     ts, fs = t[ti], f[fi]
@@ -468,3 +495,86 @@ def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str]
                            float(dmask.mean()), int(dmask.sum()))
     return Evaluation(proxy, len(t), len(f), len(ts), model_est, default_measured,
                       int(is_def.sum()), default_est, rec_model, int((~is_def).sum()))
+
+
+# --------------------------------------------------------------------------
+# Command line: python -m kmlbus.traces {show,evaluate,fit}
+
+
+def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Counts per proxy and kind, rows, and the time span of a trace."""
+    reader = open_trace(path)
+    per: dict[str, dict[str, list[int]]] = {}
+    first = last = None
+    for ev in reader:
+        c = per.setdefault(ev.proxy, {}).setdefault(ev.kind, [0, 0])
+        c[0] += 1
+        c[1] += len(ev.data)
+        first = ev.ts if first is None else first
+        last = ev.ts
+    return {
+        "path": str(reader.path), "version": reader.header.version,
+        "spec_version": reader.header.spec_version, "proxies": sorted(reader.schemas),
+        "batches": {p: {k: {"batches": v[0], "rows": v[1]} for k, v in kinds.items()}
+                    for p, kinds in per.items()},
+        "span_s": 0.0 if first is None or last is None else (last - first) / 1e9,
+    }
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """``python -m kmlbus.traces``: show a trace, evaluate a model on it, fit one from it."""
+    import argparse
+    import json
+    import sys
+
+    from . import config as _config
+    from .registry import ModelError as _ModelError
+
+    ap = argparse.ArgumentParser(prog="python -m kmlbus.traces",
+                                 description="Inspect kmlbus traces, evaluate and fit models.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("show", help="counts per proxy and kind")
+    s.add_argument("trace")
+    for name, hlp in (("evaluate", "estimate a model's efficiency on the trace"),
+                      ("fit", "fit a linear model from the trace's feedback")):
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("trace")
+        s.add_argument("model", help="ONNX model to evaluate" if name == "evaluate"
+                       else "where to write the fitted ONNX model")
+        s.add_argument("--proxy", help="proxy name (default: the first recorded)")
+        s.add_argument("--config", help="bus TOML whose [proxy.<name>] binding to use")
+    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.cmd == "show":
+            print(json.dumps(summary(args.trace), indent=2))
+            return 0
+        pc = None
+        if args.config:
+            c = _config.load(args.config)
+            pname = args.proxy or next(iter(c.proxies), None)
+            pc = c.proxies.get(pname) if pname else None
+        if args.cmd == "evaluate":
+            print(evaluate(args.trace, args.model, proxy=args.proxy, config=pc))
+            return 0
+        learner = learn(args.trace, proxy=args.proxy, config=pc)
+        fit = learner.fit()
+        if fit is None:
+            print(f"{args.trace}: only {learner.n_samples} joined decisions; need 256 to fit")
+            return 1
+        from . import models as _models
+        out = Path(args.model)
+        _models.save(_models.linear_model(
+            fit.weights, fit.bias, learner.binding.n_features,
+            input_name=learner.binding.input_name or _models.INPUT_NAME,
+            output_name=learner.binding.output_name or _models.OUTPUT_NAME), out)
+        print(f"{out}: weights {[round(w, 4) for w in fit.weights]} bias {fit.bias:.4f} "
+              f"({learner.binding.feature_names}) from {fit.n_samples} decisions")
+        print(evaluate(args.trace, out, proxy=learner.binding.proxy, config=pc))
+        return 0
+    except (TraceError, _ModelError, _config.ConfigError) as e:
+        print(f"kmlbus traces: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

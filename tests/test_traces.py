@@ -237,3 +237,41 @@ def test_evaluate_empty_trace(tmp_path: Path) -> None:
         pass
     with pytest.raises(TraceError, match="no telemetry or feedback"):
         traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+
+
+def test_learn_offline_from_a_trace_then_evaluate(tmp_path: Path) -> None:
+    p = tmp_path / "run.kmltrace"
+    record_sample_run(p, 20000, explore=0.1)
+    learner = traces.learn(p)
+    assert learner.n_samples == 20000
+    fit = learner.fit()
+    assert fit is not None
+    ev = traces.evaluate(p, fit.to_onnx(learner.binding))
+    assert ev.gain > 0.25
+
+
+def test_cli_show_evaluate_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    p = tmp_path / "run.kmltrace"
+    record_sample_run(p, 5000, explore=0.3)
+    assert traces.main(["show", str(p)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["proxies"] == ["sample"]
+    assert shown["batches"]["sample"]["telemetry"] == {"batches": 20, "rows": 5000}
+
+    good = models.save(models.sample_good_model(), tmp_path / "good.onnx")
+    assert traces.main(["evaluate", str(p), str(good)]) == 0
+    assert "gain +" in capsys.readouterr().out
+
+    out = tmp_path / "fitted.onnx"
+    (tmp_path / "bus.toml").write_text('[proxy.sample]\nfeatures = ["seq_ratio"]\n')
+    assert traces.main(["fit", str(p), str(out), "--config", str(tmp_path / "bus.toml")]) == 0
+    text = capsys.readouterr().out
+    assert "('seq_ratio',)" in text and "gain +" in text
+    assert out.exists()
+
+    p.write_bytes(p.read_bytes()[:100])
+    assert traces.main(["evaluate", str(p), str(good)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kmlbus traces: ") and "offset" in err

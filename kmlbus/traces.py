@@ -22,6 +22,7 @@ object that could not be read.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -68,6 +69,7 @@ KINDS = {"telemetry": "sample", "feedback": "feedback", "recs": "rec", "mode": "
 MODE_EVENT_DTYPE: np.dtype[np.void] = np.dtype(
     [("mode", "<u4"), ("old_mode", "<u4"), ("reason", "<u4")])
 _MAX_OBJECT = 64 << 20  # no single record may claim more (the kernel's batches are tiny)
+log = logging.getLogger(__name__)
 
 
 class TraceError(ValueError):
@@ -102,31 +104,48 @@ def _dtype_from_descr(raw: Any) -> np.dtype[np.void]:
 
 
 class TraceWriter:
-    """Append batches to a new trace file (context manager).
+    """Write batches to a trace file (context manager).
 
     One writer per file; each ``write`` is one msgpack object, buffered and
-    flushed on :meth:`flush`/:meth:`close`.  The daemon opens it on
-    ``[bus] trace`` and calls :meth:`telemetry`, :meth:`feedback`,
-    :meth:`recs` and :meth:`mode` as batches pass through.
+    flushed at least every ``flush_s`` seconds and on :meth:`close`.  The
+    daemon opens it on ``[bus] trace`` and calls :meth:`telemetry`,
+    :meth:`feedback`, :meth:`recs` and :meth:`mode` as batches pass through.
+
+    With ``append=True`` an existing trace is continued: its header must
+    describe the same struct layouts, and a record cut short by a crash is
+    cut off first (the trace before it stays valid).  Otherwise the file is
+    replaced.
     """
 
     def __init__(self, path: str | os.PathLike[str],
-                 schemas: Iterable[ProxySchema] | Mapping[str, ProxySchema] = ()) -> None:
+                 schemas: Iterable[ProxySchema] | Mapping[str, ProxySchema] = (), *,
+                 append: bool = False, flush_s: float = 1.0) -> None:
         self.path = Path(path)
-        items = schemas.values() if isinstance(schemas, Mapping) else schemas
-        self._schemas = {s.name: s for s in items}
+        items = list(schemas.values() if isinstance(schemas, Mapping) else schemas)
         self._dtypes = _struct_dtypes()
-        self._f: BinaryIO = open(self.path, "wb")
         self._packer = msgpack.Packer(use_bin_type=True)
+        self._flush_s = flush_s
+        self._last_flush = time.monotonic()
+        self.records = 0
+        if append and self.path.exists() and self.path.stat().st_size > 0:
+            known, end = _resume_point(self.path, self._dtypes)
+            self._schemas = dict(known)
+            self._f: BinaryIO = open(self.path, "r+b")
+            self._f.truncate(end)
+            self._f.seek(end)
+            for sch in items:
+                self.add_schema(sch)
+            return
+        self._schemas = {sch.name: sch for sch in items}
+        self._f = open(self.path, "wb")
         sp = _spec.load()
         header = {
             "format": FORMAT, "version": VERSION, "family": sp.name,
             "spec_version": sp.version, "created_ns": time.time_ns(),
             "structs": {k: _descr(v) for k, v in self._dtypes.items()},
-            "schemas": {n: s.to_attrs() for n, s in self._schemas.items()},
+            "schemas": {n: sch.to_attrs() for n, sch in self._schemas.items()},
         }
         self._f.write(self._packer.pack(header))
-        self.records = 0
 
     def add_schema(self, schema: ProxySchema) -> None:
         """Record a proxy that appeared after the trace was opened."""
@@ -140,6 +159,10 @@ class TraceWriter:
                "data": data}
         self._f.write(self._packer.pack(rec))
         self.records += 1
+        now = time.monotonic()
+        if now - self._last_flush >= self._flush_s:
+            self._f.flush()
+            self._last_flush = now
 
     def write(self, kind: str, proxy: str, array: npt.NDArray[np.void],
               ts: int | None = None) -> None:
@@ -181,6 +204,27 @@ class TraceWriter:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _resume_point(path: Path, dtypes: Mapping[str, np.dtype[np.void]]
+                  ) -> tuple[dict[str, ProxySchema], int]:
+    """Schemas known to an existing trace and the offset after its last whole record."""
+    reader = open_trace(path)
+    for k, dt in dtypes.items():
+        if reader.header.dtypes.get(k) != dt:
+            reader.close()
+            raise TraceError(f"{path}: cannot append: the trace's struct {k} layout differs "
+                             "from this kmlbus (start a new trace)")
+    try:
+        for _ in reader:
+            pass
+    except TraceError as e:
+        if "truncated" not in str(e):
+            raise
+        log.warning("%s: dropping a partial record at offset %d before appending",
+                    path, reader._offset)
+    # the reader stops at the end of the last whole object, schema records included
+    return dict(reader.schemas), reader._offset
 
 
 # --------------------------------------------------------------------------

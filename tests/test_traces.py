@@ -275,3 +275,38 @@ def test_cli_show_evaluate_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert traces.main(["evaluate", str(p), str(good)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kmlbus traces: ") and "offset" in err
+
+
+def test_append_continues_a_trace_and_cuts_a_partial_record(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    sent = write_small(p)
+    whole = p.stat().st_size
+    with open(p, "ab") as f:  # a crash mid-record
+        f.write(msgpack.packb({"kind": "recs", "ts": 9, "proxy": "sample",
+                               "data": b"\x00" * 12}, use_bin_type=True)[:-5])
+    other = ProxySchema("other", (FieldSchema("a", 10),), FieldSchema("r", 1, 0, 9), 4)
+    with TraceWriter(p, [sample_schema(), other], append=True) as w:
+        w.telemetry("sample", sent["telemetry"], ts=10)
+    assert p.stat().st_size > whole
+    r = traces.open_trace(p)
+    evs = list(r)
+    assert [e.ts for e in evs] == [1, 2, 3, 4, 10]
+    assert set(r.schemas) == {"sample", "other"}
+    np.testing.assert_array_equal(evs[-1].data, sent["telemetry"])
+
+
+def test_append_refuses_a_foreign_layout(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    hdr = {"format": "kmlbus-trace", "version": 1, "structs": {"sample": [["seq", "<u8"]]},
+           "schemas": {}}
+    p.write_bytes(msgpack.packb(hdr))
+    with pytest.raises(TraceError, match="cannot append: the trace's struct"):
+        TraceWriter(p, append=True)
+
+
+def test_new_writer_replaces_an_existing_file(tmp_path: Path) -> None:
+    p = tmp_path / "t.kmltrace"
+    write_small(p)
+    with TraceWriter(p):
+        pass
+    assert list(traces.replay(p)) == []

@@ -228,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # transitions logs every callback at INFO/DEBUG; our machine logs each move itself.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     try:
         return int(args.func(args))
     except netlink.ModuleNotLoaded as e:

@@ -23,6 +23,7 @@ pins, and writes its state file for ``kmlbus status``.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as errno_mod
 import logging
 import os
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 TICK_S = 0.1
 #: Seconds between health checks, model file polls and state file writes.
 HOUSEKEEPING_S = 1.0
+#: Consecutive batches over the latency budget that make a fault.  One slow
+#: batch is noise (a page fault, a busy CPU); a run of them is a slow model.
+LATENCY_STRIKES = 3
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ProxyState:
     schema: ProxySchema
     modes: ProxyModes
     evidence: Evidence
+    slow_batches: int = 0
 
 
 class Bus:
@@ -72,7 +77,10 @@ class Bus:
                  clock: Callable[[], float] = time.monotonic,
                  state_path: Path | None = None) -> None:
         self.config = config
-        self.graph = graph or mgraph.load()
+        g = graph or mgraph.load()
+        # The config's latency budget is the operator's word; the graph's is the default.
+        self.graph = dataclasses.replace(g, guards=dataclasses.replace(
+            g.guards, latency_budget_ms=config.bus.latency_budget_ms))
         self.clock = clock
         self.policy = Policy(self.graph, clock)
         self.registry = ModelRegistry(config)
@@ -176,7 +184,10 @@ class Bus:
             self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e), ps.evidence))
             return
         c = self.dispatcher.counters_of(ps.name)
-        self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
+        ps.slow_batches = ps.slow_batches + 1 if self.dispatcher.over_budget(ps.name) else 0
+        if ps.slow_batches >= LATENCY_STRIKES:
+            ps.slow_batches = 0
+            self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
         if len(recs) and duty(ps.modes.mode).recommend and self.conn is not None:
             try:
                 self.conn.recommend(ps.id, recs)

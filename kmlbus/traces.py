@@ -96,7 +96,10 @@ def _dtype_from_descr(raw: Any) -> np.dtype[np.void]:
             fields.append((name, typ, tuple(int(n) for n in item[2])))
         else:
             fields.append((name, typ))
-    return np.dtype(fields)
+    dt: np.dtype[np.void] = np.dtype(fields)
+    if dt.hasobject or dt.itemsize == 0:  # records are plain bytes: never objects, never empty
+        raise ValueError(f"unusable struct layout {raw!r}")
+    return dt
 
 
 # --------------------------------------------------------------------------
@@ -300,7 +303,7 @@ class TraceReader:
             try:
                 attrs = msgpack.unpackb(data, raw=False)
                 self.schemas[proxy] = ProxySchema.from_attrs(attrs)
-            except (ConfigError, ValueError, TypeError) as e:
+            except (LookupError, TypeError, ValueError, AttributeError) as e:
                 raise bad(f"unreadable schema: {e}") from None
             return None
         if kind not in KINDS:
@@ -374,7 +377,7 @@ def _header(p: Path, raw: Any) -> TraceHeader:
         schemas = {str(k): ProxySchema.from_attrs(v) for k, v in raw.get("schemas", {}).items()}
         return TraceHeader(int(version), int(raw.get("spec_version", 0)),
                            int(raw.get("created_ns", 0)), dtypes, schemas)
-    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as e:
+    except (LookupError, TypeError, ValueError, AttributeError) as e:  # ConfigError is a ValueError
         raise TraceError(f"{p}: malformed trace header at offset 0: {e}") from None
 
 
@@ -416,13 +419,35 @@ def _collect(path: str | os.PathLike[str], proxy: str | None
         raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
     sp = _spec.load()
     sample_dt, fb_dt = sp.structs["sample"].dtype, sp.structs["feedback"].dtype
-    try:
-        t = np.concatenate(tel).astype(sample_dt) if tel else np.zeros(0, sample_dt)
-        f = np.concatenate(fb).astype(fb_dt) if fb else np.zeros(0, fb_dt)
-    except (TypeError, ValueError) as e:
-        raise TraceError(f"{reader.path}: recorded structs do not convert to this spec: {e}") \
-            from None
+    t = _by_name(reader.path, tel, sample_dt)
+    f = _by_name(reader.path, fb, fb_dt)
     return reader, proxy, schema, t, f
+
+
+def _by_name(path: Path, parts: list[npt.NDArray[np.void]], dt: np.dtype[np.void]
+             ) -> npt.NDArray[np.void]:
+    """Concatenate recorded batches into this spec's layout, field by field name.
+
+    (numpy's structured ``astype`` matches fields by position, which would
+    silently mix fields if a later spec reordered them.)
+    """
+    if not parts:
+        return np.zeros(0, dt)
+    try:
+        src = np.concatenate(parts)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"{path}: recorded batches have differing layouts: {e}") from None
+    if src.dtype == dt:
+        return src
+    out = np.zeros(len(src), dt)
+    for name in dt.names or ():
+        if src.dtype.names is None or name not in src.dtype.names:
+            raise TraceError(f"{path}: recorded struct lacks field {name!r} that this kmlbus needs")
+        try:
+            out[name] = src[name]
+        except (TypeError, ValueError) as e:
+            raise TraceError(f"{path}: recorded field {name!r} does not convert: {e}") from None
+    return out
 
 
 def learn(path: str | os.PathLike[str], *, proxy: str | None = None,

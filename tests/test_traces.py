@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgpack
@@ -117,7 +118,8 @@ def test_truncated_trace_names_the_offset(tmp_path: Path) -> None:
     assert f"truncated at offset {offsets[2]}" in str(ei.value) and str(p) in str(ei.value)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("KMLBUS_FUZZ_EXAMPLES", "200")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())
 def test_damaged_trace_raises_only_trace_error(tmp_path: Path, data: st.DataObject) -> None:
     p = tmp_path / "d.kmltrace"
@@ -310,3 +312,40 @@ def test_new_writer_replaces_an_existing_file(tmp_path: Path) -> None:
     with TraceWriter(p):
         pass
     assert list(traces.replay(p)) == []
+
+
+@pytest.mark.parametrize("descr", [[["x", "|O"]], [], [["x", "<u8", [0]]]])
+def test_header_with_an_unusable_layout_is_rejected(tmp_path: Path, descr: list[object]) -> None:
+    p = tmp_path / "t"
+    p.write_bytes(msgpack.packb({"format": "kmlbus-trace", "version": 1,
+                                 "structs": {"sample": descr}}))
+    with pytest.raises(TraceError, match="malformed trace header"):
+        traces.read_header(p)
+
+
+def test_evaluate_reads_an_older_layout_by_field_name(tmp_path: Path) -> None:
+    # a trace whose sample struct had its fields in another order (and one extra)
+    old_sample = np.dtype([("key", "<u4"), ("extra", "<u2"), ("seq", "<u8"), ("ts_ns", "<u8"),
+                           ("decision", "<i4"), ("shadow", "<i4"), ("arm", "u1"), ("mode", "u1"),
+                           ("flags", "<u2"), ("features", "<i4", (8,))])
+    p = tmp_path / "old.kmltrace"
+    record_sample_run(p, 2000, explore=0.3)
+    before = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    evs = list(traces.replay(p))
+    header = {"format": "kmlbus-trace", "version": 1, "spec_version": 1,
+              "structs": {"sample": [list(x) for x in old_sample.descr],
+                          "feedback": [list(x) for x in FEEDBACK.descr]},
+              "schemas": {"sample": sample_schema().to_attrs()}}
+    with open(p, "wb") as f:
+        f.write(msgpack.packb(header, use_bin_type=True))
+        for e in evs:
+            data = e.data
+            if e.kind == "telemetry":
+                conv = np.zeros(len(data), old_sample)
+                for n in SAMPLE.names or ():
+                    conv[n] = data[n]
+                data = conv
+            f.write(msgpack.packb({"kind": e.kind, "ts": e.ts, "proxy": e.proxy,
+                                   "data": data.tobytes()}, use_bin_type=True))
+    after = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    assert after == before and after.joined == 2000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmlbus import config as cfg
@@ -219,3 +219,45 @@ def test_schema_survives_the_wire_codec() -> None:
     s = sample_schema()
     wire = codec.encode_attrs("proxy", s.to_attrs())
     assert ProxySchema.from_attrs(codec.decode_attrs("proxy", wire)) == s
+
+
+def _toml(v: object) -> str:
+    """Render a Python value as a TOML literal (enough for the fuzz below)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if v == v and v not in (float("inf"), float("-inf")) else "nan"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    assert isinstance(v, dict)
+    return "{" + ", ".join(f'"{k}" = {_toml(x)}' for k, x in v.items()) + "}"
+
+
+_scalar = st.one_of(st.booleans(), st.integers(-(2**40), 2**40),
+                    st.floats(allow_nan=False, allow_infinity=False),
+                    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_/.", max_size=12))
+_value = st.one_of(_scalar, st.lists(_scalar, max_size=4),
+                   st.dictionaries(st.sampled_from(["seq_ratio", "req_size", "noise", "x"]),
+                                   _scalar, max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(cfg._BUS_KEYS) + ["bogus"]), _value, max_size=4),
+       st.dictionaries(st.sampled_from(sorted(cfg._PROXY_KEYS) + ["bogus"]), _value, max_size=6))
+def test_any_value_in_any_key_gives_a_config_or_a_config_error(
+        bus: dict[str, object], proxy: dict[str, object]) -> None:
+    text = "[bus]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in bus.items())
+    text += "[proxy.sample]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in proxy.items())
+    try:
+        c = cfg.loads(text, Path("/etc/kmlbus.toml"))
+    except ConfigError as e:
+        assert "\n" not in str(e) and str(e).startswith("/etc/kmlbus.toml: ")
+        return
+    try:
+        b = cfg.bind(sample_schema(), c.proxies["sample"], c.bus)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        return
+    assert 1 <= b.ttl_ms <= 60000 and b.out_scale > 0 and all(d > 0 for d in b.divisors)

@@ -224,3 +224,33 @@ def test_enobufs_on_receive_is_counted_not_raised(pair: tuple[nl.GenlSocket, nl.
 
 def test_recv_with_nothing_waiting_returns_empty_after_the_timeout(sock: nl.GenlSocket) -> None:
     assert sock.recv(0) == [] and sock.recv(0.05) == []
+
+
+# --- the pyroute2 control plane (kmlbus.control) ---------------------------------------
+
+
+def test_pyroute2_resolution_agrees_with_the_raw_socket(sock: nl.GenlSocket) -> None:
+    import asyncio
+
+    from kmlbus import control
+
+    info = asyncio.run(control.resolve("nlctrl"))
+    raw = sock.get_family("nlctrl")
+    assert (info.name, info.id, info.version, info.ops, info.groups) == (
+        raw.name, raw.id, raw.version, raw.ops, raw.groups)
+
+
+@pytest.mark.skipif(kmlbus_loaded(), reason="the kmlbus module is loaded here")
+def test_async_control_without_the_module_raises_module_not_loaded() -> None:
+    import asyncio
+
+    from kmlbus import control
+
+    async def main() -> None:
+        async with control.AsyncControl():
+            pass
+
+    with pytest.raises(nl.ModuleNotLoaded):
+        asyncio.run(control.resolve())
+    with pytest.raises(nl.ModuleNotLoaded):
+        asyncio.run(main())

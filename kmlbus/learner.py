@@ -46,6 +46,7 @@ __all__ = [
     "EfficiencyTable",
     "Estimate",
     "Learner",
+    "LearningLoop",
     "LinearFit",
     "perturb",
 ]
@@ -225,6 +226,11 @@ class Learner:
         """Rows currently in the training set."""
         return min(self._n, self.capacity)
 
+    @property
+    def total_added(self) -> int:
+        """Rows ever added (including those the ring has since dropped)."""
+        return self._n
+
     def add(self, x: npt.ArrayLike, decision: npt.ArrayLike, efficiency: npt.ArrayLike,
             arm: npt.ArrayLike | None = None) -> None:
         """Add rows directly: features in model units, decision and efficiency fixed point."""
@@ -340,6 +346,51 @@ class Learner:
         lm = registry.install(self.binding.proxy, fit.to_onnx(self.binding),
                               f"learned({fit.n_samples} samples)")
         return fit, lm
+
+
+class LearningLoop:
+    """A :class:`Learner` plus the pacing a daemon needs: refit at most every ``every_s``.
+
+    ``loop.telemetry(records)`` / ``loop.feedback(fb)`` on every batch, and
+    ``loop.tick(now)`` from the daemon's periodic work: it refits and
+    hot-swaps only when ``every_s`` passed *and* at least ``min_new`` new
+    decisions were joined since the last fit.
+    """
+
+    def __init__(self, learner: Learner, registry: ModelRegistry, *, every_s: float = 5.0,
+                 min_samples: int = 256, min_new: int = 128) -> None:
+        self.learner = learner
+        self.registry = registry
+        self.every_s = every_s
+        self.min_samples = min_samples
+        self.min_new = min_new
+        self.last: LinearFit | None = None
+        self.fits = 0
+        self._next = float("-inf")
+        self._n_at_fit = 0
+
+    def telemetry(self, records: npt.NDArray[np.void]) -> None:
+        self.learner.observe_telemetry(records)
+
+    def feedback(self, feedback: npt.NDArray[np.void]) -> None:
+        self.learner.observe_feedback(feedback)
+
+    def tick(self, now: float) -> LinearFit | None:
+        """Refit and install if due; returns the new fit, else None.
+
+        A failed install (:class:`~kmlbus.registry.ModelError`) propagates:
+        the daemon treats it like any other model error.
+        """
+        if now < self._next or self.learner.total_added - self._n_at_fit < self.min_new:
+            return None
+        self._next = now + self.every_s
+        res = self.learner.update(self.registry, self.min_samples)
+        if res is None:
+            return None
+        self._n_at_fit = self.learner.total_added
+        self.last = res[0]
+        self.fits += 1
+        return res[0]
 
 
 def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generator,

@@ -222,3 +222,31 @@ def test_efficiency_table_estimate_and_coverage() -> None:
     assert est.coverage == 0.5 and est.efficiency == pytest.approx(0.9)
     bx, bd, bw = t.best_per_bucket()
     assert sorted(bd.tolist()) == [1.0, 60.0] and bw.tolist() == [3.0, 3.0]
+
+
+def test_learning_loop_paces_refits_and_swaps_the_model() -> None:
+    from kmlbus.learner import LearningLoop
+
+    reg = ModelRegistry()
+    b = reg.bind(sample_schema())
+    loop = LearningLoop(Learner(b), reg, every_s=5.0, min_samples=256, min_new=100)
+    wl = SampleWorkload(seed=2)
+    tel, fb = wl.run(200, explore=0.5)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.tick(0.0) is None  # 200 < min_samples: nothing installed
+    assert not reg.has_model("sample")
+    tel, fb = wl.run(2000, explore=0.5)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.tick(1.0) is None  # the failed attempt at 0.0 still paces
+    fit = loop.tick(5.0)
+    assert fit is not None and reg.has_model("sample") and loop.fits == 1
+    tel, fb = wl.run(50, explore=0.5)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.tick(20.0) is None  # only 50 new decisions
+    tel, fb = wl.run(100, explore=0.5)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.tick(21.0) is not None and loop.fits == 2

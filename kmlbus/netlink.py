@@ -317,6 +317,14 @@ class GenlSocket:
         non-multipart reply also ends it.  Other traffic goes to the queue.
         Raises :class:`KmlbusError` when nothing ends it within the timeout.
         """
+        # Make room first: under a telemetry flood a full receive buffer would make the
+        # kernel drop our ACK (kernel-to-user unicast does not wait), and we would time out.
+        for _ in range(4 * _DRAIN_MAX):
+            dg = self._recv_datagram()
+            if dg is None:
+                break
+            for m in self._decode(dg):
+                self._park(m)
         self._sock.sendto(data, (0, 0))
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit

@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from .config import Binding, Config, ProxySchema, bind
+from .config import Binding, Config, ConfigError, ProxySchema, bind
 
 __all__ = [
     "LoadedModel",
@@ -236,10 +236,20 @@ class ModelRegistry:
         configured model is bound without one (no error).  If loading fails
         the binding is kept, the proxy has no model, and the
         :class:`ModelError` is raised for the caller to report.
-        Re-binding with a changed schema re-checks the installed model.
+        Re-binding with a changed schema re-checks the installed model; a
+        schema the configuration does not fit raises
+        :class:`~kmlbus.config.ConfigError` and unbinds the proxy.
         """
-        b = bind(schema, self.config.proxies.get(schema.name), self.config.bus,
-                 path=self.config.path)
+        try:
+            b = bind(schema, self.config.proxies.get(schema.name), self.config.bus,
+                     path=self.config.path)
+        except ConfigError:
+            # the kernel's (new) schema does not fit the config: serve nothing stale
+            with self._lock:
+                self._bindings.pop(schema.name, None)
+                self._models.pop(schema.name, None)
+                self._tried.pop(schema.name, None)
+            raise
         with self._lock:
             old = self._bindings.get(schema.name)
             self._bindings[schema.name] = b

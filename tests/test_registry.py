@@ -278,3 +278,16 @@ def test_concurrent_predict_during_swaps_never_fails(tmp_path: Path) -> None:
     t.join()
     assert not errors
     assert seen <= {1.0, 64.0}
+
+
+def test_rebind_with_a_schema_the_config_does_not_fit_unbinds(tmp_path: Path) -> None:
+    (tmp_path / "bus.toml").write_text(
+        '[proxy.sample]\nmodel = "one.onnx"\nfeatures = ["seq_ratio"]\n')
+    models.save(models.linear_model([63.0], 1.0), tmp_path / "one.onnx")
+    reg = ModelRegistry(cfg.load(tmp_path / "bus.toml"))
+    reg.bind(sample_schema())
+    renamed = ProxySchema("sample", (FieldSchema("ratio", 1000),),
+                          FieldSchema("window", 1, 1, 64), 64)
+    with pytest.raises(cfg.ConfigError, match="proxy.sample.features"):
+        reg.bind(renamed)
+    assert "sample" not in reg.proxies and not reg.has_model("sample")

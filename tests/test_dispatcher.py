@@ -170,9 +170,12 @@ def test_a_batch_of_1024_is_fast() -> None:
     d = dispatcher(GOOD)
     rng = np.random.default_rng(0)
     r = samples(rng.integers(0, 64, 1024).tolist(), rng.integers(0, 1001, 1024).tolist())
-    for _ in range(20):
+    times = []
+    for _ in range(21):
         d.handle_telemetry("sample", r)
-    assert d.counters_of("sample").max_batch_ns < 50_000_000  # generous: CI machines vary
+        times.append(d.counters_of("sample").last_batch_ns)
+    # typically ~0.3 ms; the median and a generous bound survive a loaded CI machine
+    assert sorted(times)[10] < 25_000_000
 
 
 @settings(max_examples=60, deadline=None)

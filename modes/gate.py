@@ -9,16 +9,16 @@ kernel to.  Semantics (DESIGN.md, "Kernel proxy semantics" and the modes table):
 
 * a fresh recommendation is available to the gate, clamped to the
   recommendation field's ``[min, max]`` (flag ``clamped`` when that changed
-  it and the value was used or shadowed); a stale or absent one is not, and
-  the default decides;
-* emergency: default only; a fresh recommendation is *ignored*;
-* learning: the default decides and the fresh value is reported as the
-  sample's shadow (flag ``has-shadow``); with ``explore`` permille the model
-  value is applied instead (flags ``has-shadow | explored``: the value was
-  fresh and is reported, and it was explored);
+  it); a stale or absent one is not, and the default decides;
+* a fresh value is always reported as the sample's ``shadow`` (flag
+  ``has-shadow``), whatever the mode, so telemetry shows what the model said
+  even where it did not decide (the kernel, ``kml_proxy_decide``, does so);
+* emergency: default only; a fresh value is *ignored* (counted
+  ``recs-ignored``);
+* learning: the default decides; with ``explore`` permille of the fresh
+  decisions the model value is applied instead (flag ``explored``);
 * collaboration: the model value decides ``share`` permille of the decisions
-  that have a fresh value, the default the rest (then the fresh value counts
-  ignored);
+  that have a fresh value, the default the rest;
 * recommendation: the model value decides whenever fresh.
 
 Randomness is one uniform integer *draw* in ``[0, PERMILLE)`` per decision;
@@ -55,8 +55,9 @@ PERMILLE = int(_spec.consts["permille"])
 _MODES = _spec.enums["mode"].entries
 
 #: What happened to the recommendation slot's value in one decision.
-#: none: no fresh value (absent or stale); ignored: fresh but not used or
-#: reported; shadowed: reported as shadow only; applied: it decided.
+#: none: no fresh value (absent or stale); ignored: fresh, but the mode is
+#: emergency (the kernel counts it ignored); shadowed: fresh, reported as the
+#: shadow, the default decided; applied: it decided (counted applied).
 Fate = Literal["none", "ignored", "shadowed", "applied"]
 
 
@@ -93,18 +94,18 @@ def gate(mode: str, fresh: bool, share: int, explore: int, draw: int,
         raise ValueError(f"draw must be in [0, {PERMILLE}), got {draw}")
     if not fresh:
         return GateResult(ARM_DEFAULT, 0, "none")
-    c = FLAG_CLAMPED if clamped else 0
+    f = FLAG_HAS_SHADOW | (FLAG_CLAMPED if clamped else 0)
     if mode == "emergency":
-        return GateResult(ARM_DEFAULT, 0, "ignored")
+        return GateResult(ARM_DEFAULT, f, "ignored")
     if mode == "learning":
         if draw < explore:
-            return GateResult(ARM_MODEL, FLAG_HAS_SHADOW | FLAG_EXPLORED | c, "applied")
-        return GateResult(ARM_DEFAULT, FLAG_HAS_SHADOW | c, "shadowed")
+            return GateResult(ARM_MODEL, f | FLAG_EXPLORED, "applied")
+        return GateResult(ARM_DEFAULT, f, "shadowed")
     if mode == "collaboration":
         if draw < share:
-            return GateResult(ARM_MODEL, c, "applied")
-        return GateResult(ARM_DEFAULT, 0, "ignored")
-    return GateResult(ARM_MODEL, c, "applied")  # recommendation
+            return GateResult(ARM_MODEL, f, "applied")
+        return GateResult(ARM_DEFAULT, f, "shadowed")
+    return GateResult(ARM_MODEL, f, "applied")  # recommendation
 
 
 def gate_batch(mode: str, fresh: npt.NDArray[np.bool_], share: int, explore: int,
@@ -119,18 +120,16 @@ def gate_batch(mode: str, fresh: npt.NDArray[np.bool_], share: int, explore: int
     if draw.size and (draw.min() < 0 or draw.max() >= PERMILLE):
         raise ValueError(f"draws must be in [0, {PERMILLE})")
     cl = np.zeros(fresh.shape, bool) if clamped is None else np.asarray(clamped, dtype=bool)
-    flags = np.zeros(fresh.shape, np.uint16)
+    flags = np.where(fresh, FLAG_HAS_SHADOW, 0).astype(np.uint16)
+    flags |= np.where(fresh & cl, FLAG_CLAMPED, 0).astype(np.uint16)
     if mode == "emergency":
         model = np.zeros(fresh.shape, bool)
     elif mode == "learning":
         model = fresh & (draw < explore)
-        flags |= np.where(fresh, FLAG_HAS_SHADOW, 0).astype(np.uint16)
         flags |= np.where(model, FLAG_EXPLORED, 0).astype(np.uint16)
     elif mode == "collaboration":
         model = fresh & (draw < share)
     else:
         model = fresh.copy()
-    used = model | (fresh & (mode == "learning"))
-    flags |= np.where(used & cl, FLAG_CLAMPED, 0).astype(np.uint16)
     arm = np.where(model, ARM_MODEL, ARM_DEFAULT).astype(np.uint8)
     return arm, flags

@@ -32,18 +32,29 @@ Who moves a proxy, and how each move is recorded (:attr:`TransitionRecord.origin
 ``kernel``
     :meth:`ProxyModes.sync_kernel`, for a ``mode-event`` the kernel sent
     (bus gone, stale recommendations, another process's set-mode).  The
-    kernel is the authority on the mode actually applied, so this always
-    succeeds: through the graph's edge when there is one, otherwise (events
+    kernel is the authority on the mode actually applied, so a change is
+    followed through the graph's edge when there is one, otherwise (events
     lost to a socket overrun) by resynchronising the machine's state with a
     WARNING.  A kernel fall to emergency is a fault (the pin is kept, as
     above); a kernel move to any other mode than the pinned one means someone
     else set the mode, and clears the pin.  These records have ``mirror``
-    False: the daemon must not send them back.
+    False: they are never sent back.
 
-Every record with ``mirror`` True must be sent to the kernel by the daemon
-(``set-mode``); listeners registered with :meth:`ProxyModes.subscribe` are
-called with each record, in order, which is the natural place to do that.
-Every transition is logged on this module's logger with reason and evidence.
+Mirroring and echoes.  Every other move must reach the kernel (``set-mode``).
+Pass ``mirror=`` (called as ``mirror(source, dest, reason)`` *before* each
+move; if it raises, e.g. the kernel refused, the move does not happen and the
+exception propagates) and the machine does it itself, for policy, fault and
+operator moves alike.  The kernel announces every change in a ``mode-event``,
+ours included, and the events arrive later, in the kernel's order.  The
+machine therefore keeps its mirrored moves until their echo arrives: an
+event whose mode is the oldest unacknowledged move's destination is that
+echo (or, when the kernel already was there and sent none, the event that
+took it there); any other event arriving while moves are unacknowledged
+happened before them (set-mode is synchronous) and is superseded by them.
+When the daemon's socket overran (events lost), it must call
+:meth:`ProxyModes.events_lost` with the kernel's mode from a ``get``; as a
+safety net, unacknowledged moves are also forgotten after ``ECHO_TIMEOUT_S``
+so that a move whose echo was lost cannot mask later events for long.
 """
 
 from __future__ import annotations
@@ -73,6 +84,11 @@ Origin = Literal["policy", "fault", "operator", "kernel"]
 
 #: Transitions kept per proxy (enough for ``status``; the log has them all).
 HISTORY_LEN = 256
+#: Mirrored moves remembered until the kernel echoes them.
+UNACKED_LEN = 64
+#: Seconds after which an unacknowledged move's echo is presumed lost
+#: (echoes take milliseconds; this only bounds the harm of a lost one).
+ECHO_TIMEOUT_S = 10.0
 
 
 class ModeError(ValueError):
@@ -168,12 +184,14 @@ class ProxyModes:
         *,
         initial: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        mirror: Callable[[str, str, str], None] | None = None,
         history_len: int = HISTORY_LEN,
     ) -> None:
         """Start *proxy* in *initial* (default: the graph's initial mode).
 
         Pass the kernel's current mode as *initial* when attaching to a proxy
-        that already runs.
+        that already runs, and *mirror* to have every non-kernel move sent to
+        the kernel before it is made (see module doc).
         """
         self.proxy = proxy
         self.graph = graph if graph is not None else mgraph.load()
@@ -195,6 +213,9 @@ class ProxyModes:
         self.last_fault = ""
         self._history: collections.deque[TransitionRecord] = collections.deque(maxlen=history_len)
         self._listeners: list[Callable[[TransitionRecord], None]] = []
+        # Mirrored moves whose kernel echo (mode-event) has not arrived yet.
+        self._unacked: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=UNACKED_LEN)
+        self._mirror = mirror
         self._pending: dict[str, Any] = {}
         self._machine = Machine(
             model=self,
@@ -297,16 +318,32 @@ class ProxyModes:
         """Operator move to *mode* without pinning (edge by edge); refused while pinned elsewhere."""
         return self._walk(mode, detail, ignore_pin=False)
 
-    def sync_kernel(self, mode: str, reason: str, detail: str = "") -> TransitionRecord | None:
-        """Follow a kernel-initiated change (a ``mode-event``); never mirrored back.
+    def sync_kernel(self, mode: str, reason: str, old_mode: str | None = None,
+                    detail: str = "") -> TransitionRecord | None:
+        """Follow a kernel ``mode-event`` (*mode*, *reason*, *old_mode* as the event says).
 
-        *reason* is the event's ``reason`` enum entry.  Returns None when the
-        machine already is in *mode*.
+        Echoes of this machine's own mirrored moves, and events they
+        supersede, are recognised and skipped (module doc).  Returns the
+        record of the change followed, or None when there was none to follow.
         """
         if mode not in self.graph.states:
             raise ModeError(f"proxy {self.proxy}: kernel reported unknown mode {mode!r}")
         if mode == "emergency":  # also when already there: the cool-down restarts
             self.note_fault(f"kernel: {reason}")
+        now = self.clock()
+        while self._unacked and now - self._unacked[0][2] > ECHO_TIMEOUT_S:
+            src, dst, _ = self._unacked.popleft()
+            log.warning("proxy %s: no kernel echo for %s -> %s; presumed lost", self.proxy, src, dst)
+        if self._unacked:
+            src, dst, _ = self._unacked[0]
+            if mode == dst:
+                self._unacked.popleft()
+                log.debug("proxy %s: kernel echo %s -> %s of our %s -> %s",
+                          self.proxy, old_mode, mode, src, dst)
+            else:
+                log.debug("proxy %s: kernel event %s -> %s (%s) superseded by our %s -> %s",
+                          self.proxy, old_mode, mode, reason, src, dst)
+            return None
         if mode == self.mode:
             return None
         if self.pinned is not None and self.pinned != mode:
@@ -321,13 +358,26 @@ class ProxyModes:
         if self.graph.is_allowed(self.mode, mode):
             return self._step(mode, reason, detail, "kernel", {})
         # Events were lost (the kernel only makes allowed moves): take its word.
-        log.warning("proxy %s: resynchronising %s -> %s (no edge; mode events lost?)",
-                    self.proxy, self.mode, mode)
+        log.warning("proxy %s: resynchronising %s -> %s (kernel says it came from %s; events lost?)",
+                    self.proxy, self.mode, mode, old_mode)
         source = self.mode
         self._machine.set_state(mode, model=self)
         rec = TransitionRecord(self.clock(), source, mode, None, reason, detail + " (resync)", "kernel", {})
         self._record(rec)
         return rec
+
+    def events_lost(self, kernel_mode: str | None = None) -> TransitionRecord | None:
+        """Mode events may have been lost (socket overrun): stop waiting for echoes
+        and, given the kernel's current *kernel_mode* (from ``get``), follow it."""
+        self._unacked.clear()
+        if kernel_mode is None:
+            return None
+        return self.sync_kernel(kernel_mode, "none", detail="kernel mode after lost events")
+
+    @property
+    def unacknowledged(self) -> int:
+        """Mirrored moves whose kernel echo has not arrived yet."""
+        return len(self._unacked)
 
     def note_fault(self, what: str) -> None:
         """Remember a fault (the emergency cool-down restarts from now)."""
@@ -352,6 +402,8 @@ class ProxyModes:
         trigger = self.graph.trigger_for(self.mode, dest)
         if trigger is None:
             raise ModeError(f"proxy {self.proxy}: the mode graph has no move {self.mode} -> {dest}")
+        if origin != "kernel" and self._mirror is not None:
+            self._mirror(self.mode, dest, reason)  # raises if the kernel refuses: no move
         self._pending = {"reason": reason, "detail": detail, "origin": origin, "evidence": evidence}
         try:
             self._machine.events[trigger].trigger(self)
@@ -380,6 +432,8 @@ class ProxyModes:
         self.evidence = rec.evidence
         self.epoch += 1
         self._history.append(rec)
+        if rec.mirror:
+            self._unacked.append((rec.source, rec.dest, rec.at))
         log.info("proxy %s: %s -> %s by %s (%s, %s: %s) evidence=%s",
                  self.proxy, rec.source, rec.dest, rec.trigger, rec.origin, rec.reason,
                  rec.detail, rec.evidence)

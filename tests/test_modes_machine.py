@@ -159,22 +159,84 @@ def test_kernel_mode_without_an_edge_resynchronises_the_machine() -> None:
     assert p.apply(Req("collaboration", "recommendation")) is not None  # machine works on
 
 
+def echo(p: ProxyModes, recs: list[TransitionRecord]) -> None:
+    """Deliver the kernel's mode-events for our mirrored moves."""
+    for r in recs:
+        assert p.sync_kernel(r.dest, r.reason, r.source) is None
+
+
 def test_kernel_fallback_keeps_the_pin_other_kernel_moves_clear_it() -> None:
     p = ProxyModes("p")
-    p.pin("learning")
-    p.sync_kernel("emergency", "bus-gone")
+    echo(p, p.pin("learning"))
+    p.sync_kernel("emergency", "bus-gone", "learning")
     assert p.pinned == "learning" and p.pin_broken
-    p.pin("collaboration")
-    p.sync_kernel("learning", "operator")  # someone else set the mode
-    assert p.pinned is None
+    echo(p, p.pin("collaboration"))
+    p.sync_kernel("learning", "operator", "collaboration")  # someone else set the mode
+    assert p.pinned is None and p.mode == "learning"
+
+
+def test_kernel_echoes_of_mirrored_moves_are_ignored_even_late() -> None:
+    p = ProxyModes("p")
+    recs = p.pin("recommendation")  # three mirrored moves; the echoes arrive afterwards
+    assert p.unacknowledged == 3
+    echo(p, recs)
+    assert p.mode == "recommendation" and p.pinned == "recommendation"
+    assert len(p.history) == 3 and p.unacknowledged == 0
+
+
+def test_kernel_events_older_than_our_move_are_superseded() -> None:
+    p = ProxyModes("p", initial="collaboration")
+    p.apply(Req("collaboration", "learning", reason="demotion"))
+    # The kernel fell to emergency just before our set-mode, which it then took
+    # from emergency: its events say collaboration -> emergency -> learning.
+    assert p.sync_kernel("emergency", "stale", "collaboration") is None
+    assert p.last_fault_at is not None
+    assert p.sync_kernel("learning", "demotion", "emergency") is None
+    assert p.mode == "learning" and p.unacknowledged == 0
+    rec = p.sync_kernel("emergency", "stale", "learning")  # a genuine, later fallback
+    assert rec is not None and p.mode == "emergency"
+
+
+def test_a_kernel_that_was_already_there_acknowledges_without_an_echo() -> None:
+    p = ProxyModes("p", initial="learning")
+    p.apply(Req("learning", "emergency", reason="fault", is_fault=True))
+    # the kernel had fallen already: our set-mode changed nothing and sent no event
+    assert p.sync_kernel("emergency", "bus-gone", "learning") is None
+    assert p.unacknowledged == 0
+
+
+def test_a_lost_echo_stops_masking_events_after_the_timeout() -> None:
+    clk = FakeClock()
+    p = ProxyModes("p", initial="learning", clock=clk)
+    p.apply(Req("learning", "collaboration"))
+    clk.t += 5.0
+    rec = p.sync_kernel("emergency", "stale", "collaboration")
+    assert rec is not None and p.mode == "emergency"
+
+
+def test_mirror_is_called_before_each_move_and_a_refusal_prevents_it() -> None:
+    sent: list[tuple[str, str, str]] = []
+
+    def mirror(src: str, dst: str, reason: str) -> None:
+        if dst == "recommendation":
+            raise OSError("kernel refused")
+        sent.append((src, dst, reason))
+
+    p = ProxyModes("p", mirror=mirror)
+    with pytest.raises(OSError):
+        p.pin("recommendation")
+    assert sent == [("emergency", "learning", "operator"), ("learning", "collaboration", "operator")]
+    assert p.mode == "collaboration" and p.pinned is None
+    p.sync_kernel("emergency", "bus-gone")
+    assert len(sent) == 2  # kernel changes are never sent back
 
 
 def test_listeners_see_every_transition_in_order() -> None:
     seen: list[tuple[str, str]] = []
     p = ProxyModes("p")
     p.subscribe(lambda r: seen.append((r.source, r.dest)))
-    p.set_mode("collaboration")
-    p.sync_kernel("emergency", "stale")
+    echo(p, p.set_mode("collaboration"))
+    p.sync_kernel("emergency", "stale", "collaboration")
     assert seen == [("emergency", "learning"), ("learning", "collaboration"), ("collaboration", "emergency")]
     assert [(r.source, r.dest) for r in p.history] == seen
 

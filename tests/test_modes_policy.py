@@ -304,15 +304,15 @@ SH, EX, CL = mgate.FLAG_HAS_SHADOW, mgate.FLAG_EXPLORED, mgate.FLAG_CLAMPED
 
 
 @pytest.mark.parametrize("mode,fresh,draw,arm,flags,fate", [
-    ("emergency", True, 0, A_D, 0, "ignored"),
+    ("emergency", True, 0, A_D, SH, "ignored"),
     ("emergency", False, 0, A_D, 0, "none"),
     ("learning", True, 999, A_D, SH, "shadowed"),
     ("learning", True, 0, A_M, SH | EX, "applied"),  # explore=100
     ("learning", False, 0, A_D, 0, "none"),
-    ("collaboration", True, 499, A_M, 0, "applied"),  # share=500
-    ("collaboration", True, 500, A_D, 0, "ignored"),
+    ("collaboration", True, 499, A_M, SH, "applied"),  # share=500
+    ("collaboration", True, 500, A_D, SH, "shadowed"),
     ("collaboration", False, 0, A_D, 0, "none"),
-    ("recommendation", True, 999, A_M, 0, "applied"),
+    ("recommendation", True, 999, A_M, SH, "applied"),
     ("recommendation", False, 0, A_D, 0, "none"),
 ])
 def test_gate_follows_the_mode_semantics(mode: str, fresh: bool, draw: int, arm: int,
@@ -320,12 +320,11 @@ def test_gate_follows_the_mode_semantics(mode: str, fresh: bool, draw: int, arm:
     assert mgate.gate(mode, fresh, 500, 100, draw) == mgate.GateResult(arm, flags, fate)  # type: ignore[arg-type]
 
 
-def test_gate_marks_clamped_only_for_used_or_shadowed_values() -> None:
+def test_gate_marks_a_clamped_fresh_value_in_every_mode() -> None:
     assert mgate.clamp(90, 1, 64) == (64, True) and mgate.clamp(8, 1, 64) == (8, False)
-    assert mgate.gate("recommendation", True, 0, 0, 0, clamped=True).flags == CL
-    assert mgate.gate("learning", True, 0, 0, 5, clamped=True).flags == SH | CL
-    assert mgate.gate("emergency", True, 0, 0, 5, clamped=True).flags == 0
-    assert mgate.gate("collaboration", True, 0, 0, 5, clamped=True).flags == 0
+    for mode in STATES:
+        assert mgate.gate(mode, True, 0, 0, 5, clamped=True).flags & CL
+    assert mgate.gate("recommendation", False, 0, 0, 5, clamped=True).flags == 0
 
 
 def test_gate_rejects_out_of_range_inputs() -> None:

@@ -1,12 +1,16 @@
 """Machine + policy + gate driven together: a hypothesis state machine and replays.
 
-The stateful test plays kernel and daemon at once: each batch of decisions
-goes through the reference gate in the proxy's current mode (the daemon
-mirrors every move at once), becomes telemetry samples and feedback with
-chosen per-arm efficiencies, and the policy's decisions are applied.  Faults,
-operator pins, kernel mode events and clock advances are interleaved.  The
-test keeps its own counts since the last mode change, so the guards are
-checked against an independent tally rather than the evidence object itself.
+The stateful test plays kernel and daemon at once.  The kernel keeps its own
+mode, checks every set-mode against the graph, and queues a mode-event for
+every change (the bus's own included); the machine mirrors each move before
+making it (``mirror=``) and the events are delivered later, in order, so
+echoes and kernel fallbacks race the bus's moves as they do for real.  Each
+batch of decisions goes through the reference gate in the kernel's mode,
+becomes telemetry samples and feedback with chosen per-arm efficiencies, and
+the policy's decisions are applied.  Faults, operator pins, kernel events
+and clock advances are interleaved.  The test keeps its own counts since the
+last mode change, so the guards are checked against an independent tally
+rather than the evidence object itself.
 """
 
 from __future__ import annotations
@@ -60,6 +64,10 @@ def run_batch(mode: str, seq0: int, fresh: np.ndarray, draw: np.ndarray, share: 
     return arm, s, f
 
 
+class Refused(Exception):
+    """The test kernel refused a set-mode (the netlink layer would raise NetlinkError)."""
+
+
 class ModeMachine(RuleBasedStateMachine):
     """Random evidence, faults, pins, kernel events and time against the invariants."""
 
@@ -68,7 +76,9 @@ class ModeMachine(RuleBasedStateMachine):
         self.clk = Clock()
         self.g = dataclasses.replace(
             GRAPH, guards=dataclasses.replace(GRAPH.guards, window=40, min_decisions=20))
-        self.pm = ProxyModes("p", self.g, clock=self.clk)
+        self.kmode = self.g.initial  # the kernel's mode
+        self.events: list[tuple[str, str, str]] = []  # (old, new, reason) not yet delivered
+        self.pm = ProxyModes("p", self.g, clock=self.clk, mirror=self.kernel_set_mode)
         self.ev = Evidence(self.pm, bounds=BOUNDS)
         self.pol = Policy(self.g, self.clk)
         self.seq = 1
@@ -77,6 +87,22 @@ class ModeMachine(RuleBasedStateMachine):
         self.reset_tally()
         self.pm.subscribe(self.on_transition)
         self.seen = 0
+        self.lost = False
+
+    def kernel_set_mode(self, source: str, dest: str, reason: str) -> None:
+        """The kernel's set-mode: checked from its own mode, announced if it changes."""
+        if not self.g.is_allowed(self.kmode, dest):
+            raise Refused(f"{self.kmode} -> {dest}")
+        self.kernel_change(dest, reason)
+
+    def kernel_change(self, dest: str, reason: str, force: bool = False) -> None:
+        if dest != self.kmode or force:
+            self.events.append((self.kmode, dest, reason))
+        self.kmode = dest
+
+    @property
+    def synced(self) -> bool:
+        return not self.events and self.kmode == self.pm.mode
 
     def reset_tally(self) -> None:
         self.tally = {"default": 0, "model": 0, "valid": 0}
@@ -117,7 +143,7 @@ class ModeMachine(RuleBasedStateMachine):
 
     def batch(self, rng: np.random.Generator, n: int, model_mean: int, default_mean: int,
               fresh_frac: float, valid_frac: float) -> None:
-        mode = self.pm.mode
+        mode = self.kmode  # the kernel decides in its own mode
         fresh = rng.random(n) < fresh_frac
         draw = rng.integers(0, mgate.PERMILLE, n)
         shadow = np.where(rng.random(n) < valid_frac, 8, 500)
@@ -140,9 +166,10 @@ class ModeMachine(RuleBasedStateMachine):
             assert np.array_equal(model, fresh)
         self.ev.add_samples(s)
         self.ev.add_feedback(f)
-        self.tally["model"] += int(model.sum())
-        self.tally["default"] += int((~model).sum())
-        if mode == "learning":
+        if mode == self.pm.mode:  # records of another mode are discarded by the evidence
+            self.tally["model"] += int(model.sum())
+            self.tally["default"] += int((~model).sum())
+        if mode == "learning" and mode == self.pm.mode:
             self.tally["valid"] += int(np.count_nonzero(fresh & (shadow == 8)))
 
     @rule(healthy=st.booleans())
@@ -159,27 +186,33 @@ class ModeMachine(RuleBasedStateMachine):
         assert d.source == before and self.g.is_allowed(before, d.target)
         if before == "emergency":
             assert healthy
-        rec = self.pm.apply(d)
-        assert rec is not None and self.pm.mode == d.target
+        try:
+            rec = self.pm.apply(d)
+        except Refused:
+            assert self.pm.mode == before  # the kernel moved meanwhile; the event will tell
+            return
+        assert rec is not None and self.pm.mode == d.target == self.kmode
 
     @rule(fault=st.sampled_from(list(Fault)))
     def fault(self, fault: Fault) -> None:
         d = self.pol.fault(self.pm, fault, "stateful", self.ev)
         if d is not None:
-            self.pm.apply(d)
-        assert self.pm.mode == "emergency"
+            self.pm.apply(d)  # the kernel takes emergency from any mode
+        assert self.pm.mode == "emergency" == self.kmode or (d is None and self.pm.mode == "emergency")
         assert self.pm.last_fault_at == self.clk.t
 
+    @precondition(lambda self: self.synced)
     @rule(mode=st.sampled_from(STATES))
     def pin(self, mode: str) -> None:
         self.pm.pin(mode)
-        assert self.pm.mode == mode and self.pm.pinned == mode
+        assert self.pm.mode == mode == self.kmode and self.pm.pinned == mode
 
     @rule()
     def unpin(self) -> None:
         self.pm.unpin()
         assert self.pm.pinned is None
 
+    @precondition(lambda self: self.synced)
     @rule(mode=st.sampled_from(STATES))
     def operator_set(self, mode: str) -> None:
         if self.pm.pinned not in (None, mode):
@@ -187,20 +220,39 @@ class ModeMachine(RuleBasedStateMachine):
                 self.pm.set_mode(mode)
         else:
             self.pm.set_mode(mode)
-            assert self.pm.mode == mode
+            assert self.pm.mode == mode == self.kmode
 
     @rule(data=st.data())
-    def kernel_event(self, data: Any) -> None:
-        # The kernel only makes allowed moves; occasionally an event is lost.
-        allowed = sorted(d for s, d in self.g.allowed if s == self.pm.mode)
-        lost = data.draw(st.booleans(), label="lost")
-        mode = data.draw(st.sampled_from(STATES if lost or not allowed else allowed), label="mode")
-        reason = data.draw(st.sampled_from(REASONS), label="reason")
-        self.pm.sync_kernel(mode, reason)
-        assert self.pm.mode == mode
-        if mode == "emergency":
-            assert self.pm.last_fault_at == self.clk.t
+    def kernel_initiated(self, data: Any) -> None:
+        """The kernel moves on its own: a fallback (bus gone, stale), or another process's set-mode."""
+        fallback = data.draw(st.booleans(), label="fallback")
+        if fallback:
+            reason = data.draw(st.sampled_from(["bus-gone", "stale", "detach", "fault"]), label="reason")
+            self.kernel_change("emergency", reason, force=True)
+            return
+        allowed = sorted(d for s, d in self.g.allowed if s == self.kmode and d != "emergency")
+        if allowed:
+            self.kernel_change(data.draw(st.sampled_from(allowed), label="mode"), "operator")
 
+    @rule(k=st.integers(1, 4))
+    def deliver_events(self, k: int) -> None:
+        for old, new, reason in self.events[:k]:
+            self.pm.sync_kernel(new, reason, old)
+            if new == "emergency":
+                assert self.pm.last_fault_at == self.clk.t
+        del self.events[:k]
+        if not self.events:
+            assert self.pm.mode == self.kmode  # all told, the machine agrees with the kernel
+
+    @rule()
+    def overrun(self) -> None:
+        """The socket overran: pending events are lost; the daemon reads the kernel's mode."""
+        self.events.clear()
+        self.lost = True
+        self.pm.events_lost(self.kmode)
+        assert self.pm.mode == self.kmode
+
+    @precondition(lambda self: not self.events)  # the daemon keeps up with the events
     @rule(dt=st.floats(0.0, 3.0))
     def advance(self, dt: float) -> None:
         self.clk.t += dt
@@ -216,7 +268,7 @@ class ModeMachine(RuleBasedStateMachine):
         hist = self.pm.history
         for r in hist[self.seen:] if self.seen <= len(hist) else hist:
             if r.trigger is None:
-                assert r.origin == "kernel"  # resync after lost events
+                assert self.lost and r.origin == "kernel"  # resync only after lost events
             else:
                 assert (r.source, r.dest) in self.g.allowed
                 assert r.trigger == self.g.trigger_for(r.source, r.dest)

@@ -172,6 +172,7 @@ def test_bind_without_bounds_uses_int32_range() -> None:
     assert b.out_scale == 10.0
 
 
+@settings(deadline=None)
 @given(st.integers(min_value=1, max_value=60000))
 def test_any_legal_ttl_round_trips(ttl: int) -> None:
     assert cfg.loads(f"[bus]\nttl_ms = {ttl}\n").bus.ttl_ms == ttl

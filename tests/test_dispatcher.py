@@ -190,6 +190,7 @@ def test_any_batch_yields_unique_in_range_keys_and_bounded_values(r: npt.NDArray
     assert set(keys.tolist()) == {k for k in r["key"].tolist() if k < 64}
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 10**6)), min_size=1, max_size=40,
                 unique_by=lambda t: t[1]))
 def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:

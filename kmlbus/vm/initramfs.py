@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Modules the guest needs before it can mount 9p over virtio-pci.
-BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
+BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
 
 #: 9p message size: larger messages mean fewer round trips through QEMU.
 MSIZE = 512000  # the virtio transport caps msize at 512000
@@ -80,8 +80,16 @@ for m in @MODULES@; do
 done
 
 R=/newroot
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@,cache=loose,ro hostroot $R \
+# The host root is the lower layer of an overlay whose upper layer is tmpfs:
+# the guest may write anywhere (writes vanish at power-off), and the overlay
+# caches failed lookups, which 9p does not (each costs a round trip to QEMU,
+# and Python's import system makes thousands of them).
+mkdir -p /lower /ovl
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@,cache=loose,ro hostroot /lower \
     || die "cannot mount the host root (9p tag hostroot)"
+mount -t tmpfs tmpfs /ovl && mkdir /ovl/upper /ovl/work || die "mount tmpfs for the overlay"
+mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay $R \
+    || die "cannot mount the overlay root"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@ work "$R$work" \
     || die "cannot mount the project (9p tag work) at $work"
 mount -t proc proc $R/proc || die "mount proc"

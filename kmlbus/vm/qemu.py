@@ -1,7 +1,7 @@
 """Boot the installed Debian kernel under QEMU and run one command inside.
 
-The guest's root is the host's root (9p, read-only) with the project mounted
-read-write at its host path, so a command means the same inside as outside.
+The guest's root is the host's root (9p, read-only, under a tmpfs overlay)
+with the project mounted read-write at its host path, so a command means the same inside as outside.
 QEMU itself exits 0 whatever happens in the guest, so the guest's ``/init``
 prints markers on the serial console (see `initramfs`):
 
@@ -18,6 +18,7 @@ share; the harness fails the run if it holds a WARNING, BUG, Oops or trace.
 from __future__ import annotations
 
 import codecs
+import fcntl
 import os
 import re
 import secrets
@@ -34,7 +35,7 @@ from typing import IO
 
 from . import dmesg as dmesg_mod
 from .initramfs import ensure_initramfs
-from .kernels import VMError, build_modules, newest_kernel, project_root, vmlinuz
+from .kernels import VMError, boot_image, build_modules, newest_kernel, project_root, vmlinuz
 
 __all__ = [
     "EXIT_DMESG",
@@ -122,11 +123,12 @@ def choose_accel(requested: str = "auto") -> str:
 def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of the guest command: the host's PATH and Python settings.
 
-    HOME is the guest's tmpfs because the host root is read-only inside.
+    The guest's root is writable (a tmpfs overlay on the host root), so HOME
+    can stay the host's (pyenv shims, for one, look there).
     """
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
-        "HOME": "/tmp",
+        "HOME": os.environ.get("HOME", "/root"),
         "TMPDIR": "/tmp",
         "LANG": "C.UTF-8",
         "TERM": "dumb",  # the serial console is a tty; keep ANSI codes out of the log
@@ -153,7 +155,7 @@ def job_script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
 
 
 def qemu_argv(
-    *, kver: str, initrd: Path, project: Path, accel: str, memory: str, smp: int,
+    *, kernel: Path, initrd: Path, project: Path, accel: str, memory: str, smp: int,
     nonce: str, job: Path,
 ) -> list[str]:
     """The QEMU command line (see /work/shared/ENVIRONMENT.md for why each part)."""
@@ -166,7 +168,7 @@ def qemu_argv(
         _QEMU, "-nodefaults", "-no-user-config", *cpu,
         "-m", memory, "-smp", str(smp),
         "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
-        "-kernel", str(vmlinuz(kver)), "-initrd", str(initrd), "-append", append,
+        "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={project},mount_tag=work,security_model=none,multidevs=remap",
     ]
@@ -206,52 +208,74 @@ class _Console:
         return None
 
 
+def _open_console(path: Path) -> tuple[Path, IO[bytes]]:
+    """Open the console log, locked so that concurrent runs never share one.
+
+    Several people run VMs from the same tree; when *path* is in use by
+    another run this run writes ``<stem>-<pid><suffix>`` next to it instead.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for candidate in (path, path.with_name(f"{path.stem}-{os.getpid()}{path.suffix}")):
+        log = open(candidate, "ab")
+        try:
+            fcntl.flock(log, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.close()
+            continue
+        log.truncate(0)
+        if candidate != path:
+            print(f"kmlbus.vm: {path} is in use by another run; console goes to {candidate}",
+                  file=sys.stderr)
+        return candidate, log
+    raise VMError(f"cannot lock a console log next to {path}")
+
+
 def _attempt(
-    argv: list[str], console: Path, nonce: str, echo: bool, deadline: float,
+    argv: list[str], log: IO[bytes], nonce: str, echo: bool, deadline: float,
     boot_grace: float | None,
 ) -> tuple[_Console, bool, bool, float]:
     """Run QEMU once. Returns (console, timed_out, never_booted, start time)."""
     start = time.monotonic()
-    with open(console, "wb") as log:
-        con = _Console(log, nonce, echo)
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            )
-        except FileNotFoundError:
-            raise VMError(f"{_QEMU} not found; install it with `apt-get install qemu-system-x86`")
-        assert proc.stdout is not None
-        fd = proc.stdout.fileno()
-        timed_out = never_booted = False
-        exit_seen: float | None = None
-        try:
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    timed_out = True
+    log.truncate(0)
+    con = _Console(log, nonce, echo)
+    try:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+    except FileNotFoundError:
+        raise VMError(f"{_QEMU} not found; install it with `apt-get install qemu-system-x86`")
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    timed_out = never_booted = False
+    exit_seen: float | None = None
+    try:
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                timed_out = True
+                break
+            if boot_grace is not None and now - start > boot_grace and not con.marker("BOOT"):
+                never_booted = True
+                break
+            if exit_seen is None and (con.marker("EXIT") or con.marker("FAIL")):
+                exit_seen = now
+            if exit_seen is not None and now - exit_seen > POWEROFF_GRACE:
+                break  # the guest reported but did not power off: no need to wait
+            ready, _, _ = select.select([fd], [], [], min(1.0, deadline - now))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
                     break
-                if boot_grace is not None and now - start > boot_grace and not con.marker("BOOT"):
-                    never_booted = True
-                    break
-                if exit_seen is None and (con.marker("EXIT") or con.marker("FAIL")):
-                    exit_seen = now
-                if exit_seen is not None and now - exit_seen > POWEROFF_GRACE:
-                    break  # the guest reported but did not power off: no need to wait
-                ready, _, _ = select.select([fd], [], [], min(1.0, deadline - now))
-                if ready:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        break
-                    con.feed(chunk)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            proc.stdout.close()
-        if con.partial:
-            con.feed(b"\n")
-        if proc.returncode not in (0, None, -9) and not con.markers:
-            con.lines.append(f"(QEMU exited with status {proc.returncode})")
+                con.feed(chunk)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    if con.partial:
+        con.feed(b"\n")
+    if proc.returncode not in (0, None, -9) and not con.markers:
+        con.lines.append(f"(QEMU exited with status {proc.returncode})")
     return con, timed_out, never_booted, start
 
 
@@ -284,8 +308,10 @@ def boot(
     if build:
         build_modules(kver, project, echo=echo)
     initrd = ensure_initramfs(kver, project)
-    console = Path(console) if console is not None else project / "vm-out" / "console.log"
-    console.parent.mkdir(parents=True, exist_ok=True)
+    kernel = boot_image(kver, project)
+    console, log = _open_console(
+        Path(console) if console is not None else project / "vm-out" / "console.log"
+    )
     dmesg_file = console.with_name(console.stem + ".dmesg.log")
     smp = smp or min(2, os.cpu_count() or 1)
 
@@ -298,10 +324,10 @@ def boot(
     deadline = time.monotonic() + timeout
     try:
         while True:
-            argv = qemu_argv(kver=kver, initrd=initrd, project=project, accel=chosen,
+            argv = qemu_argv(kernel=kernel, initrd=initrd, project=project, accel=chosen,
                              memory=memory, smp=smp, nonce=nonce, job=job)
             grace = KVM_BOOT_GRACE if chosen == "kvm" and accel == "auto" else None
-            con, timed_out, never_booted, start = _attempt(argv, console, nonce, echo, deadline, grace)
+            con, timed_out, never_booted, start = _attempt(argv, log, nonce, echo, deadline, grace)
             if never_booted:
                 print("kmlbus.vm: the KVM guest never reported; retrying with TCG", file=sys.stderr)
                 chosen = "tcg"
@@ -334,6 +360,7 @@ def boot(
         result.console_tail = con.lines[-TAIL_LINES:]
         return result
     finally:
+        log.close()
         shutil.rmtree(job, ignore_errors=True)
 
 

@@ -1,0 +1,1 @@
+"""VM test suite: runs inside the QEMU guest via ``python -m kmlbus.vm test``."""

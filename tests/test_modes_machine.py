@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from modes import graph as mgraph
-from modes.machine import ModeError, ProxyModes, TransitionRecord, shortest_path
+from modes.machine import ECHO_TIMEOUT_S, ModeError, ProxyModes, TransitionRecord, shortest_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -209,7 +209,7 @@ def test_a_lost_echo_stops_masking_events_after_the_timeout() -> None:
     clk = FakeClock()
     p = ProxyModes("p", initial="learning", clock=clk)
     p.apply(Req("learning", "collaboration"))
-    clk.t += 5.0
+    clk.t += ECHO_TIMEOUT_S + 0.1
     rec = p.sync_kernel("emergency", "stale", "collaboration")
     assert rec is not None and p.mode == "emergency"
 
@@ -275,3 +275,11 @@ def test_modes_package_is_clean_under_mypy_strict() -> None:
         [sys.executable, "-m", "mypy", "--strict", "modes/"],
         cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_after_lost_events_the_machine_follows_the_kernel_mode_read_back() -> None:
+    p = ProxyModes("p", initial="learning")
+    p.apply(Req("learning", "collaboration"))  # its echo, and more, were lost
+    rec = p.events_lost("emergency")
+    assert rec is not None and p.mode == "emergency" and p.unacknowledged == 0
+    assert p.events_lost("emergency") is None

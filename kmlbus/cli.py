@@ -184,6 +184,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(args)
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Inspect a recorded trace, evaluate a model on it offline, or fit one from it."""
+    from kmlbus import traces
+
+    return traces.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so tests can inspect it)."""
     ap = argparse.ArgumentParser(prog="kmlbus", description=__doc__.split("\n")[0])
@@ -215,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")
     s.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("trace", help="recorded traces: show, evaluate MODEL, fit (offline, no kernel)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m kmlbus.traces")
+    s.set_defaults(func=cmd_trace)
 
     s = sub.add_parser("demo", help="drive the sample proxy through its modes (boots the VM if needed)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")

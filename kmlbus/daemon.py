@@ -40,6 +40,7 @@ from kmlbus import codec, netlink, pins, statefile
 from kmlbus.config import Config, ConfigError, ProxySchema, load
 from kmlbus.dispatcher import DispatchError, Dispatcher
 from kmlbus.registry import ModelError, ModelRegistry
+from kmlbus.traces import TraceWriter
 from modes import graph as mgraph
 from modes.evidence import Evidence
 from modes.machine import ModeError, ProxyModes, TransitionRecord
@@ -90,6 +91,10 @@ class Bus:
         self.proxies: dict[int, ProxyState] = {}
         self.stop = threading.Event()
         self.stats = {"reconnects": 0, "malformed": 0, "send_errors": 0, "refused_moves": 0}
+        #: msgpack trace of every batch, when the config asks for one (``[bus] trace``).
+        self.trace: TraceWriter | None = None
+        if config.bus.trace is not None:
+            self.trace = TraceWriter(config.bus.trace, append=True)
         self._next_tick = 0.0
         self._next_housekeeping = 0.0
         #: Telemetry/feedback per proxy and arm, for the demo's observer (not evidence).
@@ -130,6 +135,8 @@ class Bus:
             self._log_transition(name, rec)
 
         modes.subscribe(on_transition)
+        if self.trace is not None:
+            self.trace.add_schema(schema)
         try:
             self.registry.bind(schema)
         except (ModelError, ConfigError) as e:
@@ -163,10 +170,17 @@ class Bus:
             return
         try:
             if m.op == "telemetry":
+                if self.trace is not None:
+                    self.trace.telemetry(ps.name, m.attrs["records"])
                 self._on_telemetry(ps, m.attrs["records"])
             elif m.op == "feedback":
+                if self.trace is not None:
+                    self.trace.feedback(ps.name, m.attrs["feedback"])
                 ps.evidence.add_feedback(m.attrs["feedback"])
             elif m.op == "mode-event":
+                if self.trace is not None:
+                    self.trace.mode(ps.name, int(m.attrs["mode"]), int(m.attrs.get("old-mode", 0)),
+                                    int(m.attrs.get("reason", 0)))
                 mode = codec.enum_name("mode", int(m.attrs["mode"]))
                 reason = codec.enum_name("reason", int(m.attrs.get("reason", 0)))
                 ps.modes.sync_kernel(mode, reason)
@@ -189,6 +203,8 @@ class Bus:
             ps.slow_batches = 0
             self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
         if len(recs) and duty(ps.modes.mode).recommend and self.conn is not None:
+            if self.trace is not None:
+                self.trace.recs(ps.name, recs)
             try:
                 self.conn.recommend(ps.id, recs)
             except netlink.NetlinkError as e:
@@ -329,6 +345,8 @@ class Bus:
         self.write_state()
         self.conn.close()
         self.conn = None
+        if self.trace is not None:
+            self.trace.close()
 
 
 class _Reconnect(Exception):

@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, turn known failures into one-line messages."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trace"]:  # its own parser takes every remaining argument, --help included
+        from kmlbus import traces
+
+        return traces.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -20,7 +20,6 @@ Run: ``python -m kmlbus.bench_wire``.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,16 +40,23 @@ _PR2_TYPES = {
 }
 
 
-def _timeit(fn: Callable[[], Any], n: int, rounds: int = 7) -> float:
-    """Median seconds per call of *fn* over *rounds* rounds of *n* calls."""
-    fn()  # warm up caches, lazy tables, the kernel's socket state
-    per: list[float] = []
+def _compare(cases: dict[str, tuple[Callable[[], Any], int]], rounds: int = 9) -> dict[str, float]:
+    """Seconds per call of each case: best of *rounds* rounds of its *n* calls.
+
+    Rounds of the cases are interleaved, and the best round is kept, so that
+    load from other processes (a busy host, a TCG guest) hits every
+    alternative alike instead of whichever happened to run during a spike.
+    """
+    for fn, _n in cases.values():
+        fn()  # warm up caches, lazy tables, the kernel's socket state
+    best = {name: float("inf") for name in cases}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        per.append((time.perf_counter() - t0) / n)
-    return statistics.median(per)
+        for name, (fn, n) in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / n)
+    return best
 
 
 def _pr2_name(set_name: str, attr: str) -> str:
@@ -89,8 +95,7 @@ def _kmlbus_requests(sp: kspec.Spec, requests: int, proxy: str) -> dict[str, flo
     from pyroute2.netlink.generic import GenericNetlinkSocket
 
     out: dict[str, float] = {}
-    with nl.Connection() as conn:
-        out["kmlbus_get_raw_us"] = _timeit(lambda: conn.proxy(proxy), requests) * 1e6
+    conn = nl.Connection()
     cls = _pyroute2_msg_class(sp, "proxy")
     get = sp.op_by_name["get"].value
     pr2 = GenericNetlinkSocket()
@@ -105,9 +110,11 @@ def _kmlbus_requests(sp: kspec.Spec, requests: int, proxy: str) -> dict[str, flo
             (reply,) = pr2.nlm_request(msg, msg_type=pr2.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
             return reply.get_attr(_pr2_name("proxy", "nkeys"))
 
-        out["kmlbus_get_pyroute2_us"] = _timeit(pr2_get, max(requests // 5, 20)) * 1e6
+        t = _compare({"raw": (lambda: conn.proxy(proxy), requests), "pr2": (pr2_get, max(requests // 5, 20))})
+        out["kmlbus_get_raw_us"], out["kmlbus_get_pyroute2_us"] = t["raw"] * 1e6, t["pr2"] * 1e6
     finally:
         pr2.close()
+        conn.close()
     out["kmlbus_get_pyroute2_x"] = out["kmlbus_get_pyroute2_us"] / out["kmlbus_get_raw_us"]
     return out
 
@@ -123,7 +130,7 @@ def _telemetry_message(sp: kspec.Spec, batch: int) -> bytes:
 
 def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool = True,
         proxy: str = "sample") -> dict[str, float]:
-    """Measure and return times (``*_us``, median microseconds) and ratios (``*_x``).
+    """Measure and return times (``*_us``, best-round microseconds per call) and ratios (``*_x``).
 
     Ratios are the alternative's time over the baseline's, measured in this
     same run: ``request_pyroute2_x`` (pyroute2 / raw request),
@@ -135,12 +142,10 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
     out: dict[str, float] = {"batch": float(batch)}
 
     # --- request/reply against nlctrl -------------------------------------------
-    with nl.GenlSocket() as raw:
-        out["request_raw_us"] = _timeit(lambda: raw.get_family("nlctrl"), requests) * 1e6
-
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
     from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, GenericNetlinkSocket, ctrlmsg
 
+    raw = nl.GenlSocket()
     pr2 = GenericNetlinkSocket()
     try:
         pr2.bind("nlctrl", ctrlmsg)
@@ -153,9 +158,12 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
             (reply,) = pr2.nlm_request(msg, msg_type=GENL_ID_CTRL, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
             return reply.get_attr("CTRL_ATTR_FAMILY_ID")
 
-        out["request_pyroute2_us"] = _timeit(pr2_request, max(requests // 5, 20)) * 1e6
+        t = _compare({"raw": (lambda: raw.get_family("nlctrl"), requests),
+                      "pr2": (pr2_request, max(requests // 5, 20))})
+        out["request_raw_us"], out["request_pyroute2_us"] = t["raw"] * 1e6, t["pr2"] * 1e6
     finally:
         pr2.close()
+        raw.close()
 
     # --- decoding one telemetry batch -------------------------------------------
     data = _telemetry_message(sp, batch)
@@ -188,9 +196,10 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
 
     assert numpy_view().tobytes() == pyroute2_decode().tobytes()
     assert len(struct_records()) == batch
-    out["decode_numpy_us"] = _timeit(numpy_view, decodes) * 1e6
-    out["decode_pyroute2_us"] = _timeit(pyroute2_decode, max(decodes // 10, 50)) * 1e6
-    out["decode_struct_us"] = _timeit(struct_records, max(decodes // 5, 50)) * 1e6
+    t = _compare({"numpy": (numpy_view, decodes), "pr2": (pyroute2_decode, max(decodes // 10, 50)),
+                  "struct": (struct_records, max(decodes // 5, 50))})
+    out["decode_numpy_us"], out["decode_pyroute2_us"], out["decode_struct_us"] = (
+        t["numpy"] * 1e6, t["pr2"] * 1e6, t["struct"] * 1e6)
     out["decode_numpy_ns_per_record"] = out["decode_numpy_us"] * 1e3 / batch
 
     out["request_pyroute2_x"] = out["request_pyroute2_us"] / out["request_raw_us"]

@@ -46,7 +46,7 @@ def attr_value(attr: kspec.Attr, depth: int = 0) -> st.SearchStrategy[Any]:
         lo, hi = _INT_RANGES[attr.type]
         return st.integers(lo, hi)
     if attr.type == "string":
-        return st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=40)
+        return st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]), max_size=40)
     if attr.type == "binary":
         return struct_array(attr.struct) if attr.struct else st.binary(max_size=64)
     if attr.type == "flag":
@@ -64,7 +64,7 @@ def attrs_of(set_name: str, names: tuple[str, ...] | None, depth: int = 0) -> st
     for a in picked:
         v = attr_value(a, depth)
         optional[a.name] = st.lists(v, min_size=1, max_size=4) if a.multi else v
-    return st.fixed_dictionaries({}, optional=optional)  # type: ignore[arg-type]
+    return st.fixed_dictionaries({}, optional=optional)
 
 
 def op_lists() -> list[tuple[str, str, tuple[str, ...]]]:

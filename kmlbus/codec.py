@@ -114,7 +114,8 @@ class Message:
     ``type`` is the nlmsg type (the family id for genl messages, or
     ``NLMSG_ERROR``/``NLMSG_DONE``); ``cmd``/``op`` are the genl command and
     its spec name (``""`` when unknown or not a kmlbus message).  ``error`` is
-    a positive errno (0 for an ACK or a success), as in :mod:`errno`;
+    the kernel's value as on the wire: a negative errno (``-errno.EINVAL``),
+    0 for an ACK or a successful dump;
     ``extack`` is the kernel's extended-ack message.  ``extack_missing`` is the
     number of a required attribute the kernel says is missing (-1 if none).
     ``payload`` keeps the raw attribute bytes of genl messages that were not
@@ -465,7 +466,7 @@ def _decode_err(buf: bytes, a: int, b: int, mflags: int, msg: Message) -> None:
     """Fill *msg* from an NLMSG_ERROR payload: errno, then extack TLVs."""
     if b - a < _ERRNO.size:
         raise CodecError(f"NLMSG_ERROR payload of {b - a} bytes has no error code")
-    msg.error = -_ERRNO.unpack_from(buf, a)[0]
+    msg.error = _ERRNO.unpack_from(buf, a)[0]
     if b - a < _ERRNO.size + _NLMSGHDR.size:
         return  # a bare errno (NLMSG_DONE carries only this)
     echoed_len = _NLMSGHDR.unpack_from(buf, a + _ERRNO.size)[0]
@@ -510,7 +511,7 @@ def decode_one(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: in
             _decode_err(buf, a, b, mflags, msg)
         elif mtype == NLMSG_DONE:
             if b - a >= _ERRNO.size:
-                msg.error = -_ERRNO.unpack_from(buf, a)[0]
+                msg.error = _ERRNO.unpack_from(buf, a)[0]
                 if mflags & NLM_F_ACK_TLVS:
                     _decode_extack(buf, a + _ERRNO.size, b, msg)
         elif mtype >= NLMSG_MIN_TYPE:

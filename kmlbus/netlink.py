@@ -373,7 +373,7 @@ class GenlSocket:
         info: FamilyInfo | None = None
         for m in self.transact(req, seq):
             if m.error:
-                raise NetlinkError(m.error, m.extack, "getfamily", "nlctrl")
+                raise NetlinkError(-m.error, m.extack, "getfamily", "nlctrl")
             if m.type == GENL_ID_CTRL:
                 try:
                     info = _parse_family(m.payload)
@@ -496,14 +496,15 @@ class Connection(GenlSocket):
             bad = _bad_attr_name(req, m.extack_offset, set_name)
             if bad:
                 text = f"{text} [attribute {bad}]" if text else f"bad attribute {bad}"
-        return NetlinkError(m.error, text, op, self.family_name or self.spec.name)
+        return NetlinkError(-m.error, text, op, self.family_name or self.spec.name)
 
     def request_raw(self, cmd: int, payload: bytes, *, flags: int = codec.NLM_F_REQUEST | codec.NLM_F_ACK,
                     timeout: float | None = None) -> list[Message]:
         """Send an arbitrary attribute *payload* as command *cmd* (for fuzzing).
 
         Returns every answering message, the terminating ERROR/DONE included;
-        kernel errors are reported in ``Message.error``/``.extack``, not raised.
+        kernel errors are reported in ``Message.error`` (negative errno, as on the
+        wire) and ``.extack``, not raised.
         """
         seq = self.next_seq()
         req = codec.pack_genlmsg(self.family_id, cmd, self.spec.version, payload, seq=seq, flags=flags)

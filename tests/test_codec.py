@@ -271,14 +271,14 @@ def _nlmsgerr(err: int, request: bytes, tlvs: bytes, *, capped: bool) -> bytes:
 
 
 @pytest.mark.parametrize("capped", [True, False])
-def test_nlmsg_error_gives_positive_errno_and_extack(capped: bool) -> None:
+def test_nlmsg_error_gives_the_kernel_errno_and_extack(capped: bool) -> None:
     req = codec.encode_msg(FAMILY, "set-mode", {"id": 1, "mode": 3}, seq=77, flags=codec.NLM_F_REQUEST)
     tlvs = (codec.pack_attr(codec.NLMSGERR_ATTR_MSG, b"illegal mode change\0")
             + codec.pack_attr(codec.NLMSGERR_ATTR_OFFS, struct.pack("=I", 28))
             + codec.pack_attr(codec.NLMSGERR_ATTR_MISS_TYPE, struct.pack("=I", 1)))
     (m,) = codec.decode_msg(_nlmsgerr(-22, req, tlvs, capped=capped))
     assert (m.type, m.seq, m.error, m.extack, m.extack_offset, m.extack_missing) == (
-        codec.NLMSG_ERROR, 77, 22, "illegal mode change", 28, 1)
+        codec.NLMSG_ERROR, 77, -22, "illegal mode change", 28, 1)
 
 
 def test_ack_and_done_decode_with_error_zero() -> None:

@@ -100,13 +100,13 @@ def test_do_request_gets_its_reply_then_an_ack(sock: nl.GenlSocket) -> None:
 def test_policy_violation_carries_the_extack_message_and_offset(sock: nl.GenlSocket) -> None:
     # CTRL_ATTR_FAMILY_ID is NLA_U16: one byte fails the kernel's policy check.
     (err,) = ctrl(sock, nl.CTRL_CMD_GETFAMILY, codec.pack_attr(nl.CTRL_ATTR_FAMILY_ID, b"\x01"))
-    assert err.type == codec.NLMSG_ERROR and err.error in (errno.EINVAL, errno.ERANGE)
+    assert err.type == codec.NLMSG_ERROR and -err.error in (errno.EINVAL, errno.ERANGE)
     assert err.extack and err.extack_offset == 16 + 4  # the attribute right after nlmsghdr + genlmsghdr
 
 
 def test_unknown_command_is_eopnotsupp(sock: nl.GenlSocket) -> None:
     (err,) = ctrl(sock, 0xEE, b"")
-    assert err.error == errno.EOPNOTSUPP
+    assert err.error == -errno.EOPNOTSUPP
 
 
 def test_request_without_an_answer_times_out_with_a_kmlbus_error(sock: nl.GenlSocket) -> None:

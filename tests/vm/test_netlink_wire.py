@@ -104,7 +104,7 @@ def test_request_raw_reports_kernel_errors_without_raising(modules: Any) -> None
     with Connection() as c:
         replies = c.request_raw(SPEC.op_by_name["attach"].value, b"")  # no proxy id
         assert replies[-1].type == codec.NLMSG_ERROR
-        assert replies[-1].error == errno.EINVAL and replies[-1].extack
+        assert replies[-1].error == -errno.EINVAL and replies[-1].extack
         ok = c.request_raw(SPEC.op_by_name["get"].value, codec.encode_attrs("proxy", {"name": "sample"}))
         assert [m.type for m in ok] == [c.family_id, codec.NLMSG_ERROR] and ok[-1].error == 0
         assert ok[0].attrs["name"] == "sample"

@@ -31,6 +31,8 @@ def _vm_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smp", type=int, help="guest CPUs (default: min(2, host CPUs))")
     parser.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                         help="QEMU accelerator (default: KVM only when usable, else TCG)")
+    parser.add_argument("--no-python-image", dest="python_image", action="store_false",
+                        help="read the host Python over 9p instead of an ext4 image of it")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="do not stream the console (it is still saved)")
 
@@ -77,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmd = pytest_command(rest)
     return run(cmd, kver=args.kver, build=args.build, timeout=args.timeout, console=args.console,
                memory=args.memory, smp=args.smp, accel=args.accel, echo=not args.quiet,
-               cwd=project_root())
+               cwd=project_root(), python_image=args.python_image)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ __all__ = [
     "parse_show_depends",
 ]
 
-#: Modules the guest needs before it can mount 9p over virtio-pci.
-BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay")
+#: Modules the guest needs to mount 9p over virtio-pci, the overlay root and
+#: the ext4 image of the host Python (`pyimage`).
+BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "overlay", "virtio_blk", "ext4")
 
 #: 9p message size: larger messages mean fewer round trips through QEMU.
 MSIZE = 512000  # the virtio transport caps msize at 512000
@@ -62,12 +63,13 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-nonce=unset work= job=
+nonce=unset work= job= python=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         kmlbus_nonce=*) nonce=${arg#*=} ;;
         kmlbus_work=*) work=${arg#*=} ;;
         kmlbus_job=*) job=${arg#*=} ;;
+        kmlbus_python=*) python=${arg#*=} ;;
     esac
 done
 
@@ -76,7 +78,8 @@ die() { say FAIL "$*"; sync; poweroff -f; sleep 60; }
 
 say BOOT
 for m in @MODULES@; do
-    insmod "/lib/modules/$m" || die "insmod $m failed"
+    # not fatal: e.g. crc32c-intel may not fit the CPU; a missing piece shows at mount
+    insmod "/lib/modules/$m" || echo "kmlbus-vm init: insmod $m failed"
 done
 
 R=/newroot
@@ -92,6 +95,10 @@ mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overla
     || die "cannot mount the overlay root"
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@ work "$R$work" \
     || die "cannot mount the project (9p tag work) at $work"
+if [ -n "$python" ]; then
+    # the host's Python installation as an ext4 disk (see kmlbus/vm/pyimage.py)
+    mount -t ext4 -o ro,noload /dev/vda "$R$python" || die "cannot mount the Python image at $python"
+fi
 mount -t proc proc $R/proc || die "mount proc"
 mount -t sysfs sysfs $R/sys || die "mount sysfs"
 mount -t devtmpfs devtmpfs $R/dev || die "mount devtmpfs"

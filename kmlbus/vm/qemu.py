@@ -35,6 +35,7 @@ from typing import IO
 
 from . import dmesg as dmesg_mod
 from .initramfs import ensure_initramfs
+from .pyimage import ensure_python_image
 from .kernels import VMError, boot_image, build_modules, newest_kernel, project_root, vmlinuz
 
 __all__ = [
@@ -156,14 +157,22 @@ def job_script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
 
 def qemu_argv(
     *, kernel: Path, initrd: Path, project: Path, accel: str, memory: str, smp: int,
-    nonce: str, job: Path,
+    nonce: str, job: Path, python_image: tuple[Path, Path] | None = None,
 ) -> list[str]:
-    """The QEMU command line (see /work/shared/ENVIRONMENT.md for why each part)."""
+    """The QEMU command line (see /work/shared/ENVIRONMENT.md for why each part).
+
+    *python_image* is (ext4 image, mount point) from `pyimage.ensure_python_image`.
+    """
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     append = " ".join([
         "console=ttyS0", "panic=-1", "quiet", "8250.nr_uarts=1",
         f"kmlbus_nonce={nonce}", f"kmlbus_work={project}", f"kmlbus_job={job}",
+        *([f"kmlbus_python={python_image[1]}"] if python_image else []),
     ])
+    disk = [
+        "-drive", f"file={python_image[0]},if=none,id=python,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=python",
+    ] if python_image else []
     return [
         _QEMU, "-nodefaults", "-no-user-config", *cpu,
         "-m", memory, "-smp", str(smp),
@@ -171,6 +180,7 @@ def qemu_argv(
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={project},mount_tag=work,security_model=none,multidevs=remap",
+        *disk,
     ]
 
 
@@ -292,6 +302,7 @@ def boot(
     echo: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    python_image: bool = True,
 ) -> VMResult:
     """Build the modules, boot the guest, run *cmd* there and collect the outcome.
 
@@ -309,6 +320,7 @@ def boot(
         build_modules(kver, project, echo=echo)
     initrd = ensure_initramfs(kver, project)
     kernel = boot_image(kver, project)
+    image = ensure_python_image(project, echo=echo) if python_image else None
     console, log = _open_console(
         Path(console) if console is not None else project / "vm-out" / "console.log"
     )
@@ -325,7 +337,7 @@ def boot(
     try:
         while True:
             argv = qemu_argv(kernel=kernel, initrd=initrd, project=project, accel=chosen,
-                             memory=memory, smp=smp, nonce=nonce, job=job)
+                             memory=memory, smp=smp, nonce=nonce, job=job, python_image=image)
             grace = KVM_BOOT_GRACE if chosen == "kvm" and accel == "auto" else None
             con, timed_out, never_booted, start = _attempt(argv, log, nonce, echo, deadline, grace)
             if never_booted:
@@ -405,6 +417,7 @@ def run(
     echo: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    python_image: bool = True,
 ) -> int:
     """Run *cmd* in the guest (options as for `boot`) and return an exit code.
 
@@ -414,7 +427,8 @@ def run(
     """
     try:
         result = boot(cmd, kver=kver, build=build, timeout=timeout, console=console,
-                      memory=memory, smp=smp, accel=accel, echo=echo, env=env, cwd=cwd)
+                      memory=memory, smp=smp, accel=accel, echo=echo, env=env, cwd=cwd,
+                      python_image=python_image)
     except VMError as exc:
         print(f"kmlbus.vm: {exc}", file=sys.stderr)
         return EXIT_NO_STATUS

@@ -97,6 +97,7 @@ class Bus:
             self.trace = TraceWriter(config.bus.trace, append=True)
         self._next_tick = 0.0
         self._next_housekeeping = 0.0
+        self._overruns = 0
         #: Telemetry/feedback per proxy and arm, for the demo's observer (not evidence).
         self.started = clock()
 
@@ -125,7 +126,16 @@ class Bus:
         assert self.conn is not None
         schema = ProxySchema.from_attrs(attrs)
         kmode = codec.enum_name("mode", int(attrs.get("mode", 0)))
-        modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock)
+        pid = schema.id
+
+        def mirror(_source: str, dest: str, reason: str) -> None:
+            # Every move the machine makes (policy, fault, operator pin) goes to
+            # the kernel first; a refusal raises and the machine does not move.
+            if self.conn is None:
+                raise netlink.KmlbusError("no connection to the kernel")
+            self.conn.set_mode(pid, dest, reason)
+
+        modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock, mirror=mirror)
         r = schema.recommendation
         bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
         ps = ProxyState(schema.id, schema.name, schema, modes, Evidence(modes, bounds=bounds))
@@ -183,7 +193,8 @@ class Bus:
                                     int(m.attrs.get("reason", 0)))
                 mode = codec.enum_name("mode", int(m.attrs["mode"]))
                 reason = codec.enum_name("reason", int(m.attrs.get("reason", 0)))
-                ps.modes.sync_kernel(mode, reason)
+                old_mode = codec.enum_name("mode", int(m.attrs.get("old-mode", 0)))
+                ps.modes.sync_kernel(mode, reason, old_mode)
         except (KeyError, ValueError, TypeError, ModeError) as e:
             self.stats["malformed"] += 1
             log.warning("proxy %s: malformed %s message ignored: %s", ps.name, m.op, e)
@@ -222,12 +233,10 @@ class Bus:
         if d is None or self.conn is None:
             return
         try:
-            self.conn.set_mode(ps.id, d.target, d.reason)
+            ps.modes.apply(d)  # mirrors to the kernel first (see _adopt)
         except netlink.NetlinkError as e:
             self.stats["refused_moves"] += 1
             log.warning("proxy %s: kernel refused %s -> %s: %s", ps.name, d.source, d.target, e)
-            return
-        ps.modes.apply(d)
 
     def tick(self) -> None:
         """Let the policy judge every proxy's evidence."""
@@ -239,11 +248,16 @@ class Bus:
         """Check attachments, hot-swap models, follow pins, publish state."""
         assert self.conn is not None
         seen = {int(a["id"]): a for a in self.conn.proxies()}
+        overruns = self.conn.stats.get("overruns", 0)
         for ps in list(self.proxies.values()):
             a = seen.get(ps.id)
             if a is None or a.get("name") != ps.name or int(a.get("bus-portid", 0)) != self.conn.portid:
                 # Module reloaded (ids and groups may be new) or someone detached us.
                 raise _Reconnect(f"proxy {ps.name} is no longer attached to this bus")
+            if overruns != self._overruns:
+                # The socket overflowed: mode events may be lost; the kernel's word wins.
+                ps.modes.events_lost(codec.enum_name("mode", int(a.get("mode", 0))))
+        self._overruns = overruns
         if any(str(a.get("name")) in self.config.proxies and i not in self.proxies
                for i, a in seen.items()):
             raise _Reconnect("a configured proxy appeared")
@@ -259,7 +273,7 @@ class Bus:
             if want and ps.modes.pinned != want:
                 try:
                     ps.modes.pin(want)
-                except ModeError as e:
+                except (ModeError, netlink.NetlinkError) as e:
                     log.warning("proxy %s: pin %s not possible: %s", ps.name, want, e)
             elif not want and ps.modes.pinned is not None:
                 ps.modes.unpin()

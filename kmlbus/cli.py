@@ -174,14 +174,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks against a raw-socket floor measured in the same run."""
     from kmlbus import bench
 
-    return bench.main(args)
+    return int(bench.main(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Sample proxy driven through its modes by a good, then a bad model."""
     from kmlbus import demo
 
-    return demo.main(args)
+    return int(demo.main(args))
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")
-    s.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    s.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
+    s.add_argument("--rate", type=int, default=20000, help="sample decisions per second for (b)")
+    s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("trace", help="recorded traces: show, evaluate MODEL, fit (offline, no kernel)",

@@ -1,0 +1,292 @@
+"""``kmlbus bench``: what the bus costs, as ratios against a floor measured in the same run.
+
+Two measurements against the real module and the sample proxy:
+
+(a) decision round trip.  For each telemetry batch: from the newest sample's
+    kernel timestamp (``ts-ns``, CLOCK_MONOTONIC) and from the moment the
+    batch was read, to the moment the kernel acknowledged the recommendations
+    made from it.  The bus path decodes the batch, updates evidence, runs the
+    ONNX model and sends one ``recommend``; the floor is a raw-socket echo
+    through the same family that answers every batch with one pre-encoded
+    recommendation and no decoding at all.
+
+(b) batched throughput.  Samples per second taken off the socket by the whole
+    bus (decode, evidence, model, recommendations) versus a bare raw-socket
+    reader that only counts records, with the sample workload running as fast
+    as the ``--rate`` asks; the kernel's own production rate and drops are
+    printed beside them.
+
+Numbers are printed, never asserted: these machines are noisy and QEMU's TCG
+is several times slower than hardware.  Where this kernel cannot load
+modules, the benchmark runs itself inside the VM (:mod:`kmlbus.vm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kmlbus import codec, models, netlink, spec
+from kmlbus.config import loads
+from kmlbus.daemon import Bus
+
+__all__ = ["main"]
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+RATE_PARAM = Path("/sys/module/kmlbus_sample/parameters/rate")
+
+
+@dataclass
+class Lat:
+    """Latencies (ns) of one path: from kernel timestamp, and user-space only."""
+
+    e2e: list[int]
+    user: list[int]
+
+    def pct(self, which: str, q: float) -> float:
+        v = getattr(self, which)
+        return float(np.percentile(v, q)) / 1000.0 if v else float("nan")
+
+
+def _set_rate(rate: int) -> None:
+    RATE_PARAM.write_text(f"{rate}\n")
+
+
+def _records_attr() -> int:
+    return spec.load().attr_sets["proxy"].by_name["records"].value
+
+
+def _ts_max(payload: memoryview, attr_records: int, rec_size: int, ts_off: int) -> tuple[int, int]:
+    """(records, newest ts-ns) of one genl telemetry message payload, minimal parse."""
+    off, n, ts = 4, 0, 0  # skip genlmsghdr
+    while off + 4 <= len(payload):
+        alen, atype = struct.unpack_from("=HH", payload, off)
+        if alen < 4:
+            break
+        if atype & 0x3FFF == attr_records:
+            k = (alen - 4) // rec_size
+            n += k
+            if k:
+                ts = struct.unpack_from("=Q", payload, off + 4 + (k - 1) * rec_size + ts_off)[0]
+        off += (alen + 3) & ~3
+    return n, ts
+
+
+class RawPeer:
+    """A bare raw genl socket on the telemetry group: the floor for both measurements."""
+
+    def __init__(self, family_id: int, group_id: int) -> None:
+        self.family_id = family_id
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        self.sock.bind((0, 0))
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group_id)
+        self.sock.settimeout(0.2)
+        self.buf = bytearray(1 << 17)
+        sp = spec.load()
+        self.attr_records = _records_attr()
+        self.rec_size = sp.structs["sample"].size
+        self.ts_off = sp.structs["sample"].dtype.fields["ts_ns"][1]  # type: ignore[index]
+        self.cmd_telemetry = sp.op_by_name["telemetry"].value
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def batches(self) -> Any:
+        """Yield (records, newest ts, read time) per telemetry message; None on timeout."""
+        view = memoryview(self.buf)
+        while True:
+            try:
+                n = self.sock.recv_into(self.buf)
+            except (socket.timeout, BlockingIOError):
+                yield None
+                continue
+            except OSError:
+                continue  # ENOBUFS: the floor lost messages too; counted by the kernel
+            t = time.monotonic_ns()
+            off = 0
+            while off + 16 <= n:
+                mlen, mtype = struct.unpack_from("=IH", self.buf, off)
+                if mlen < 16:
+                    break
+                if mtype == self.family_id and self.buf[off + 16] == self.cmd_telemetry:
+                    k, ts = _ts_max(view[off + 16:off + mlen], self.attr_records, self.rec_size, self.ts_off)
+                    yield k, ts, t
+                off += (mlen + 3) & ~3
+
+
+def _echo_request(family_id: int, proxy_id: int) -> bytearray:
+    recs = np.zeros(1, dtype=spec.load().structs["rec"].dtype)
+    recs["value"], recs["ttl_ms"] = 8, 100
+    return bytearray(codec.encode_msg(family_id, "recommend", {"id": proxy_id, "recs": recs}, seq=1,
+                                      flags=codec.NLM_F_REQUEST | codec.NLM_F_ACK))
+
+
+def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> Lat:
+    """Raw echo: answer each telemetry batch with one pre-encoded recommend, wait for its ACK."""
+    peer = RawPeer(conn.family_id, conn.groups["telemetry"])
+    req = _echo_request(conn.family_id, proxy_id)
+    ack = bytearray(4096)
+    out = Lat([], [])
+    seq = 1
+    end = time.monotonic() + seconds
+    try:
+        for item in peer.batches():
+            if time.monotonic() >= end:
+                break
+            if item is None or item[0] == 0:
+                continue
+            _, ts, t_read = item
+            seq += 1
+            struct.pack_into("=I", req, 8, seq)
+            peer.sock.send(req)
+            while True:  # the ACK, skipping multicast that arrives meanwhile
+                n = peer.sock.recv_into(ack)
+                if n >= 16 and struct.unpack_from("=H", ack, 4)[0] == 2 and \
+                        struct.unpack_from("=I", ack, 8)[0] == seq:
+                    break
+            t_done = time.monotonic_ns()
+            out.e2e.append(t_done - ts)
+            out.user.append(t_done - t_read)
+    finally:
+        peer.close()
+    return out
+
+
+def _bus(workdir: Path) -> Bus:
+    (workdir / "good.onnx").write_bytes(models.to_bytes(models.sample_good_model()))
+    cfg = loads("[bus]\nttl_ms = 300\nlatency_budget_ms = 1000\n[proxy.sample]\nmodel = \"good.onnx\"\n",
+                workdir / "bench.toml")
+    bus = Bus(cfg, state_path=workdir / "state.json")
+    if not bus.connect():
+        raise netlink.ModuleNotLoaded()
+    for ps in bus.proxies.values():
+        ps.modes.pin("learning")  # recommending, and held there whatever the evidence
+    return bus
+
+
+def bus_roundtrip(bus: Bus, seconds: float) -> Lat:
+    """The whole bus per batch: decode, evidence, model, recommend (ACKed)."""
+    assert bus.conn is not None
+    out = Lat([], [])
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for m in bus.conn.recv(timeout=0.2):
+            t_read = time.monotonic_ns()
+            bus.handle(m)
+            if m.op == "telemetry" and len(m.attrs.get("records", ())):
+                t_done = time.monotonic_ns()
+                out.e2e.append(t_done - int(m.attrs["records"]["ts_ns"].max()))
+                out.user.append(t_done - t_read)
+    return out
+
+
+def _throughput(loop: Callable[[float], int], conn: netlink.Connection, proxy_id: int,
+                seconds: float) -> tuple[float, float, float]:
+    """(samples/s taken by *loop*, samples/s the kernel produced, drops+unheard/s)."""
+    c0 = conn.proxy(proxy_id)["counters"]
+    t0 = time.monotonic()
+    n = loop(seconds)
+    dt = time.monotonic() - t0
+    c1 = conn.proxy(proxy_id)["counters"]
+    made = (c1["samples"] - c0["samples"]) / dt
+    lost = (c1["drops"] - c0["drops"]) / dt
+    return n / dt, made, lost
+
+
+def main(args: argparse.Namespace) -> int:
+    """``kmlbus bench``: here where the module loads, else inside the VM."""
+    from kmlbus import demo
+
+    if not (getattr(args, "here", False) or demo.can_load_modules()):
+        from kmlbus import vm
+
+        print("kmlbus bench: this kernel cannot load modules; booting the Debian kernel under QEMU",
+              flush=True)
+        return vm.run([sys.executable, "-m", "kmlbus", "bench", "--here", "--seconds", str(args.seconds),
+                       "--rate", str(args.rate)], timeout=args.seconds * 10 + 400)
+    loaded = demo.load_modules()
+    try:
+        return _run(args.seconds, args.rate)
+    finally:
+        if loaded:
+            demo.unload_modules()
+
+
+def _run(seconds: float, rate: int) -> int:
+    work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-"))
+    os.environ.setdefault("KMLBUS_STATE", str(work / "state.json"))
+    ctl = netlink.Connection()
+    pid = int(ctl.proxy("sample")["id"])
+    old_rate = RATE_PARAM.read_text().strip()
+    rows: list[tuple[str, str, float, float]] = []
+    try:
+        _set_rate(500)
+        floor = floor_roundtrip(ctl, pid, seconds)
+        bus = _bus(work)
+        try:
+            bus_roundtrip(bus, 1.0)  # warm up onnxruntime and the caches
+            lat = bus_roundtrip(bus, seconds)
+
+            _set_rate(rate)
+            peer = RawPeer(ctl.family_id, ctl.groups["telemetry"])
+
+            def bare(sec: float) -> int:
+                n, end = 0, time.monotonic() + sec
+                for item in peer.batches():
+                    if time.monotonic() >= end:
+                        break
+                    if item is not None:
+                        n += item[0]
+                return n
+
+            try:
+                raw_tp = _throughput(bare, ctl, pid, seconds)
+            finally:
+                peer.close()
+
+            def whole_bus(sec: float) -> int:
+                assert bus.conn is not None
+                c = bus.dispatcher.counters_of("sample")
+                before = c.records
+                end = time.monotonic() + sec
+                while time.monotonic() < end:
+                    for m in bus.conn.recv(timeout=0.2):
+                        bus.handle(m)
+                return bus.dispatcher.counters_of("sample").records - before
+
+            bus_tp = _throughput(whole_bus, ctl, pid, seconds)
+        finally:
+            bus.shutdown()
+    finally:
+        RATE_PARAM.write_text(old_rate + "\n")
+        ctl.close()
+
+    print(f"\nkmlbus bench ({seconds:.0f} s per measurement; kernel {os.uname().release})\n")
+    print("(a) decision round trip: batch -> recommendation ACKed by the kernel, microseconds")
+    print(f"    {'path':<44} {'p50':>9} {'p99':>9} {'x floor p50':>12} {'batches':>8}")
+    for name, which in (("from newest sample's kernel timestamp", "e2e"), ("from batch read (user space only)", "user")):
+        f50, f99 = floor.pct(which, 50), floor.pct(which, 99)
+        b50, b99 = lat.pct(which, 50), lat.pct(which, 99)
+        print(f"    raw echo floor, {name:<28} {f50:9.0f} {f99:9.0f} {1.0:12.2f} {len(floor.e2e):8d}")
+        print(f"    whole bus,      {name:<28} {b50:9.0f} {b99:9.0f} {b50 / f50:12.2f} {len(lat.e2e):8d}")
+        rows.append((name, which, b50 / f50, b99 / f99))
+    print(f"\n(b) batched throughput at --rate {rate}, samples per second")
+    print(f"    {'reader':<30} {'taken':>10} {'kernel made':>12} {'lost/s':>8} {'x floor':>8}")
+    print(f"    {'bare raw-socket reader':<30} {raw_tp[0]:10.0f} {raw_tp[1]:12.0f} {raw_tp[2]:8.0f} {1.0:8.2f}")
+    print(f"    {'whole bus (model + recs)':<30} {bus_tp[0]:10.0f} {bus_tp[1]:12.0f} {bus_tp[2]:8.0f} "
+          f"{bus_tp[0] / raw_tp[0] if raw_tp[0] else float('nan'):8.2f}")
+    print("\n(x floor: bus / floor for latency, bus / floor for throughput; targets: <= 3x on (a), >= 0.5x on (b))")
+    return 0

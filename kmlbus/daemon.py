@@ -87,7 +87,11 @@ class Bus:
         self.registry = ModelRegistry(config)
         self.dispatcher = Dispatcher(self.registry)
         self.state_path = state_path
+        #: Receives telemetry, feedback and mode events (multicast only).
         self.conn: netlink.Connection | None = None
+        #: Sends requests and owns the attachments.  Separate from :attr:`conn` so
+        #: that a multicast flood overrunning one socket never eats a request's ACK.
+        self.ctl: netlink.Connection | None = None
         self.proxies: dict[int, ProxyState] = {}
         self.stop = threading.Event()
         self.stats = {"reconnects": 0, "malformed": 0, "send_errors": 0, "refused_moves": 0}
@@ -106,12 +110,17 @@ class Bus:
     def connect(self) -> bool:
         """Open the socket, attach configured proxies; False if the module is absent."""
         try:
-            conn = netlink.Connection(groups=("telemetry", "events"))
+            ctl = netlink.Connection()
         except netlink.ModuleNotLoaded:
             return False
-        self.conn = conn
+        try:
+            conn = netlink.Connection(groups=("telemetry", "events"))
+        except BaseException:
+            ctl.close()
+            raise
+        self.conn, self.ctl = conn, ctl
         self.proxies.clear()
-        for attrs in conn.proxies():
+        for attrs in ctl.proxies():
             name = str(attrs.get("name"))
             if name not in self.config.proxies:
                 continue
@@ -123,7 +132,7 @@ class Bus:
 
     def _adopt(self, attrs: dict[str, Any]) -> None:
         """Bind the model, build the machine, attach and parametrise one proxy."""
-        assert self.conn is not None
+        assert self.ctl is not None
         schema = ProxySchema.from_attrs(attrs)
         kmode = codec.enum_name("mode", int(attrs.get("mode", 0)))
         pid = schema.id
@@ -131,9 +140,9 @@ class Bus:
         def mirror(_source: str, dest: str, reason: str) -> None:
             # Every move the machine makes (policy, fault, operator pin) goes to
             # the kernel first; a refusal raises and the machine does not move.
-            if self.conn is None:
+            if self.ctl is None:
                 raise netlink.KmlbusError("no connection to the kernel")
-            self.conn.set_mode(pid, dest, reason)
+            self.ctl.set_mode(pid, dest, reason)
 
         modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock, mirror=mirror)
         r = schema.recommendation
@@ -152,8 +161,8 @@ class Bus:
         except (ModelError, ConfigError) as e:
             log.error("proxy %s: %s; it stays in emergency", schema.name, e)
         g = self.graph.guards
-        self.conn.attach(schema.id)
-        self.conn.set_params(schema.id, share=g.collaboration_share, explore=g.exploration_share)
+        self.ctl.attach(schema.id)
+        self.ctl.set_params(schema.id, share=g.collaboration_share, explore=g.exploration_share)
         self.proxies[schema.id] = ps
         if kmode != "emergency":
             # A new bus has no evidence for the mode a previous one reached.
@@ -164,9 +173,10 @@ class Bus:
     def _lost(self, why: str) -> None:
         """The family went away (module unloaded): forget it and wait for its return."""
         log.warning("kmlbus family lost (%s); waiting for the module to come back", why)
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
+        for c in (self.conn, self.ctl):
+            if c is not None:
+                c.close()
+        self.conn = self.ctl = None
         self.proxies.clear()
         self.stats["reconnects"] += 1
 
@@ -213,11 +223,11 @@ class Bus:
         if ps.slow_batches >= LATENCY_STRIKES:
             ps.slow_batches = 0
             self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
-        if len(recs) and duty(ps.modes.mode).recommend and self.conn is not None:
+        if len(recs) and duty(ps.modes.mode).recommend and self.ctl is not None:
             if self.trace is not None:
                 self.trace.recs(ps.name, recs)
             try:
-                self.conn.recommend(ps.id, recs)
+                self.ctl.recommend(ps.id, recs)
             except netlink.NetlinkError as e:
                 self.stats["send_errors"] += 1
                 log.warning("proxy %s: recommendations refused: %s", ps.name, e)
@@ -230,7 +240,7 @@ class Bus:
 
     def _send_move(self, ps: ProxyState, d: Decision | None) -> None:
         """Mirror a decided move to the kernel, then record it in the machine."""
-        if d is None or self.conn is None:
+        if d is None or self.ctl is None:
             return
         try:
             ps.modes.apply(d)  # mirrors to the kernel first (see _adopt)
@@ -246,12 +256,12 @@ class Bus:
 
     def housekeeping(self) -> None:
         """Check attachments, hot-swap models, follow pins, publish state."""
-        assert self.conn is not None
-        seen = {int(a["id"]): a for a in self.conn.proxies()}
+        assert self.conn is not None and self.ctl is not None
+        seen = {int(a["id"]): a for a in self.ctl.proxies()}
         overruns = self.conn.stats.get("overruns", 0)
         for ps in list(self.proxies.values()):
             a = seen.get(ps.id)
-            if a is None or a.get("name") != ps.name or int(a.get("bus-portid", 0)) != self.conn.portid:
+            if a is None or a.get("name") != ps.name or int(a.get("bus-portid", 0)) != self.ctl.portid:
                 # Module reloaded (ids and groups may be new) or someone detached us.
                 raise _Reconnect(f"proxy {ps.name} is no longer attached to this bus")
             if overruns != self._overruns:
@@ -340,6 +350,11 @@ class Bus:
             if e.errno not in (errno_mod.ENOENT, errno_mod.EOPNOTSUPP):
                 raise
             self._lost(str(e))
+        except netlink.KmlbusError as e:
+            # A request went unanswered (kernel busy, reply lost): count it, carry on;
+            # the next housekeeping pass finds out whether the family is still there.
+            self.stats["send_errors"] += 1
+            log.warning("netlink request failed: %s", e)
 
     def run(self, duration: float | None = None) -> None:
         """Loop until :attr:`stop` is set or *duration* seconds have passed."""
@@ -349,16 +364,17 @@ class Bus:
 
     def shutdown(self) -> None:
         """Detach every proxy (the kernel falls back to emergency) and close."""
-        if self.conn is None:
+        if self.conn is None or self.ctl is None:
             return
         for ps in self.proxies.values():
             try:
-                self.conn.detach(ps.id)
+                self.ctl.detach(ps.id)
             except netlink.KmlbusError as e:
                 log.warning("proxy %s: detach failed: %s", ps.name, e)
         self.write_state()
         self.conn.close()
-        self.conn = None
+        self.ctl.close()
+        self.conn = self.ctl = None
         if self.trace is not None:
             self.trace.close()
 

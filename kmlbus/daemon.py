@@ -184,20 +184,58 @@ class Bus:
 
     def handle(self, m: codec.Message) -> None:
         """Route one multicast message; anything odd is counted, never fatal."""
-        pid = m.attrs.get("id")
-        ps = self.proxies.get(int(pid)) if isinstance(pid, int) else None
-        if ps is None:
-            return
+        self.handle_all([m])
+
+    def handle_all(self, msgs: list[codec.Message]) -> None:
+        """Route what one receive returned, coalescing batches per proxy.
+
+        Consecutive telemetry (and feedback) batches of a proxy are joined into
+        one array, so a bus that fell behind catches up with one inference and
+        one ``recommend`` per proxy instead of one per kernel message.  Mode
+        events keep their place: batches before an event are handled before it.
+        """
+        pending: dict[tuple[int, str], list[np.ndarray]] = {}
+
+        def flush() -> None:
+            for (pid, op), parts in pending.items():
+                ps = self.proxies[pid]
+                arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                self._on_batch(ps, op, arr)
+            pending.clear()
+
+        for m in msgs:
+            pid = m.attrs.get("id")
+            if not isinstance(pid, int) or pid not in self.proxies:
+                continue
+            key = "records" if m.op == "telemetry" else "feedback" if m.op == "feedback" else ""
+            if key:
+                arr = m.attrs.get(key)
+                if not isinstance(arr, np.ndarray):
+                    self.stats["malformed"] += 1
+                    continue
+                pending.setdefault((pid, m.op), []).append(arr)
+            else:
+                flush()
+                self._on_event(self.proxies[pid], m)
+        flush()
+
+    def _on_batch(self, ps: ProxyState, op: str, arr: np.ndarray) -> None:
         try:
-            if m.op == "telemetry":
+            if op == "telemetry":
                 if self.trace is not None:
-                    self.trace.telemetry(ps.name, m.attrs["records"])
-                self._on_telemetry(ps, m.attrs["records"])
-            elif m.op == "feedback":
+                    self.trace.telemetry(ps.name, arr)
+                self._on_telemetry(ps, arr)
+            else:
                 if self.trace is not None:
-                    self.trace.feedback(ps.name, m.attrs["feedback"])
-                ps.evidence.add_feedback(m.attrs["feedback"])
-            elif m.op == "mode-event":
+                    self.trace.feedback(ps.name, arr)
+                ps.evidence.add_feedback(arr)
+        except (KeyError, ValueError, TypeError) as e:
+            self.stats["malformed"] += 1
+            log.warning("proxy %s: malformed %s batch ignored: %s", ps.name, op, e)
+
+    def _on_event(self, ps: ProxyState, m: codec.Message) -> None:
+        try:
+            if m.op == "mode-event":
                 if self.trace is not None:
                     self.trace.mode(ps.name, int(m.attrs["mode"]), int(m.attrs.get("old-mode", 0)),
                                     int(m.attrs.get("reason", 0)))
@@ -333,8 +371,7 @@ class Bus:
                 return
         assert self.conn is not None
         try:
-            for m in self.conn.recv(timeout=timeout):
-                self.handle(m)
+            self.handle_all(self.conn.recv(timeout=timeout))
             now = self.clock()
             if now >= self._next_tick:
                 self._next_tick = now + TICK_S

@@ -53,6 +53,7 @@ __all__ = [
     "NLM_F_REQUEST",
     "decode_attrs",
     "decode_msg",
+    "clear_caches",
     "decode_one",
     "encode_attrs",
     "encode_msg",
@@ -582,3 +583,9 @@ def enum_name(enum: str, value: int) -> str:
     if 0 <= value < len(e.entries):
         return e.entries[value]
     return f"{enum}?{value}"
+
+
+def clear_caches() -> None:
+    """Forget the tables built from the spec (for tests and tools that swap :func:`kmlbus.spec.load`)."""
+    for f in (_tables, _pad_numbers, _by_name, _op_index, _unknown_op, _struct_attr_names):
+        f.cache_clear()

@@ -302,3 +302,31 @@ def test_codec_and_netlink_pass_mypy_strict() -> None:
     r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent",
                         "kmlbus/codec.py", "kmlbus/netlink.py"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_codec_follows_the_spec_file_not_hand_written_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Renumber every attribute and operation of a copy of the spec: the codec must follow.
+    import yaml
+
+    raw = yaml.safe_load(SPEC.path.read_text())
+    for s in raw["attribute-sets"]:
+        for i, a in enumerate(s["attributes"]):
+            a["value"] = 40 + i
+    for i, o in enumerate(raw["operations"]["list"]):
+        o["value"] = 100 + i
+    alt = tmp_path / "alt.yaml"
+    alt.write_text(yaml.safe_dump(raw))
+    alt_spec = kspec.load(alt)
+    monkeypatch.setattr(kspec, "load", lambda path=None: alt_spec)
+    codec.clear_caches()
+    try:
+        raw_msg = codec.encode_msg(FAMILY, "get", {"id": 7, "name": "x"}, seq=1, flags=0)
+        assert raw_msg[16] == alt_spec.op_by_name["get"].value
+        assert [nr for nr, *_ in codec.iter_attrs(raw_msg, 20)] == [alt_spec.attr_sets["proxy"].by_name["id"].value,
+                                                                    alt_spec.attr_sets["proxy"].by_name["name"].value]
+        (m,) = codec.decode_msg(raw_msg)
+        assert (m.op, m.attrs) == ("get", {"id": 7, "name": "x"})
+    finally:
+        monkeypatch.undo()
+        codec.clear_caches()
+    assert codec.encode_attrs("proxy", {"id": 7})[2] == SPEC.attr_sets["proxy"].by_name["id"].value

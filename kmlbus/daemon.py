@@ -199,7 +199,10 @@ class Bus:
         def flush() -> None:
             for (pid, op), parts in pending.items():
                 ps = self.proxies[pid]
-                arr = parts[0] if len(parts) == 1 else np.concatenate(parts)
+                # Joining the raw bytes is several times cheaper than np.concatenate,
+                # which re-derives the structured dtype for every call.
+                arr = parts[0] if len(parts) == 1 else np.frombuffer(
+                    b"".join(p.tobytes() for p in parts), dtype=parts[0].dtype)
                 self._on_batch(ps, op, arr)
             pending.clear()
 

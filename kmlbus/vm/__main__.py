@@ -77,9 +77,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest and rest[0] == "--":
             rest = rest[1:]
         cmd = pytest_command(rest)
-    return run(cmd, kver=args.kver, build=args.build, timeout=args.timeout, console=args.console,
-               memory=args.memory, smp=args.smp, accel=args.accel, echo=not args.quiet,
-               cwd=project_root(), python_image=args.python_image)
+    try:
+        return run(cmd, kver=args.kver, build=args.build, timeout=args.timeout,
+                   console=args.console, memory=args.memory, smp=args.smp, accel=args.accel,
+                   echo=not args.quiet, cwd=project_root(), python_image=args.python_image)
+    except KeyboardInterrupt:
+        print("kmlbus.vm: interrupted; QEMU killed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -125,7 +125,10 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment of the guest command: the host's PATH and Python settings.
 
     The guest's root is writable (a tmpfs overlay on the host root), so HOME
-    can stay the host's (pyenv shims, for one, look there).
+    can stay the host's (pyenv shims, for one, look there).  Bytecode writing
+    stays on: pycs and pytest's rewritten test modules land in the project's
+    ``__pycache__`` folders on the share and make the next boot faster
+    (recompiling under TCG costs seconds per module).
     """
     env = {
         "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
@@ -135,7 +138,6 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         "TERM": "dumb",  # the serial console is a tty; keep ANSI codes out of the log
         "COLUMNS": "100",
         "KMLBUS_IN_VM": "1",
-        "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
     }
     for name in ("PYTHONPATH", "PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV"):

@@ -381,9 +381,9 @@ def boot(
 def report(result: VMResult, *, echo: bool = True) -> None:
     """Print one line per finding to stderr (what failed, where to look)."""
     err = sys.stderr
+    if not echo and result.exit_code != 0 and result.console_tail:
+        err.write("".join(f"  | {line}\n" for line in result.console_tail))
     if result.failure:
-        if not echo and result.console_tail:
-            err.write("".join(f"  | {line}\n" for line in result.console_tail))
         print(f"kmlbus.vm: {result.failure}; console in {result.console}", file=err)
     if result.problems:
         first = result.problems[0]
@@ -396,14 +396,13 @@ def report(result: VMResult, *, echo: bool = True) -> None:
             f"first: {first.strip()!r}; full log in {where}",
             file=err,
         )
-    if echo or result.exit_code:
-        boot_s = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "n/a"
-        status = "none" if result.status is None else str(result.status)
-        print(
-            f"kmlbus.vm: guest status {status}, exit code {result.exit_code}; "
-            f"boot {boot_s}, total {result.total_seconds:.1f} s ({result.accel})",
-            file=err,
-        )
+    boot_s = f"{result.boot_seconds:.1f} s" if result.boot_seconds is not None else "n/a"
+    status = "none" if result.status is None else str(result.status)
+    print(
+        f"kmlbus.vm: guest status {status}, exit code {result.exit_code}; "
+        f"boot {boot_s}, total {result.total_seconds:.1f} s ({result.accel})",
+        file=err,
+    )
 
 
 def run(

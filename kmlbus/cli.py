@@ -8,6 +8,7 @@ change) are printed as one line and exit non-zero, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -115,13 +116,42 @@ def cmd_mode(args: argparse.Namespace) -> int:
         return 2
     with netlink.Connection() as conn:
         pid = _resolve_id(conn, args.proxy)
-        conn.set_mode(pid, args.mode, "operator")
+        name = str(conn.proxy(pid)["name"])
+        previous = pins.load().get(name)
+        if args.pin:
+            # Pin first, so a running bus does not move the proxy between our
+            # request and its next look at the pins.
+            pins.pin(name, args.mode)
+        try:
+            conn.set_mode(pid, args.mode, "operator")
+        except netlink.NetlinkError as e:
+            if args.pin:
+                if previous is None:
+                    pins.unpin(name)
+                else:
+                    pins.pin(name, previous)
+            if e.errno == errno.EINVAL:
+                raise netlink.NetlinkError(e.errno, _refusal(conn, pid, args.mode, e.extack), e.op) from None
+            raise
     if args.pin:
-        pins.pin(args.proxy, args.mode)
-        print(f"{args.proxy}: now {args.mode}, pinned (kmlbus mode {args.proxy} --unpin to release)")
+        print(f"{name}: now {args.mode}, pinned (kmlbus mode {name} --unpin to release)")
     else:
-        print(f"{args.proxy}: now {args.mode}")
+        print(f"{name}: now {args.mode}")
     return 0
+
+
+def _refusal(conn: netlink.Connection, pid: int, want: str, extack: str) -> str:
+    """The kernel's reason plus where the proxy is and where it may go from there."""
+    from modes import graph as mgraph
+
+    try:
+        cur = codec.enum_name("mode", int(conn.proxy(pid)["mode"]))
+    except netlink.KmlbusError:
+        return extack
+    g = mgraph.load()
+    allowed = sorted(d for s, d in g.allowed if s == cur)
+    return (f"{extack}; proxy is in {cur}, {cur} -> {want} is not an edge of the mode graph "
+            f"(from {cur}: {', '.join(allowed) or 'nowhere'})")
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

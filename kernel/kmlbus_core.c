@@ -623,8 +623,8 @@ static bool permille_hit(u32 permille)
  *
  * Reads the slot lock-free and decides by mode; records a telemetry sample
  * while the proxy is started.  Never sleeps; any context.
- * Return: 0, or -EINVAL for a bad key (then @out is the default's answer
- * for key 0 is NOT computed: @out is zeroed).
+ * Return: 0, or -EINVAL for a key >= nkeys (then @out is zeroed and the
+ * caller must fall back on its own default).
  */
 int kml_proxy_decide(struct kml_proxy *proxy, u32 key, const s32 *features,
 		     struct kml_decision *out)
@@ -705,8 +705,7 @@ EXPORT_SYMBOL_GPL(kml_proxy_decide);
  * @features: the features
  *
  * Records the default's answer as a sample without deciding anything.
- * Return: the sample's seq (> 0), -EINVAL for a bad key, -EAGAIN if the
- * proxy is not started.
+ * Return: 0, -EINVAL for a bad key, -EAGAIN if the proxy is not started.
  */
 int kml_proxy_submit(struct kml_proxy *proxy, u32 key, const s32 *features)
 {

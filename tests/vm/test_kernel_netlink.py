@@ -458,3 +458,50 @@ def test_kmlbus_cannot_be_removed_while_the_sample_uses_it(modules: Any) -> None
     r = subprocess.run(["rmmod", "kmlbus"], capture_output=True, text=True)
     assert r.returncode != 0
     assert is_loaded("kmlbus") and is_loaded("kmlbus_sample")
+
+
+# ---- observability and the workload knobs ---------------------------------------------------
+
+TRACING = "/sys/kernel/tracing"
+
+
+@pytest.mark.skipif(not os.path.isdir(f"{TRACING}/events"), reason="tracefs not mounted")
+def test_tracepoints_fire_on_mode_change_and_applied_rec(modules: Any) -> None:
+    ev = f"{TRACING}/events/kmlbus"
+    assert os.path.isdir(f"{ev}/kmlbus_mode_change") and os.path.isdir(f"{ev}/kmlbus_rec_applied")
+    with open(f"{TRACING}/trace", "w"):
+        pass  # clear
+    for e in ("kmlbus_mode_change", "kmlbus_rec_applied"):
+        with open(f"{ev}/{e}/enable", "w") as f:
+            f.write("1")
+    try:
+        with Connection() as c:
+            pid = sample_id(c)
+            to_mode(c, pid, "recommendation")
+            c.recommend(pid, [(k, 12, 10_000) for k in range(64)])
+            time.sleep(0.3)
+    finally:
+        for e in ("kmlbus_mode_change", "kmlbus_rec_applied"):
+            with open(f"{ev}/{e}/enable", "w") as f:
+                f.write("0")
+    with open(f"{TRACING}/trace") as f:
+        trace = f.read()
+    assert "kmlbus_mode_change:" in trace and "name=sample" in trace
+    assert "kmlbus_rec_applied:" in trace and "value=12" in trace
+
+
+def test_sample_rate_zero_pauses_decisions(modules: Any) -> None:
+    from kmlbus.vm.guest import set_sample_rate
+
+    with Connection() as c:
+        pid = sample_id(c)
+        set_sample_rate(0)
+        try:
+            time.sleep(0.1)
+            a = counters(c, pid)["samples"]
+            time.sleep(0.4)
+            assert counters(c, pid)["samples"] == a
+        finally:
+            set_sample_rate(2000)
+        time.sleep(0.3)
+        assert counters(c, pid)["samples"] > a

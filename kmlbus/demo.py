@@ -38,12 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from kmlbus import codec, models, netlink
+from kmlbus.vm import guest
 
 __all__ = ["main"]
 
-ROOT = Path(__file__).resolve().parent.parent
-CORE_KO = ROOT / "kernel" / "kmlbus.ko"
-SAMPLE_KO = ROOT / "kernel" / "samples" / "kmlbus_sample.ko"
 #: Decisions per second of the sample workload during the demo.
 RATE = 1000
 #: How long the bus may take to start and attach (Python under TCG is slow).
@@ -77,10 +75,6 @@ def can_load_modules() -> bool:
     return Path("/proc/modules").exists() and os.geteuid() == 0
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, check=False)
-
-
 def load_modules() -> bool:
     """Load kmlbus.ko and the sample if the family is absent; True if we loaded them."""
     try:
@@ -88,21 +82,21 @@ def load_modules() -> bool:
         return False
     except netlink.ModuleNotLoaded:
         pass
-    for ko, params in ((CORE_KO, []), (SAMPLE_KO, [f"rate={RATE}"])):
-        if not ko.exists():
-            raise SystemExit(f"kmlbus demo: {ko} is not built; run `make -C kernel` first")
-        r = _run(["insmod", str(ko), *params])
-        if r.returncode != 0:
-            raise SystemExit(f"kmlbus demo: insmod {ko.name} failed: {r.stderr.strip()}")
+    try:
+        guest.insmod(guest.KMLBUS_KO)
+        guest.insmod(guest.SAMPLE_KO, rate=RATE)
+    except guest.ModuleError as e:
+        raise SystemExit(f"kmlbus: {e}") from None
     return True
 
 
 def unload_modules() -> None:
     """Remove the sample and the core module (best effort, errors printed)."""
     for name in ("kmlbus_sample", "kmlbus"):
-        r = _run(["rmmod", name])
-        if r.returncode != 0:
-            print(f"demo: rmmod {name}: {r.stderr.strip()}")
+        try:
+            guest.rmmod(name)
+        except guest.ModuleError as e:
+            print(f"demo: {e}")
 
 
 def _relay(stream: object, out: Callable[[str], None], ready: threading.Event) -> None:

@@ -102,6 +102,8 @@ class Bus:
         self._next_tick = 0.0
         self._next_housekeeping = 0.0
         self._overruns = 0
+        self._pins_stamp: tuple[int, int] | None = None
+        self._pins_dirty = True
         #: Telemetry/feedback per proxy and arm, for the demo's observer (not evidence).
         self.started = clock()
 
@@ -164,6 +166,7 @@ class Bus:
         self.ctl.attach(schema.id)
         self.ctl.set_params(schema.id, share=g.collaboration_share, explore=g.exploration_share)
         self.proxies[schema.id] = ps
+        self._pins_dirty = True
         if kmode != "emergency":
             # A new bus has no evidence for the mode a previous one reached.
             self._send_move(ps, self.policy.fault(modes, Fault.BUS_GONE, "new bus attached"))
@@ -290,7 +293,8 @@ class Bus:
             log.warning("proxy %s: kernel refused %s -> %s: %s", ps.name, d.source, d.target, e)
 
     def tick(self) -> None:
-        """Let the policy judge every proxy's evidence."""
+        """Follow operator pins, then let the policy judge every proxy's evidence."""
+        self._follow_pins()
         for ps in list(self.proxies.values()):
             healthy = self.registry.has_model(ps.name)
             self._send_move(ps, self.policy.evaluate(ps.modes, ps.evidence, healthy=healthy))
@@ -314,10 +318,19 @@ class Bus:
             raise _Reconnect("a configured proxy appeared")
         for r in self.registry.poll():
             log.info("model reload: %s", r)
-        self._follow_pins()
         self.write_state()
 
     def _follow_pins(self) -> None:
+        """Apply the operator's pins file when it changed (checked before every policy pass,
+        so the bus never moves a proxy the operator has just pinned)."""
+        try:
+            st = pins.pins_path().stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None
+        if stamp == self._pins_stamp and not self._pins_dirty:
+            return
+        self._pins_stamp, self._pins_dirty = stamp, False
         pinned = pins.load()
         for ps in self.proxies.values():
             want = pinned.get(ps.name) or pinned.get(str(ps.id))

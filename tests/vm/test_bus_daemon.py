@@ -108,7 +108,7 @@ def test_daemon_reattaches_after_the_module_is_reloaded(daemon: Daemon) -> None:
 
 def test_cli_without_privilege_says_eperm_in_one_line(daemon: Daemon) -> None:
     # import first (the interpreter's files may be root-only), then drop to nobody
-    code = ("import os, sys; import kmlbus.cli, kmlbus.pins; from kmlbus.cli import main; "
+    code = ("import os, sys, locale, gettext; import kmlbus.cli, kmlbus.pins; from kmlbus.cli import main; "
             "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
             "sys.exit(main(['mode', 'sample', 'learning']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,

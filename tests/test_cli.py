@@ -1,0 +1,68 @@
+"""The CLI on a kernel without the kmlbus family (the host): one line, non-zero, no traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kmlbus import cli, pins, statefile
+
+
+@pytest.mark.parametrize("argv", [
+    ["status"], ["status", "--json"], ["mode", "sample", "learning"], ["watch", "--seconds", "0.1"],
+])
+def test_every_command_says_the_module_is_not_loaded(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "kmlbus kernel module is not loaded" in err and "insmod" in err
+
+
+def test_mode_rejects_unknown_modes_before_asking_the_kernel(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["mode", "sample", "turbo"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_proxy_view_names_enums_and_merges_the_daemons_evidence() -> None:
+    kernel = {"id": 1, "name": "sample", "mode": 2, "lifecycle": 4, "mode-ms": 1500, "reason": 5,
+              "bus-portid": 77, "feature": [{"name": "a"}, {"name": "b"}],
+              "counters": {"decisions-model": 3}}
+    bus = {"proxies": {"sample": {"evidence": {"model_mean": 900.0}}}}
+    v = cli.proxy_view(kernel, bus)
+    assert (v["mode"], v["lifecycle"], v["reason"]) == ("collaboration", "running", "promotion")
+    assert v["mode_s"] == 1.5 and v["features"] == ["a", "b"] and v["bus"]["evidence"]["model_mean"] == 900.0
+    assert "bus" not in cli.proxy_view(kernel, {})
+
+
+def test_status_table_shows_each_proxy_and_its_last_move(capsys: pytest.CaptureFixture[str]) -> None:
+    v = cli.proxy_view({"id": 1, "name": "sample", "mode": 3, "counters": {"recs-applied": 9}},
+                       {"proxies": {"sample": {"last": {"from": "collaboration", "to": "recommendation",
+                                                        "trigger": "promote", "reason": "promotion: x"}}}})
+    cli.print_status_table([v])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:3] == ["ID", "NAME", "MODE"]
+    assert out[1].split()[:3] == ["1", "sample", "recommendation"]
+    assert "collaboration -> recommendation (promote)" in out[2]
+
+
+def test_state_file_round_trip_and_unreadable_means_empty(tmp_path: Path) -> None:
+    p = tmp_path / "state.json"
+    assert statefile.read(p) == {}
+    statefile.write({"proxies": {"sample": {"mode": "learning"}}}, p)
+    assert statefile.read(p)["proxies"]["sample"]["mode"] == "learning"
+    p.write_text("{not json")
+    assert statefile.read(p) == {}
+
+
+def test_pins_are_kept_per_proxy_and_unpin_is_idempotent(tmp_path: Path) -> None:
+    p = tmp_path / "pins.json"
+    pins.pin("sample", "learning", p)
+    pins.pin("other", "emergency", p)
+    assert pins.load(p) == {"sample": "learning", "other": "emergency"}
+    pins.unpin("sample", p)
+    pins.unpin("sample", p)
+    assert json.loads(p.read_text()) == {"other": "emergency"}

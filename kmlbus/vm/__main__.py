@@ -18,12 +18,12 @@ from .qemu import run
 __all__ = ["main", "pytest_command"]
 
 
-def _vm_options(parser: argparse.ArgumentParser) -> None:
+def _vm_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     """Options shared by ``run`` and ``test``."""
     parser.add_argument("--kver", help="kernel release to boot (default: newest installed)")
     parser.add_argument("--no-build", dest="build", action="store_false",
                         help="do not run `make -C kernel` first")
-    parser.add_argument("--timeout", type=float, default=900.0, metavar="S",
+    parser.add_argument("--timeout", type=float, default=timeout, metavar="S",
                         help="kill the VM after S seconds (default: %(default)g)")
     parser.add_argument("--console", type=Path, metavar="FILE",
                         help="where to save the serial console (default: vm-out/console.log)")
@@ -55,10 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     p_run = sub.add_parser("run", help="run a command in the guest: run [OPTIONS] -- CMD ARGS...")
-    _vm_options(p_run)
+    _vm_options(p_run, 900.0)
     p_test = sub.add_parser("test", help="run the vm-marked pytest suite in the guest; "
                                          "unknown options go to pytest")
-    _vm_options(p_test)
+    # the whole suite under TCG on a machine shared with other VMs can take 15+ minutes
+    _vm_options(p_test, 2400.0)
 
     if argv and argv[0] == "run":
         # Split at the first "--" ourselves: argparse would eat the command's options.

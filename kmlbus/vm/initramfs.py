@@ -1,10 +1,12 @@
 """Build (and cache) the tiny initramfs that boots the test VM.
 
-The initramfs holds only busybox, the virtio/9p modules of the guest kernel
-and ``/init``.  ``/init`` mounts the host's root file system read-only as the
-guest's root and the project read-write at the same absolute path, so the
-guest runs the host's Python, packages and freshly built ``.ko`` files with no
-image to maintain.  The archive is written in the ``newc`` cpio format by
+The initramfs holds only busybox, the guest kernel's virtio/9p/overlay/ext4
+modules and ``/init``.  ``/init`` mounts the host's root file system over 9p
+(read-only) as the lower layer of a tmpfs overlay that becomes the guest's
+root, the project read-write at the same absolute path, and the ext4 image
+of the host Python (`pyimage`) over its own path, so the guest runs the
+host's Python, packages and freshly built ``.ko`` files with no system image
+to maintain.  The archive is written in the ``newc`` cpio format by
 this module (no root, no ``cpio`` tool, no device nodes on the host needed).
 
 The cache file name carries a hash of everything that goes in, so changing

@@ -15,6 +15,7 @@
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
 #include <linux/module.h>
+#include <linux/moduleparam.h>
 #include <linux/slab.h>
 #include <linux/vmalloc.h>
 #include <linux/idr.h>
@@ -39,6 +40,21 @@ static_assert(sizeof(struct kmlbus_feedback) == 24);
 LIST_HEAD(kmlbus_proxies);
 DEFINE_MUTEX(kmlbus_reg_lock);
 static DEFINE_IDA(kmlbus_ida);
+
+/* Samples per telemetry message (1 = one record per message). */
+static unsigned int flush_batch = KMLBUS_MSG_SAMPLES;
+
+static int flush_batch_set(const char *val, const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, 1, KMLBUS_MSG_SAMPLES);
+}
+
+static const struct kernel_param_ops flush_batch_ops = {
+	.set	= flush_batch_set,
+	.get	= param_get_uint,
+};
+module_param_cb(flush_batch, &flush_batch_ops, &flush_batch, 0644);
+MODULE_PARM_DESC(flush_batch, "samples per telemetry message, 1..32 (default 32)");
 
 /* ---- recommendation slots ------------------------------------------- */
 
@@ -199,7 +215,7 @@ static void flush_now(struct kml_proxy *p)
 {
 	mutex_lock(&p->flush_lock);
 	flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY, KMLBUS_A_PROXY_RECORDS,
-		   KMLBUS_MSG_SAMPLES);
+		   READ_ONCE(flush_batch));
 	flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK, KMLBUS_A_PROXY_FEEDBACK,
 		   KMLBUS_MSG_FEEDBACK);
 	mutex_unlock(&p->flush_lock);

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from kmlbus import spec
 from kmlbus.netlink import Connection
-from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod, set_sample_param, sample_param
+from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod, sample_param, set_sample_param
 from kmlbus.vm.kernels import project_root
 
 __all__ = ["BENCH_KO", "decide_ns", "main", "parse_result", "telemetry_rate"]
@@ -172,7 +172,8 @@ def telemetry_rate(seconds: float, batch: int, rate: int) -> dict[str, float]:
     Sets ``kmlbus.flush_batch`` and the sample's ``rate`` for *seconds*, then
     restores both.  Returns ``samples_per_s`` (records the reader got),
     ``messages_per_s``, ``kernel_samples_per_s`` (samples the kernel
-    buffered), ``records_per_message`` (mean), ``max_records_per_message``,
+    buffered), ``made_per_s`` (samples made, buffered or dropped),
+    ``records_per_message`` (mean), ``max_records_per_message``,
     ``drops`` (ring overflow), ``unheard`` and ``socket_overflows`` (ENOBUFS
     seen by the reader) over the window.
     """
@@ -212,6 +213,7 @@ def telemetry_rate(seconds: float, batch: int, rate: int) -> dict[str, float]:
         "samples_per_s": reader.records / elapsed,
         "messages_per_s": reader.messages / elapsed,
         "kernel_samples_per_s": (after["samples"] - before["samples"]) / elapsed,
+        "made_per_s": (after["samples"] + after["drops"] - before["samples"] - before["drops"]) / elapsed,
         "records_per_message": reader.records / msgs,
         "max_records_per_message": float(max(reader.sizes, default=0)),
         "drops": float(after["drops"] - before["drops"]),
@@ -252,13 +254,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model arm: default path {int(d['default_model'])}, fresh path {int(d['fresh_model'])}"
           f" of {int(d['iters'])}")
     print()
-    print(f"telemetry to a raw reader, {args.seconds:g} s per run")
-    print(f"{'rate/s':>8} {'rec/msg':>7} {'delivered/s':>12} {'msgs/s':>10} {'kernel/s':>10} "
+    print(f"telemetry to a raw reader, {args.seconds:g} s per run (made = decisions' samples; "
+          "buffered = made - drops; ENOBUFS = reader socket overflows)")
+    print(f"{'rate/s':>8} {'rec/msg':>7} {'delivered/s':>12} {'msgs/s':>10} {'made/s':>10} {'buffered/s':>10} "
           f"{'drops':>8} {'unheard':>8} {'ENOBUFS':>8} {'vs 1/msg':>9}")
     for b, s in tele:
         for r in (b, s):
             print(f"{int(r['rate']):>8} {r['records_per_message']:>7.1f} {r['samples_per_s']:>12.0f} "
-                  f"{r['messages_per_s']:>10.0f} {r['kernel_samples_per_s']:>10.0f} {int(r['drops']):>8} "
+                  f"{r['messages_per_s']:>10.0f} {r['made_per_s']:>10.0f} {r['kernel_samples_per_s']:>10.0f} "
+                  f"{int(r['drops']):>8} "
                   f"{int(r['unheard']):>8} {int(r['socket_overflows']):>8} "
                   f"{_ratio(r['samples_per_s'], s['samples_per_s']):>9}")
     return 0

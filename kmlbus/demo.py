@@ -75,6 +75,16 @@ def can_load_modules() -> bool:
     return Path("/proc/modules").exists() and os.geteuid() == 0
 
 
+_OUT = threading.Lock()
+
+
+def say(line: str) -> None:
+    """Print one whole line; the relay thread and the observer share the terminal."""
+    with _OUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def load_modules() -> bool:
     """Load kmlbus.ko and the sample if the family is absent; True if we loaded them."""
     try:
@@ -104,8 +114,12 @@ def _relay(stream: object, out: Callable[[str], None], ready: threading.Event) -
     for line in stream:  # type: ignore[attr-defined]
         if ": attached in " in line:
             ready.set()
+        # The daemon's own one-line account of each move; modes.machine repeats it with the
+        # whole evidence dict, which belongs in the log, not on a person's screen.
+        if "modes.machine" in line:
+            continue
         if " -> " in line or ": attached in " in line or "error" in line.lower() \
-                or "refused" in line or "Traceback" in line:
+                or "refused" in line or "Traceback" in line or "reload" in line:
             out("  bus | " + line.rstrip())
 
 
@@ -132,8 +146,7 @@ class Observer:
                 self.mode = codec.enum_name("mode", int(m.attrs["mode"]))
                 why = codec.enum_name("reason", int(m.attrs.get("reason", 0)))
                 phase.path.append(self.mode)
-                print(f"[{self.elapsed():6.1f}s] kernel: {self.proxy} {old} -> {self.mode} (reason: {why})",
-                      flush=True)
+                say(f"[{self.elapsed():6.1f}s] kernel: {self.proxy} {old} -> {self.mode} (reason: {why})")
             elif m.op == "feedback":
                 fb = m.attrs["feedback"]
                 for arm in (0, 1):
@@ -150,8 +163,7 @@ class Observer:
         for arm, name in ((0, "default"), (1, "model")):
             v = self.window[arm]
             parts.append(f"{name} {np.mean(v):.3f} ({len(v)} dec)" if v else f"{name} -")
-        print(f"[{self.elapsed():6.1f}s] {self.proxy}: {self.mode:<14} efficiency  " + "  ".join(parts),
-              flush=True)
+        say(f"[{self.elapsed():6.1f}s] {self.proxy}: {self.mode:<14} efficiency  " + "  ".join(parts))
         self.window = {0: [], 1: []}
 
 
@@ -198,7 +210,7 @@ def run_here(seconds: float) -> int:
     bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(cfg)],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     ready = threading.Event()
-    relay = threading.Thread(target=_relay, args=(bus.stdout, lambda s: print(s, flush=True), ready),
+    relay = threading.Thread(target=_relay, args=(bus.stdout, say, ready),
                              daemon=True)
     relay.start()
     # Python and onnxruntime start slowly under QEMU's TCG; phases start once the bus is attached.
@@ -211,15 +223,15 @@ def run_here(seconds: float) -> int:
         Phase("bus killed", "emergency, reason bus-gone"),
     ]
     try:
-        print("\n== phase 1: good model; the bus should promote the proxy on evidence ==", flush=True)
+        say("\n== phase 1: good model; the bus should promote the proxy on evidence ==")
         _wait(obs, phases[0], lambda: obs.mode == "recommendation", seconds)
         if not phases[0].reached:
             raise _Stop("the proxy did not reach recommendation with the good model")
-        print("\n== phase 2: the model file is replaced by a bad one (always 64 pages) ==", flush=True)
+        say("\n== phase 2: the model file is replaced by a bad one (always 64 pages) ==")
         phases[1].start = time.monotonic()
         _swap_model(model_path, models.to_bytes(models.sample_bad_model()))
         _wait(obs, phases[1], lambda: obs.mode != "recommendation", seconds)
-        print("\n== phase 3: the bus is killed (SIGKILL); the kernel falls back by itself ==", flush=True)
+        say("\n== phase 3: the bus is killed (SIGKILL); the kernel falls back by itself ==")
         phases[2].start = time.monotonic()
         bus.send_signal(signal.SIGKILL)
         bus.wait()
@@ -243,6 +255,10 @@ def run_here(seconds: float) -> int:
         print(f"{ph.name:<12} {ph.goal:<32} {'yes' if ph.reached else 'NO':<8} {ph.end - ph.start:6.1f}  "
               f"{'-' if d is None else f'{d:.3f}':>11} {'-' if m is None else f'{m:.3f}':>9}  "
               f"{' -> '.join(ph.path) or '-'}")
+    d, m = phases[0].mean(0), phases[0].mean(1)
+    if d and m:
+        print(f"good model vs the kernel's default: efficiency {m:.3f} vs {d:.3f} ({m / d:.2f}x), "
+              "both measured by the kernel in the same run")
     print("kernel counters: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     print("(efficiency is 1 for the optimal window; the default is the sample's fixed 8-page window)")
     return 0 if all(ph.reached for ph in phases) else 1

@@ -63,8 +63,9 @@ class KernelModes(RuleBasedStateMachine):
             self.bus.wait()
         self.conn.close()
 
-    @rule(target=st.sampled_from(MODES))
-    def operator_requests(self, target: str) -> None:
+    @rule(mode=st.sampled_from(MODES))
+    def operator_requests(self, mode: str) -> None:
+        target = mode
         before = self.conn.proxy(self.pid)["counters"]["mode-changes"]
         try:
             self.conn.set_mode(self.pid, target, "operator")

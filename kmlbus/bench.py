@@ -10,6 +10,11 @@ Two measurements against the real module and the sample proxy:
     through the same family that answers every batch with one pre-encoded
     recommendation and no decoding at all.
 
+(c) the kernel side (:mod:`kmlbus.bench_kernel`): nanoseconds per
+    ``kml_proxy_decide`` with and without a fresh recommendation against an
+    empty callback, and telemetry delivered with 32 records per message versus
+    one.
+
 (b) batched throughput.  Samples per second taken off the socket by the whole
     bus (decode, evidence, model, recommendations) versus a bare raw-socket
     reader that only counts records, with the sample workload running as fast
@@ -290,4 +295,7 @@ def _run(seconds: float, rate: int) -> int:
     print(f"    {'whole bus (model + recs)':<30} {bus_tp[0]:10.0f} {bus_tp[1]:12.0f} {bus_tp[2]:8.0f} "
           f"{bus_tp[0] / raw_tp[0] if raw_tp[0] else float('nan'):8.2f}")
     print("\n(x floor: bus / floor for latency, bus / floor for throughput; targets: <= 3x on (a), >= 0.5x on (b))")
-    return 0
+    print("\n(c) the kernel side: kmlbus_bench.ko and the telemetry batching knob\n")
+    from kmlbus import bench_kernel
+
+    return bench_kernel.main(["--seconds", f"{min(seconds, 3.0):g}"])

@@ -10,16 +10,16 @@ Two measurements against the real module and the sample proxy:
     through the same family that answers every batch with one pre-encoded
     recommendation and no decoding at all.
 
-(c) the kernel side (:mod:`kmlbus.bench_kernel`): nanoseconds per
-    ``kml_proxy_decide`` with and without a fresh recommendation against an
-    empty callback, and telemetry delivered with 32 records per message versus
-    one.
-
 (b) batched throughput.  Samples per second taken off the socket by the whole
     bus (decode, evidence, model, recommendations) versus a bare raw-socket
     reader that only counts records, with the sample workload running as fast
     as the ``--rate`` asks; the kernel's own production rate and drops are
     printed beside them.
+
+(c) the kernel side (:mod:`kmlbus.bench_kernel`): nanoseconds per
+    ``kml_proxy_decide`` with and without a fresh recommendation against an
+    empty callback, and telemetry delivered with 32 records per message versus
+    one.
 
 Numbers are printed, never asserted: these machines are noisy and QEMU's TCG
 is several times slower than hardware.  Where this kernel cannot load

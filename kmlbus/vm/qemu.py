@@ -143,6 +143,10 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     for name in ("PYTHONPATH", "PYENV_ROOT", "PYENV_VERSION", "VIRTUAL_ENV"):
         if name in os.environ:
             env[name] = os.environ[name]
+    # Test tuning knobs (KMLBUS_FUZZ_EXAMPLES, KMLBUS_REPLAY_EXAMPLES, ...) reach the guest.
+    for name, value in os.environ.items():
+        if name.startswith("KMLBUS_") and name not in ("KMLBUS_IN_VM", "KMLBUS_STATE"):
+            env[name] = value
     env.update(extra or {})
     return env
 

@@ -248,6 +248,10 @@ def _run(seconds: float, rate: int) -> int:
             lat = bus_roundtrip(bus, seconds)
 
             _set_rate(rate)
+            # The bus's socket must not buffer batches while the floor is measured.
+            assert bus.conn is not None
+            bus.conn.leave("telemetry")
+            bus.conn.recv(timeout=0)
             peer = RawPeer(ctl.family_id, ctl.groups["telemetry"])
 
             def bare(sec: float) -> int:
@@ -263,6 +267,8 @@ def _run(seconds: float, rate: int) -> int:
                 raw_tp = _throughput(bare, ctl, pid, seconds)
             finally:
                 peer.close()
+
+            bus.conn.join("telemetry")
 
             def whole_bus(sec: float) -> int:
                 assert bus.conn is not None

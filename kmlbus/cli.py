@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")
     s.add_argument("--seconds", type=float, default=5.0, help="time per measurement")
-    s.add_argument("--rate", type=int, default=20000, help="sample decisions per second for (b)")
+    s.add_argument("--rate", type=int, default=200000, help="sample decisions per second for (b)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.set_defaults(func=cmd_bench)
 

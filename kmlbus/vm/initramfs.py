@@ -95,12 +95,6 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@,cache=loose,ro hostro
 mount -t tmpfs tmpfs /ovl && mkdir /ovl/upper /ovl/work || die "mount tmpfs for the overlay"
 mount -t overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work overlay $R \
     || die "cannot mount the overlay root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@ work "$R$work" \
-    || die "cannot mount the project (9p tag work) at $work"
-if [ -n "$python" ]; then
-    # the host's Python installation as an ext4 disk (see kmlbus/vm/pyimage.py)
-    mount -t ext4 -o ro,noload /dev/vda "$R$python" || die "cannot mount the Python image at $python"
-fi
 mount -t proc proc $R/proc || die "mount proc"
 mount -t sysfs sysfs $R/sys || die "mount sysfs"
 mount -t devtmpfs devtmpfs $R/dev || die "mount devtmpfs"
@@ -111,6 +105,16 @@ mount -t tmpfs tmpfs $R/tmp || die "mount /tmp"
 mount -t tmpfs tmpfs $R/run || die "mount /run"
 mount -t debugfs debugfs $R/sys/kernel/debug || die "mount debugfs"
 mount -t tracefs tracefs $R/sys/kernel/tracing || die "mount tracefs"
+# The project and the Python image go on last: either may live under /tmp or
+# /run on the host (a CI clone, say), which the tmpfs mounts above would hide.
+mkdir -p "$R$work" || die "cannot create $work in the guest"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=@MSIZE@ work "$R$work" \
+    || die "cannot mount the project (9p tag work) at $work"
+if [ -n "$python" ]; then
+    # the host's Python installation as an ext4 disk (see kmlbus/vm/pyimage.py)
+    mkdir -p "$R$python" || die "cannot create $python in the guest"
+    mount -t ext4 -o ro,noload /dev/vda "$R$python" || die "cannot mount the Python image at $python"
+fi
 hostname kmlbus-vm
 ip link set lo up
 

@@ -104,8 +104,6 @@ class Bus:
         self._overruns = 0
         self._pins_stamp: tuple[int, int] | None = None
         self._pins_dirty = True
-        #: Telemetry/feedback per proxy and arm, for the demo's observer (not evidence).
-        self.started = clock()
 
     # -- connection ------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import spec as _spec
-from .config import ConfigError, ProxyConfig, ProxySchema, bind
+from .config import ProxyConfig, ProxySchema, bind
 from .dispatcher import features_to_float, to_fixed
 from .learner import EfficiencyTable, Estimate, Learner
 from .registry import ModelError, check_session, make_session

@@ -225,7 +225,7 @@ class Gen:
             if op.dump_reply is not None:
                 o.append(f"int {lc}_nl_{c_id(op.name)}_dumpit(struct sk_buff *skb, "
                          "struct netlink_callback *cb);")
-        o += ["", f"enum {{"]
+        o += ["", "enum {"]
         for g in s.mcast_groups:
             o.append(f"\t{fam}_NLGRP_{up(g)},")
         o += ["};", "",
@@ -296,7 +296,7 @@ class Gen:
              "/* Guard defaults the kernel uses until the bus sets them (permille). */",
              f"#define {fam}_DEFAULT_SHARE\t{int(g.guards.collaboration_share)}",
              f"#define {fam}_DEFAULT_EXPLORE\t{int(g.guards.exploration_share)}", "",
-             f"/* kmlbus_mode_allowed[from][to]: the mode graph's edges; staying put is allowed. */",
+             "/* kmlbus_mode_allowed[from][to]: the mode graph's edges; staying put is allowed. */",
              f"static const bool kmlbus_mode_allowed[{fam}_MODE_MAX + 1][{fam}_MODE_MAX + 1] = {{"]
         for src in g.states:
             dests = [d for d in g.states if g.is_allowed(src, d)]

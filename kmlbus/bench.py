@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import struct
 import sys
 import tempfile
@@ -38,18 +37,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from kmlbus import codec, models, netlink, spec
 from kmlbus.config import loads
 from kmlbus.daemon import Bus
+from kmlbus.rawtelemetry import TelemetryReader
 
 __all__ = ["main"]
 
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
 RATE_PARAM = Path("/sys/module/kmlbus_sample/parameters/rate")
 
 
@@ -69,69 +66,6 @@ def _set_rate(rate: int) -> None:
     RATE_PARAM.write_text(f"{rate}\n")
 
 
-def _records_attr() -> int:
-    return spec.load().attr_sets["proxy"].by_name["records"].value
-
-
-def _ts_max(payload: memoryview, attr_records: int, rec_size: int, ts_off: int) -> tuple[int, int]:
-    """(records, newest ts-ns) of one genl telemetry message payload, minimal parse."""
-    off, n, ts = 4, 0, 0  # skip genlmsghdr
-    while off + 4 <= len(payload):
-        alen, atype = struct.unpack_from("=HH", payload, off)
-        if alen < 4:
-            break
-        if atype & 0x3FFF == attr_records:
-            k = (alen - 4) // rec_size
-            n += k
-            if k:
-                ts = struct.unpack_from("=Q", payload, off + 4 + (k - 1) * rec_size + ts_off)[0]
-        off += (alen + 3) & ~3
-    return n, ts
-
-
-class RawPeer:
-    """A bare raw genl socket on the telemetry group: the floor for both measurements."""
-
-    def __init__(self, family_id: int, group_id: int) -> None:
-        self.family_id = family_id
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 16)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group_id)
-        self.sock.settimeout(0.2)
-        self.buf = bytearray(1 << 17)
-        sp = spec.load()
-        self.attr_records = _records_attr()
-        self.rec_size = sp.structs["sample"].size
-        self.ts_off = sp.structs["sample"].dtype.fields["ts_ns"][1]  # type: ignore[index]
-        self.cmd_telemetry = sp.op_by_name["telemetry"].value
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def batches(self) -> Any:
-        """Yield (records, newest ts, read time) per telemetry message; None on timeout."""
-        view = memoryview(self.buf)
-        while True:
-            try:
-                n = self.sock.recv_into(self.buf)
-            except (socket.timeout, BlockingIOError):
-                yield None
-                continue
-            except OSError:
-                continue  # ENOBUFS: the floor lost messages too; counted by the kernel
-            t = time.monotonic_ns()
-            off = 0
-            while off + 16 <= n:
-                mlen, mtype = struct.unpack_from("=IH", self.buf, off)
-                if mlen < 16:
-                    break
-                if mtype == self.family_id and self.buf[off + 16] == self.cmd_telemetry:
-                    k, ts = _ts_max(view[off + 16:off + mlen], self.attr_records, self.rec_size, self.ts_off)
-                    yield k, ts, t
-                off += (mlen + 3) & ~3
-
-
 def _echo_request(family_id: int, proxy_id: int) -> bytearray:
     recs = np.zeros(1, dtype=spec.load().structs["rec"].dtype)
     recs["value"], recs["ttl_ms"] = 8, 100
@@ -141,30 +75,28 @@ def _echo_request(family_id: int, proxy_id: int) -> bytearray:
 
 def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> Lat:
     """Raw echo: answer each telemetry batch with one pre-encoded recommend, wait for its ACK."""
-    peer = RawPeer(conn.family_id, conn.groups["telemetry"])
+    peer = TelemetryReader(conn.family_id, conn.groups["telemetry"], timeout=0.2)
     req = _echo_request(conn.family_id, proxy_id)
     ack = bytearray(4096)
     out = Lat([], [])
     seq = 1
     end = time.monotonic() + seconds
     try:
-        for item in peer.batches():
-            if time.monotonic() >= end:
-                break
-            if item is None or item[0] == 0:
-                continue
-            _, ts, t_read = item
-            seq += 1
-            struct.pack_into("=I", req, 8, seq)
-            peer.sock.send(req)
-            while True:  # the ACK, skipping multicast that arrives meanwhile
-                n = peer.sock.recv_into(ack)
-                if n >= 16 and struct.unpack_from("=H", ack, 4)[0] == 2 and \
-                        struct.unpack_from("=I", ack, 8)[0] == seq:
-                    break
-            t_done = time.monotonic_ns()
-            out.e2e.append(t_done - ts)
-            out.user.append(t_done - t_read)
+        while time.monotonic() < end:
+            for b in peer.read() or ():
+                if b.records == 0:
+                    continue
+                seq += 1
+                struct.pack_into("=I", req, 8, seq)
+                peer.sock.send(req)
+                while True:  # the ACK, skipping multicast that arrives meanwhile
+                    n = peer.sock.recv_into(ack)
+                    if n >= 16 and struct.unpack_from("=H", ack, 4)[0] == 2 and \
+                            struct.unpack_from("=I", ack, 8)[0] == seq:
+                        break
+                t_done = time.monotonic_ns()
+                out.e2e.append(t_done - b.newest_ts)
+                out.user.append(t_done - b.read_ns)
     finally:
         peer.close()
     return out
@@ -252,15 +184,12 @@ def _run(seconds: float, rate: int) -> int:
             assert bus.conn is not None
             bus.conn.leave("telemetry")
             bus.conn.recv(timeout=0)
-            peer = RawPeer(ctl.family_id, ctl.groups["telemetry"])
+            peer = TelemetryReader(ctl.family_id, ctl.groups["telemetry"], timeout=0.2)
 
             def bare(sec: float) -> int:
                 n, end = 0, time.monotonic() + sec
-                for item in peer.batches():
-                    if time.monotonic() >= end:
-                        break
-                    if item is not None:
-                        n += item[0]
+                while time.monotonic() < end:
+                    n += sum(b.records for b in peer.read() or ())
                 return n
 
             try:

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import struct
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kmlbus import spec
 from kmlbus.netlink import Connection
+from kmlbus.rawtelemetry import TelemetryReader
 from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod, sample_param, set_sample_param
 from kmlbus.vm.kernels import project_root
 
@@ -36,9 +34,6 @@ __all__ = ["BENCH_KO", "decide_ns", "main", "parse_result", "telemetry_rate"]
 BENCH_KO = project_root() / "kernel" / "bench" / "kmlbus_bench.ko"
 FRESH_KEYS = 32  # the bench module measures the fresh path on keys 0..31
 _SYS_MODULE = Path("/sys/module")
-_SOL_NETLINK = 270
-_NETLINK_ADD_MEMBERSHIP = 1
-_NETLINK_GENERIC = 16
 
 
 @contextmanager
@@ -101,69 +96,24 @@ def decide_ns(iters: int) -> dict[str, float]:
         return parse_result(_read_param("kmlbus_bench", "result"))
 
 
-class _TelemetryReader:
-    """A bare raw generic netlink socket on group ``telemetry``, counting one proxy's records."""
+class _TelemetryReader(TelemetryReader):
+    """The shared raw reader, counting one proxy's records, messages and message sizes."""
 
     def __init__(self, family_id: int, group_id: int, proxy_id: int) -> None:
-        sp = spec.load()
-        proxy = sp.attr_sets["proxy"].by_name
-        self.family_id = family_id
+        super().__init__(family_id, group_id)
         self.proxy_id = proxy_id
-        self.cmd = sp.op_by_name["telemetry"].value
-        self.attr_id = proxy["id"].value
-        self.attr_records = proxy["records"].value
-        self.rec_size = sp.structs["sample"].size
         self.records = 0
         self.messages = 0
         self.sizes: dict[int, int] = {}
-        self.enobufs = 0
-        self.buf = bytearray(1 << 17)
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_GENERIC)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(_SOL_NETLINK, _NETLINK_ADD_MEMBERSHIP, group_id)
-        self.sock.settimeout(0.05)
-
-    def close(self) -> None:
-        """Close the socket."""
-        self.sock.close()
-
-    def _message(self, off: int, end: int) -> None:
-        pos = off + 20  # nlmsghdr 16 + genlmsghdr 4
-        pid, nrec = -1, 0
-        while pos + 4 <= end:
-            alen, atype = struct.unpack_from("=HH", self.buf, pos)
-            if alen < 4:
-                break
-            atype &= 0x3FFF
-            if atype == self.attr_id and alen >= 8:
-                pid = struct.unpack_from("=I", self.buf, pos + 4)[0]
-            elif atype == self.attr_records:
-                nrec = (alen - 4) // self.rec_size
-            pos += (alen + 3) & ~3
-        if pid == self.proxy_id:
-            self.messages += 1
-            self.records += nrec
-            self.sizes[nrec] = self.sizes.get(nrec, 0) + 1
 
     def read_until(self, deadline: float) -> None:
         """Count telemetry messages until ``time.monotonic()`` reaches *deadline*."""
         while time.monotonic() < deadline:
-            try:
-                n = self.sock.recv_into(self.buf)
-            except socket.timeout:
-                continue
-            except OSError:
-                self.enobufs += 1  # ENOBUFS: the socket overflowed, messages lost
-                continue
-            off = 0
-            while off + 20 <= n:
-                mlen, mtype = struct.unpack_from("=IH", self.buf, off)
-                if mlen < 16 or off + mlen > n:
-                    break
-                if mtype == self.family_id and self.buf[off + 16] == self.cmd:
-                    self._message(off, off + mlen)
-                off += (mlen + 3) & ~3
+            for b in self.read() or ():
+                if b.proxy_id == self.proxy_id:
+                    self.messages += 1
+                    self.records += b.records
+                    self.sizes[b.records] = self.sizes.get(b.records, 0) + 1
 
 
 def telemetry_rate(seconds: float, batch: int, rate: int) -> dict[str, float]:

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -59,6 +59,36 @@ HOUSEKEEPING_S = 1.0
 LATENCY_STRIKES = 3
 
 
+class Link(Protocol):
+    """What the bus needs of a connection to the family.
+
+    :class:`kmlbus.netlink.Connection` is the real one; :mod:`kmlbus.standin`
+    provides an in-process stand-in for fast host tests of the daemon.
+    """
+
+    portid: int
+    stats: dict[str, int]
+
+    def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
+    def proxies(self) -> list[dict[str, Any]]: ...
+    def set_mode(self, proxy_id: int, mode: str, reason: str = "operator") -> None: ...
+    def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
+                   stale_ms: int | None = None) -> None: ...
+    def attach(self, proxy_id: int) -> None: ...
+    def detach(self, proxy_id: int) -> None: ...
+    def recommend(self, proxy_id: int, recs: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+#: Opens a link joined to the given multicast groups; raises
+#: :class:`kmlbus.netlink.ModuleNotLoaded` when the family is absent.
+Opener = Callable[[Sequence[str]], Link]
+
+
+def _open_netlink(groups: Sequence[str]) -> Link:
+    return netlink.Connection(groups=groups)
+
+
 @dataclass
 class ProxyState:
     """What the bus keeps about one attached proxy."""
@@ -76,8 +106,9 @@ class Bus:
 
     def __init__(self, config: Config, *, graph: mgraph.Graph | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 state_path: Path | None = None) -> None:
+                 state_path: Path | None = None, opener: Opener = _open_netlink) -> None:
         self.config = config
+        self.opener = opener
         g = graph or mgraph.load()
         # The config's latency budget is the operator's word; the graph's is the default.
         self.graph = dataclasses.replace(g, guards=dataclasses.replace(
@@ -88,10 +119,10 @@ class Bus:
         self.dispatcher = Dispatcher(self.registry)
         self.state_path = state_path
         #: Receives telemetry, feedback and mode events (multicast only).
-        self.conn: netlink.Connection | None = None
+        self.conn: Link | None = None
         #: Sends requests and owns the attachments.  Separate from :attr:`conn` so
         #: that a multicast flood overrunning one socket never eats a request's ACK.
-        self.ctl: netlink.Connection | None = None
+        self.ctl: Link | None = None
         self.proxies: dict[int, ProxyState] = {}
         self.stop = threading.Event()
         self.stats = {"reconnects": 0, "malformed": 0, "send_errors": 0, "refused_moves": 0}
@@ -110,11 +141,11 @@ class Bus:
     def connect(self) -> bool:
         """Open the socket, attach configured proxies; False if the module is absent."""
         try:
-            ctl = netlink.Connection()
+            ctl = self.opener(())
         except netlink.ModuleNotLoaded:
             return False
         try:
-            conn = netlink.Connection(groups=("telemetry", "events"))
+            conn = self.opener(("telemetry", "events"))
         except BaseException:
             ctl.close()
             raise

@@ -15,6 +15,14 @@ kernel's fixed-point numbers map to the model's float tensors::
     features = ["seq_ratio", "req_size"]  # default: every feature, schema order
     input_scale = { seq_ratio = 1000 }    # divisor; default: the schema's scale
     output_scale = 1                      # multiplier; default: the rec's scale
+    learn = true                          # learn from feedback (default false)
+    explore = 100                         # permille explored in learning (learn: 100)
+    explore_spread = 0.25                 # explored values: model's +- 25% of the range
+    learn_every_s = 5                     # refit at most this often
+    learned_model = "learned.onnx"        # also write each learned model here
+
+With ``learn = true`` a proxy needs no ``model``: in learning the bus
+explores uniformly over the recommendation's range until the first fit.
 
 The kernel, not the file, is the authority on what a proxy's features are:
 :func:`bind` checks a :class:`ProxyConfig` against the :class:`ProxySchema`
@@ -163,6 +171,29 @@ class ProxyConfig:
     input_scale_all: float | None = None
     output_scale: float | None = None
     ttl_ms: int | None = None
+    #: learn from feedback in the modes whose duty is to learn (``learn = true``)
+    learn: bool = False
+    #: exploration share (permille) the kernel gets in learning; None: the graph's
+    #: ``exploration_share``, or :data:`DEFAULT_LEARN_EXPLORE` when ``learn`` is on
+    explore: int | None = None
+    #: how far explored recommendations stray from the model's, as a fraction of the
+    #: recommendation's range (without a model yet: uniform over the range)
+    explore_spread: float = 0.25
+    #: seconds between refits of the learned model
+    learn_every_s: float = 5.0
+    #: where each learned model is also written (atomically), so a restart keeps it
+    learned_model: Path | None = None
+
+    def explore_share(self, graph_default: int) -> int:
+        """The ``explore`` permille to give the kernel for this proxy."""
+        if self.explore is not None:
+            return self.explore
+        return DEFAULT_LEARN_EXPLORE if self.learn and graph_default == 0 else graph_default
+
+
+#: Exploration share (permille) of a learning proxy whose config does not say:
+#: without explored decisions the learner can only reproduce the default.
+DEFAULT_LEARN_EXPLORE = 100
 
 
 @dataclass(frozen=True)
@@ -175,7 +206,8 @@ class Config:
 
 
 _BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace"}
-_PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms"}
+_PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
+               "learn", "explore", "explore_spread", "learn_every_s", "learned_model"}
 
 
 class _Where:
@@ -294,7 +326,27 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     out_scale = (_positive(w, f"{pre}.output_scale", t["output_scale"])
                  if "output_scale" in t else None)
     ttl = _ttl(w, f"{pre}.ttl_ms", t["ttl_ms"]) if "ttl_ms" in t else None
-    return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl)
+    learn = t.get("learn", False)
+    if not isinstance(learn, bool):
+        raise w.err(f"{pre}.learn", "true or false", learn)
+    explore = t.get("explore")
+    permille = _spec.load().consts.get("permille", 1000)
+    if explore is not None and (isinstance(explore, bool) or not isinstance(explore, int)
+                                or not 0 <= explore <= permille):
+        raise w.err(f"{pre}.explore", f"an integer in 0..{permille} (permille)", explore)
+    spread = t.get("explore_spread", 0.25)
+    if (isinstance(spread, bool) or not isinstance(spread, (int, float))
+            or not 0 < spread <= 1):
+        raise w.err(f"{pre}.explore_spread", "a number in (0, 1] (fraction of the range)", spread)
+    every = (_positive(w, f"{pre}.learn_every_s", t["learn_every_s"])
+             if "learn_every_s" in t else 5.0)
+    saved = (_path(w, f"{pre}.learned_model", t["learned_model"], base)
+             if "learned_model" in t else None)
+    if saved is not None and model is not None and saved == model:
+        raise w.err(f"{pre}.learned_model", "a file other than the configured model "
+                    "(the bus never overwrites the model you gave it)", str(saved))
+    return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl,
+                       learn, explore, float(spread), every, saved)
 
 
 def load(path: str | Path) -> Config:

@@ -29,11 +29,16 @@ Shadow maturity (learning)
       ``guards.min_decisions`` valid shadows are in the window (the policy
       checks this; see :mod:`modes.policy`);
     * optionally, when the proxy provides an efficiency model (a
-      :data:`ShadowScorer` mapping samples to the efficiency their shadow
-      would have had, e.g. the sample workload's known formula), the mean
-      estimated shadow efficiency over the window is kept as well and the
-      policy also asks it not to be worse than the default arm by the
-      demotion margin, so a mature model would not be demoted at once.
+      :data:`ShadowScorer` mapping samples to the efficiency the model's
+      decision would have had, e.g. the sample workload's known formula, or
+      the learner's estimate from explored decisions), the mean estimated
+      efficiency over the window is kept as well and the policy also asks it
+      not to be worse than the default arm by the demotion margin, so a
+      mature model would not be demoted at once.  A scorer may answer NaN
+      for a sample it has no estimate for; the share of samples it could
+      score is the **coverage**, and the policy asks it to reach the
+      maturity threshold too.  Scoring runs only in learning, the one mode
+      whose exit it decides.
 
 Windows reset on every mode change
     Evidence gathered under one mode says nothing about the next (the arms
@@ -68,6 +73,7 @@ __all__ = ["ArmStats", "Evidence", "Maturity", "Ring", "ShadowScorer"]
 
 #: Maps valid shadowed sample records to the efficiency (feedback scale) each
 #: shadow value would have had.  Must return one float per record.
+#: NaN where it has no estimate.
 ShadowScorer = Callable[[np.ndarray], npt.NDArray[np.float64]]
 
 
@@ -134,12 +140,15 @@ class Maturity:
     decisions: int  # decisions in the window
     valid: int  # of which had a valid shadow
     quality: float  # valid / decisions (0 when empty)
-    estimated: float | None  # mean estimated shadow efficiency, if a scorer is set
+    estimated: float | None  # mean estimated efficiency, if a scorer is set and scored any
+    coverage: float | None = None  # share of scored samples with an estimate (scorer set)
+    scored: int = 0  # estimates in the window
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"decisions": self.decisions, "valid": self.valid,
-                "quality": self.quality, "estimated": self.estimated}
+                "quality": self.quality, "estimated": self.estimated,
+                "coverage": self.coverage, "scored": self.scored}
 
 
 class Evidence:
@@ -163,6 +172,7 @@ class Evidence:
         self._totals = {"default": 0, "model": 0}
         self._valid = Ring(self.window)
         self._estimated = Ring(self.window)
+        self._covered = Ring(self.window)
         self._reference: float | None = None
         #: Records dropped because they belong to a previous mode.
         self.discarded = 0
@@ -212,12 +222,14 @@ class Evidence:
             lo, hi = self.bounds
             valid &= (cur["shadow"] >= lo) & (cur["shadow"] <= hi)
         self._valid.extend(valid)
-        if self.scorer is not None and valid.any():
+        if self.scorer is not None and self._mode == "learning" and valid.any():
             est = np.asarray(self.scorer(cur[valid]), dtype=np.float64)
             if est.shape != (int(np.count_nonzero(valid)),):
                 raise ValueError(f"shadow scorer returned shape {est.shape}, "
                                  f"expected ({int(np.count_nonzero(valid))},)")
-            self._estimated.extend(est)
+            known = ~np.isnan(est)
+            self._covered.extend(known)
+            self._estimated.extend(est[known])
         return int(cur.size)
 
     # -- reading ----------------------------------------------------------------
@@ -233,8 +245,11 @@ class Evidence:
         self._follow()
         n = len(self._valid)
         valid = int(round(self._valid.sum()))
-        return Maturity(n, valid, valid / n if n else 0.0,
-                        self._estimated.mean() if self.scorer is not None else None)
+        if self.scorer is None:
+            return Maturity(n, valid, valid / n if n else 0.0, None)
+        scored = len(self._covered)
+        return Maturity(n, valid, valid / n if n else 0.0, self._estimated.mean(),
+                        self._covered.sum() / scored if scored else 0.0, len(self._estimated))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready evidence (``kmlbus status``); thresholds are added by the policy."""
@@ -274,7 +289,7 @@ class Evidence:
                 self._reference = None
         else:
             self._reference = None
-        for ring in (*self._arms.values(), self._valid, self._estimated):
+        for ring in (*self._arms.values(), self._valid, self._estimated, self._covered):
             ring.clear()
         self._totals = {"default": 0, "model": 0}
         self._min_seq = self._max_seq + 1

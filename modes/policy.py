@@ -13,8 +13,10 @@ move               when
 =================  ==============================================================
 learning ->        shadow quality >= ``g.maturity`` with >= ``g.min_decisions``
 collaboration      valid shadows in the window (and, with a shadow scorer, the
-                   estimated shadow efficiency not below the default arm by
-                   ``g.demotion_margin``); see :mod:`modes.evidence`
+                   estimated efficiency not below the default arm by
+                   ``g.demotion_margin``, over >= ``g.min_decisions`` scored
+                   samples and a coverage >= ``g.maturity``); see
+                   :mod:`modes.evidence`
 collaboration ->   both arms have >= ``g.min_decisions`` decisions in the window
 recommendation     and model mean >= default mean raised by ``g.promotion_margin``
 collaboration ->   both arms have >= ``g.min_decisions`` and model mean < default
@@ -291,11 +293,14 @@ class Policy:
         met = m.quality >= g.maturity and m.valid >= g.min_decisions
         values: dict[str, Any] = {"quality": m.quality, "threshold": g.maturity, "valid": m.valid,
                                   "decisions": m.decisions, "min_decisions": g.min_decisions}
-        if m.estimated is not None:
+        if m.coverage is not None:
             d = evidence.arm("default")
             floor = None if d.mean is None else _lowered(d.mean, g.demotion_margin)
-            values.update(estimated=m.estimated, estimated_floor=floor, default_count=d.count)
-            met = met and d.count >= g.min_decisions and floor is not None and m.estimated >= floor
+            values.update(estimated=m.estimated, estimated_floor=floor, default_count=d.count,
+                          coverage=m.coverage, scored=m.scored)
+            met = (met and d.count >= g.min_decisions and floor is not None
+                   and m.estimated is not None and m.estimated >= floor
+                   and m.coverage >= g.maturity and m.scored >= g.min_decisions)
         return Check("maturity", "collaboration", met,
                      f"shadow quality {m.quality:.3f} >= {g.maturity} over {m.decisions} "
                      f"decisions ({m.valid} valid shadows)", values)

@@ -155,6 +155,47 @@ def test_a_shadow_scorer_gives_the_estimated_shadow_efficiency() -> None:
     assert ev.maturity().estimated == pytest.approx(1000 - 4.5)
 
 
+def test_a_scorer_without_an_estimate_lowers_coverage_not_the_mean() -> None:
+    g = small_graph()
+    pm = ProxyModes("p", g, initial="learning")
+    # no estimate (NaN) for odd shadows
+    ev = Evidence(pm, scorer=lambda r: np.where(r["shadow"] % 2 == 1, np.nan, 800.0))
+    ev.add_samples(samples(np.arange(1, 11, dtype=np.uint64), "learning", np.arange(10)))
+    m = ev.maturity()
+    assert (m.estimated, m.coverage, m.scored) == (800.0, 0.5, 5)
+
+
+def test_the_scorer_runs_only_in_learning() -> None:
+    calls: list[int] = []
+
+    def scorer(r: np.ndarray) -> np.ndarray:
+        calls.append(r.size)
+        return np.full(r.size, 1.0)
+
+    pm = ProxyModes("p", small_graph(), initial="collaboration")
+    ev = Evidence(pm, scorer=scorer)
+    ev.add_samples(samples(np.arange(1, 11, dtype=np.uint64), "collaboration", np.full(10, 8)))
+    assert calls == [] and ev.maturity().scored == 0
+
+
+def test_with_a_scorer_low_coverage_does_not_mature() -> None:
+    clk = Clock()
+    g = small_graph()
+    pm = ProxyModes("p", g, initial="learning", clock=clk)
+    pol = Policy(g, clk)
+    # a good estimate, but only for 3 shadows in 4 (< maturity 0.8 of small_graph)
+    ev = Evidence(pm, scorer=lambda r: np.where(r["seq"] % 4 == 0, np.nan, 900.0))
+    ev.add_samples(samples(np.arange(1, 41, dtype=np.uint64), "learning", np.full(40, 8)))
+    ev.add_feedback(feedback(np.arange(1, 41, dtype=np.uint64), "default", 700))
+    d = pol.evaluate(pm, ev)
+    assert d is None
+    assert ev.maturity().coverage == pytest.approx(0.75)
+    ev2 = Evidence(pm, scorer=lambda r: np.full(r.size, 900.0))
+    ev2.add_samples(samples(np.arange(1, 41, dtype=np.uint64), "learning", np.full(40, 8)))
+    ev2.add_feedback(feedback(np.arange(1, 41, dtype=np.uint64), "default", 700))
+    assert pol.evaluate(pm, ev2) is not None
+
+
 # -- policy -------------------------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from kmlbus import codec, netlink, pins, statefile
 from kmlbus.config import Config, ConfigError, ProxySchema, load
 from kmlbus.dispatcher import DispatchError, Dispatcher
+from kmlbus.learner import Learner, LearningLoop
 from kmlbus.registry import ModelError, ModelRegistry
 from kmlbus.traces import TraceWriter
 from modes import graph as mgraph
@@ -70,6 +71,8 @@ class Link(Protocol):
     stats: dict[str, int]
 
     def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
+    def join(self, group: str) -> None: ...
+    def leave(self, group: str) -> None: ...
     def proxies(self) -> list[dict[str, Any]]: ...
     def set_mode(self, proxy_id: int, mode: str, reason: str = "operator") -> None: ...
     def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
@@ -99,6 +102,8 @@ class ProxyState:
     modes: ProxyModes
     evidence: Evidence
     slow_batches: int = 0
+    #: the proxy's learning loop, when its config says ``learn = true``
+    learning: LearningLoop | None = None
 
 
 class Bus:
@@ -135,6 +140,8 @@ class Bus:
         self._overruns = 0
         self._pins_stamp: tuple[int, int] | None = None
         self._pins_dirty = True
+        #: learning loops by proxy name: they outlive a module reload (same binding)
+        self._loops: dict[str, LearningLoop] = {}
 
     # -- connection ------------------------------------------------------------
 
@@ -176,9 +183,6 @@ class Bus:
             self.ctl.set_mode(pid, dest, reason)
 
         modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock, mirror=mirror)
-        r = schema.recommendation
-        bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
-        ps = ProxyState(schema.id, schema.name, schema, modes, Evidence(modes, bounds=bounds))
         name = schema.name
 
         def on_transition(rec: TransitionRecord) -> None:
@@ -191,16 +195,40 @@ class Bus:
             self.registry.bind(schema)
         except (ModelError, ConfigError) as e:
             log.error("proxy %s: %s; it stays in emergency", schema.name, e)
+        loop = self._learning_loop(schema)
+        r = schema.recommendation
+        bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
+        ev = Evidence(modes, bounds=bounds, scorer=None if loop is None else loop.score)
+        ps = ProxyState(schema.id, schema.name, schema, modes, ev, learning=loop)
         g = self.graph.guards
+        pc = self.config.proxies.get(name)
+        explore = g.exploration_share if pc is None else pc.explore_share(g.exploration_share)
         self.ctl.attach(schema.id)
-        self.ctl.set_params(schema.id, share=g.collaboration_share, explore=g.exploration_share)
+        self.ctl.set_params(schema.id, share=g.collaboration_share, explore=explore)
         self.proxies[schema.id] = ps
         self._pins_dirty = True
         if kmode != "emergency":
             # A new bus has no evidence for the mode a previous one reached.
             self._send_move(ps, self.policy.fault(modes, Fault.BUS_GONE, "new bus attached"))
-        log.info("proxy %s (id %d): attached in %s; model %s", schema.name, schema.id, modes.mode,
-                 "loaded" if self.registry.has_model(schema.name) else "missing")
+        log.info("proxy %s (id %d): attached in %s; model %s%s", schema.name, schema.id, modes.mode,
+                 "loaded" if self.registry.has_model(schema.name) else "missing",
+                 "" if loop is None else f"; learning, explore {explore} permille")
+
+    def _learning_loop(self, schema: ProxySchema) -> LearningLoop | None:
+        """The proxy's learning loop if its config asks for one (kept across reloads)."""
+        pc = self.config.proxies.get(schema.name)
+        if pc is None or not pc.learn or schema.name not in self.registry.proxies:
+            self._loops.pop(schema.name, None)
+            return None
+        b = self.registry.binding(schema.name)
+        loop = self._loops.get(schema.name)
+        if loop is not None and loop.binding == b:
+            loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
+            return loop
+        loop = LearningLoop(Learner(b), self.registry, every_s=pc.learn_every_s,
+                            spread=pc.explore_spread, save_to=pc.learned_model)
+        self._loops[schema.name] = loop
+        return loop
 
     def _lost(self, why: str) -> None:
         """The family went away (module unloaded): forget it and wait for its return."""
@@ -256,13 +284,18 @@ class Bus:
 
     def _on_batch(self, ps: ProxyState, op: str, arr: np.ndarray) -> None:
         try:
+            learn = ps.learning is not None and duty(ps.modes.mode).learn
             if op == "telemetry":
                 if self.trace is not None:
                     self.trace.telemetry(ps.name, arr)
+                if learn and ps.learning is not None:
+                    ps.learning.telemetry(arr)
                 self._on_telemetry(ps, arr)
             else:
                 if self.trace is not None:
                     self.trace.feedback(ps.name, arr)
+                if learn and ps.learning is not None:
+                    ps.learning.feedback(arr)
                 ps.evidence.add_feedback(arr)
         except (KeyError, ValueError, TypeError) as e:
             self.stats["malformed"] += 1
@@ -284,18 +317,31 @@ class Bus:
 
     def _on_telemetry(self, ps: ProxyState, records: np.ndarray) -> None:
         ps.evidence.add_samples(records)
-        if not duty(ps.modes.mode).recommend or not self.registry.has_model(ps.name):
+        mode = ps.modes.mode
+        exploring = ps.learning if mode == "learning" else None
+        has_model = self.registry.has_model(ps.name)
+        if not duty(mode).recommend or not (has_model or exploring is not None):
             return
-        try:
-            recs = self.dispatcher.handle_telemetry(ps.name, records)
-        except DispatchError as e:
-            self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e), ps.evidence))
+        recs = None
+        if has_model:
+            try:
+                recs = self.dispatcher.handle_telemetry(ps.name, records)
+            except DispatchError as e:
+                self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e),
+                                                      ps.evidence))
+                return
+            c = self.dispatcher.counters_of(ps.name)
+            ps.slow_batches = ps.slow_batches + 1 if self.dispatcher.over_budget(ps.name) else 0
+            if ps.slow_batches >= LATENCY_STRIKES:
+                ps.slow_batches = 0
+                self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6,
+                                                                ps.evidence))
+        if exploring is not None:
+            # Learning: the kernel applies these only on its explore share; the rest are shadows.
+            keys = np.unique(records["key"])
+            recs = exploring.explore(keys[keys < ps.schema.nkeys], recs)
+        if recs is None:
             return
-        c = self.dispatcher.counters_of(ps.name)
-        ps.slow_batches = ps.slow_batches + 1 if self.dispatcher.over_budget(ps.name) else 0
-        if ps.slow_batches >= LATENCY_STRIKES:
-            ps.slow_batches = 0
-            self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6, ps.evidence))
         if len(recs) and duty(ps.modes.mode).recommend and self.ctl is not None:
             if self.trace is not None:
                 self.trace.recs(ps.name, recs)
@@ -325,8 +371,25 @@ class Bus:
         """Follow operator pins, then let the policy judge every proxy's evidence."""
         self._follow_pins()
         for ps in list(self.proxies.values()):
-            healthy = self.registry.has_model(ps.name)
+            self._learn(ps)
+            healthy = self.registry.has_model(ps.name) or (
+                ps.learning is not None and self.registry.error(ps.name) is None)
             self._send_move(ps, self.policy.evaluate(ps.modes, ps.evidence, healthy=healthy))
+
+    def _learn(self, ps: ProxyState) -> None:
+        """Refit the proxy's learned model when due (only in modes whose duty is to learn)."""
+        if ps.learning is None or not duty(ps.modes.mode).learn:
+            return
+        try:
+            fit = ps.learning.tick(self.clock())
+        except ModelError as e:
+            self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR,
+                                                  f"learned model refused: {e}", ps.evidence))
+            return
+        if fit is not None:
+            log.info("proxy %s: learned model installed (fit %d: %d samples, estimated %.3f, "
+                     "observed %.3f)", ps.name, ps.learning.fits, fit.n_samples,
+                     fit.estimated.efficiency, fit.observed)
 
     def housekeeping(self) -> None:
         """Check attachments, hot-swap models, follow pins, publish state."""
@@ -396,6 +459,7 @@ class Bus:
                 "model": None if lm is None else str(lm.source),
                 "model_error": None if err is None else str(err),
                 "dispatch": self.dispatcher.counters_of(ps.name).as_dict(),
+                "learning": None if ps.learning is None else _learning_status(ps.learning),
             }
         return out
 
@@ -459,6 +523,19 @@ class Bus:
         self.conn = self.ctl = None
         if self.trace is not None:
             self.trace.close()
+
+
+def _learning_status(loop: LearningLoop) -> dict[str, Any]:
+    """JSON-ready state of a learning loop for ``kmlbus status``."""
+    last = loop.last
+    return {
+        "samples": loop.learner.n_samples, "fits": loop.fits, "kept": loop.kept,
+        "unmatched_dropped": loop.learner.unmatched_dropped,
+        "last_fit": None if last is None else {
+            "weights": list(last.weights), "bias": last.bias, "samples": last.n_samples,
+            "estimated": last.estimated.efficiency, "coverage": last.estimated.coverage,
+            "observed": last.observed},
+    }
 
 
 class _Reconnect(Exception):

@@ -31,7 +31,9 @@ to compare.  The same table is the offline estimator used by
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -39,8 +41,8 @@ import numpy.typing as npt
 from . import models
 from . import spec as _spec
 from .config import Binding
-from .dispatcher import features_to_float
-from .registry import LoadedModel, ModelRegistry
+from .dispatcher import features_to_float, to_fixed
+from .registry import LoadedModel, ModelRegistry, ModelRuntimeError, NoModelError
 
 __all__ = [
     "EfficiencyTable",
@@ -154,11 +156,16 @@ class EfficiencyTable:
         d = self.sum_d[cells] / np.maximum(self.count[cells], 1)
         return self.bucket_x[usable], d[usable], self.bucket_count[usable]
 
+    def cell_estimate(self, x: F32, d: F64) -> F64:
+        """Per row: the mean efficiency of the cell ``(bucket(x), bin(d))``, NaN if unexplored."""
+        return np.asarray(self.cell_means()[self.bucket(x) * self.decision_bins + self.dbin(d)],
+                          dtype=np.float64)
+
     def estimate(self, x: F32, d: F64) -> Estimate:
         """Estimated mean efficiency of deciding *d* at *x* (see the class doc)."""
         if len(x) == 0:
             return Estimate(float("nan"), 0.0, 0)
-        m = self.cell_means()[self.bucket(x) * self.decision_bins + self.dbin(d)]
+        m = self.cell_estimate(x, d)
         ok = ~np.isnan(m)
         eff = float(m[ok].mean()) if ok.any() else float("nan")
         return Estimate(eff, float(ok.mean()), int(len(x)))
@@ -219,6 +226,8 @@ class Learner:
         self._tel_x = np.zeros((0, n), dtype=np.float32)
         self._fb = np.zeros(0, dtype=_spec.load().structs["feedback"].dtype)
         self.unmatched_dropped = 0
+        #: the table the last :meth:`fit` used (None before the first)
+        self.last_table: EfficiencyTable | None = None
 
     # -- data -------------------------------------------------------------
     @property
@@ -284,6 +293,13 @@ class Learner:
             self.unmatched_dropped += over_f
         return int(len(ti))
 
+    def forget_pending(self) -> None:
+        """Drop unmatched halves (the proxy's decision numbering restarted); rows stay."""
+        self.unmatched_dropped += len(self._tel_seq) + len(self._fb)
+        self._tel_seq = self._tel_seq[:0]
+        self._tel_x = self._tel_x[:0]
+        self._fb = self._fb[:0]
+
     def data(self) -> tuple[F32, F64, F64, npt.NDArray[np.uint8]]:
         """The training set: (x, decision, efficiency, arm), real units, oldest first."""
         n = self.n_samples
@@ -310,7 +326,7 @@ class Learner:
         if self.n_samples < min_samples:
             return None
         x, d, e, _ = self.data()
-        t = self.table()
+        t = self.last_table = self.table()
         bx, bd, bw = t.best_per_bucket()
         if len(bd) == 0:
             return None
@@ -349,25 +365,43 @@ class Learner:
 
 
 class LearningLoop:
-    """A :class:`Learner` plus the pacing a daemon needs: refit at most every ``every_s``.
+    """A :class:`Learner` plus what the daemon needs around it.
 
-    ``loop.telemetry(records)`` / ``loop.feedback(fb)`` on every batch, and
-    ``loop.tick(now)`` from the daemon's periodic work: it refits and
-    hot-swaps only when ``every_s`` passed *and* at least ``min_new`` new
-    decisions were joined since the last fit.
+    * ``telemetry(records)`` / ``feedback(fb)`` on every batch of the proxy;
+    * ``tick(now)`` from the daemon's periodic work refits at most every
+      ``every_s`` and only when ``min_new`` decisions were joined since the
+      last fit; the fit replaces the served model only when its estimated
+      efficiency (on the same table) is at least the served model's, so a
+      configured model that the data says is better is kept;
+    * :meth:`score` is the :data:`modes.evidence.ShadowScorer` of a
+      learning proxy: the estimated efficiency of the served model's
+      decision for each sample, from the explored cells of the last table,
+      NaN where nobody explored (maturity then needs coverage);
+    * :meth:`explore` gives the recommendations to send in learning;
+    * with ``save_to``, every installed fit is also written there atomically.
     """
 
     def __init__(self, learner: Learner, registry: ModelRegistry, *, every_s: float = 5.0,
-                 min_samples: int = 256, min_new: int = 128) -> None:
+                 min_samples: int = 256, min_new: int = 128, spread: float = 0.25,
+                 save_to: Path | None = None, rng: np.random.Generator | None = None) -> None:
         self.learner = learner
         self.registry = registry
         self.every_s = every_s
         self.min_samples = min_samples
         self.min_new = min_new
+        self.spread = spread
+        self.save_to = save_to
+        self.rng = rng if rng is not None else np.random.default_rng()
         self.last: LinearFit | None = None
-        self.fits = 0
+        self.fits = 0  # fits installed
+        self.kept = 0  # fits not installed: the served model was estimated as good
+        self.table: EfficiencyTable | None = None
         self._next = float("-inf")
         self._n_at_fit = 0
+
+    @property
+    def binding(self) -> Binding:
+        return self.learner.binding
 
     def telemetry(self, records: npt.NDArray[np.void]) -> None:
         self.learner.observe_telemetry(records)
@@ -376,7 +410,7 @@ class LearningLoop:
         self.learner.observe_feedback(feedback)
 
     def tick(self, now: float) -> LinearFit | None:
-        """Refit and install if due; returns the new fit, else None.
+        """Refit and install if due and better; returns the installed fit, else None.
 
         A failed install (:class:`~kmlbus.registry.ModelError`) propagates:
         the daemon treats it like any other model error.
@@ -384,13 +418,95 @@ class LearningLoop:
         if now < self._next or self.learner.total_added - self._n_at_fit < self.min_new:
             return None
         self._next = now + self.every_s
-        res = self.learner.update(self.registry, self.min_samples)
-        if res is None:
+        fit = self.learner.fit(self.min_samples)
+        if fit is None:
             return None
         self._n_at_fit = self.learner.total_added
-        self.last = res[0]
+        self.table = self.learner.last_table
+        served = self.served_estimate()
+        if (served is not None and served.coverage >= 0.5
+                and served.efficiency >= fit.estimated.efficiency):
+            self.kept += 1
+            log.info("proxy %s: served model estimated %.3f >= fit %.3f; kept",
+                     self.binding.proxy, served.efficiency, fit.estimated.efficiency)
+            return None
+        data = fit.to_onnx(self.binding)
+        self.registry.install(self.binding.proxy, data, f"learned({fit.n_samples} samples)")
+        self.last = fit
         self.fits += 1
-        return res[0]
+        if self.save_to is not None:
+            self._save(data)
+        return fit
+
+    def _save(self, data: bytes) -> None:
+        assert self.save_to is not None
+        tmp = self.save_to.with_name(f".{self.save_to.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.save_to)
+        except OSError as e:
+            log.warning("proxy %s: learned model not saved to %s: %s",
+                        self.binding.proxy, self.save_to, e)
+            tmp.unlink(missing_ok=True)
+
+    def _served_decisions(self, x: F32) -> F64 | None:
+        """The served model's decisions (real units, after rounding and clamp); None if none."""
+        b = self.binding
+        if not self.registry.has_model(b.proxy):
+            return None
+        try:
+            y = self.registry.predict(b.proxy, x)
+        except (ModelRuntimeError, NoModelError):
+            return None
+        fixed, _, valid = to_fixed(y, b)
+        d = fixed.astype(np.float64) / b.out_scale
+        d[~valid] = np.nan
+        return d
+
+    def served_estimate(self) -> Estimate | None:
+        """Estimated efficiency of the served model on the training set (None: no model/table)."""
+        if self.table is None:
+            return None
+        x, _, _, _ = self.learner.data()
+        d = self._served_decisions(x)
+        if d is None:
+            return None
+        ok = ~np.isnan(d)
+        return self.table.estimate(x[ok], d[ok])
+
+    def score(self, samples: npt.NDArray[np.void]) -> F64:
+        """Estimated efficiency (feedback fixed point) of the served model's decision per sample."""
+        out = np.full(len(samples), np.nan)
+        if self.table is None or len(samples) == 0:
+            return out
+        b = self.binding
+        x = features_to_float(samples, b)
+        d = self._served_decisions(x)
+        if d is None:
+            return out
+        ok = ~np.isnan(d)
+        out[ok] = self.table.cell_estimate(x[ok], d[ok]) * b.schema.efficiency_scale
+        return out
+
+    def explore(self, keys: npt.NDArray[np.integer], recs: npt.NDArray[np.void] | None
+                ) -> npt.NDArray[np.void]:
+        """Recommendations to send in learning, where the kernel applies them only on its
+        ``explore`` share: the model's *recs* moved by up to ``spread`` (:func:`perturb`),
+        or, without them, values uniform over the recommendation's range for *keys*.
+        Empty when there is neither a model nor a bounded range to explore."""
+        b = self.binding
+        if recs is not None:
+            return perturb(recs, b, self.rng, self.spread)
+        if b.rec_min <= _INT32_MIN or b.rec_max >= _INT32_MAX:
+            return np.zeros(0, dtype=_spec.load().structs["rec"].dtype)
+        out = np.zeros(len(keys), dtype=_spec.load().structs["rec"].dtype)
+        out["key"] = keys
+        out["value"] = self.rng.integers(b.rec_min, b.rec_max, len(keys), endpoint=True)
+        out["ttl_ms"] = b.ttl_ms
+        return out
+
+
+_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
 
 def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generator,
@@ -399,11 +515,17 @@ def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generat
 
     Meant for learning mode, where the kernel applies a recommendation only
     on its ``explore`` share of decisions: those decisions then try values
-    near the model's, which is what the learner needs to compare.
+    near the model's, which is what the learner needs to compare.  Without
+    bounds (an unbounded recommendation field) the move is relative to each
+    value instead: up to ``spread * max(1, |value|)``.
     """
     out = recs.copy()
     lo, hi = binding.rec_min, binding.rec_max
-    width = max(1.0, spread * (float(hi) - float(lo)))
-    noise = rng.uniform(-width, width, len(out))
-    out["value"] = np.clip(np.rint(out["value"].astype(np.float64) + noise), lo, hi)
+    v = out["value"].astype(np.float64)
+    if lo <= _INT32_MIN or hi >= _INT32_MAX:
+        width = spread * np.maximum(1.0, np.abs(v))
+    else:
+        width = np.full(len(v), max(1.0, spread * (float(hi) - float(lo))))
+    noise = rng.uniform(-1.0, 1.0, len(out)) * width
+    out["value"] = np.clip(np.rint(v + noise), lo, hi)
     return out

@@ -76,6 +76,13 @@ output_scale = 2.5
     ("[proxy.sample]\ninput_scale = 'big'", "proxy.sample.input_scale", "positive number or"),
     ("[proxy.sample]\nmodle = 'x'", "proxy.sample.modle", "unknown key"),
     ("[proxies]\n", "proxies", "unknown table"),
+    ("[proxy.sample]\nlearn = 'yes'", "proxy.sample.learn", "true or false"),
+    ("[proxy.sample]\nexplore = 1001", "proxy.sample.explore", "0..1000"),
+    ("[proxy.sample]\nexplore = 0.5", "proxy.sample.explore", "permille"),
+    ("[proxy.sample]\nexplore_spread = 0", "proxy.sample.explore_spread", "(0, 1]"),
+    ("[proxy.sample]\nlearn_every_s = 0", "proxy.sample.learn_every_s", "positive"),
+    ("[proxy.sample]\nmodel = 'm.onnx'\nlearned_model = 'm.onnx'", "proxy.sample.learned_model",
+     "other than the configured model"),
     ("[bus\n", "", "not valid TOML"),
 ])
 def test_errors_are_one_line_naming_file_key_and_expectation(
@@ -89,6 +96,22 @@ def test_errors_are_one_line_naming_file_key_and_expectation(
     assert str(p.resolve()) in msg
     assert key in msg
     assert expected in msg
+
+
+def test_learning_keys_and_the_explore_share_they_give(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[proxy.a]\nlearn = true\nlearned_model = 'l.onnx'\n"
+                 "[proxy.b]\nlearn = true\nexplore = 30\nexplore_spread = 0.5\nlearn_every_s = 2\n"
+                 "[proxy.c]\n")
+    c = cfg.load(p)
+    a, b, off = c.proxies["a"], c.proxies["b"], c.proxies["c"]
+    assert a.learn and a.learned_model == tmp_path.resolve() / "l.onnx"
+    assert (b.explore, b.explore_spread, b.learn_every_s) == (30, 0.5, 2.0)
+    assert not off.learn and off.learned_model is None
+    # learning without exploration could only copy the default: it gets a share by default
+    assert a.explore_share(0) == cfg.DEFAULT_LEARN_EXPLORE
+    assert a.explore_share(50) == 50  # the graph's own share wins when it has one
+    assert b.explore_share(0) == 30 and off.explore_share(0) == 0
 
 
 def test_error_names_what_was_found(tmp_path: Path) -> None:

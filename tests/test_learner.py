@@ -250,3 +250,109 @@ def test_learning_loop_paces_refits_and_swaps_the_model() -> None:
     loop.telemetry(tel)
     loop.feedback(fb)
     assert loop.tick(21.0) is not None and loop.fits == 2
+
+
+def _peaked_loop(tmp_path: object = None, **kw: object) -> tuple[object, ModelRegistry]:
+    """A loop whose data has one feature bucket and an efficiency peak at decision 40."""
+    from kmlbus.learner import LearningLoop
+
+    reg = ModelRegistry()
+    b = reg.bind(sample_schema())
+    learner = Learner(b)
+    rng = np.random.default_rng(5)
+    d = rng.integers(1, 65, 4000)
+    x = np.full((len(d), 3), 0.5, dtype=np.float32)
+    learner.add(x, d, 1000 - 20 * np.abs(d - 40))
+    return LearningLoop(learner, reg, min_samples=256, min_new=1, **kw), reg  # type: ignore[arg-type]
+
+
+def test_a_refit_replaces_the_served_model_only_when_estimated_better() -> None:
+    from kmlbus.learner import LearningLoop
+
+    loop, reg = _peaked_loop()
+    assert isinstance(loop, LearningLoop)
+    reg.install("sample", models.to_bytes(models.linear_model([0, 0, 0], 10.0)), "window 10")
+    fit = loop.tick(0.0)
+    assert fit is not None and loop.fits == 1 and loop.kept == 0
+    assert reg.model("sample").source.startswith("learned")  # type: ignore[union-attr]
+    assert 36 <= fit.bias + 0.5 * sum(fit.weights) <= 41  # the peak's decision bin
+
+    loop2, reg2 = _peaked_loop()
+    assert isinstance(loop2, LearningLoop)
+    reg2.install("sample", models.to_bytes(models.linear_model([0, 0, 0], 40.0)), "window 40")
+    assert loop2.tick(0.0) is None and loop2.kept == 1 and loop2.fits == 0
+    assert reg2.model("sample").source == "window 40"  # type: ignore[union-attr]
+    served = loop2.served_estimate()
+    # the served window 40 shares the fit's cell (36.4..40.4): the cell's mean, full coverage
+    assert served is not None and served.coverage == 1.0
+    assert served.efficiency == pytest.approx(loop2.table.estimate(  # type: ignore[union-attr]
+        np.full((1, 3), 0.5, np.float32), np.array([38.0])).efficiency)
+
+
+def test_score_estimates_the_served_model_per_sample_and_says_nan_where_unexplored() -> None:
+    from kmlbus.learner import LearningLoop
+
+    loop, reg = _peaked_loop()
+    assert isinstance(loop, LearningLoop)
+    r = np.zeros(4, dtype=SAMPLE)
+    r["features"][:, :3] = 500
+    assert np.isnan(loop.score(r)).all()  # no table yet
+    reg.install("sample", models.to_bytes(models.linear_model([0, 0, 0], 30.0)), "window 30")
+    loop.tick(0.0)  # builds the table; a fit (window ~40) replaces window 30
+    reg.install("sample", models.to_bytes(models.linear_model([0, 0, 0], 30.0)), "window 30")
+    est = loop.score(r)
+    # cell of decision 30 (bins of 63/16 ~ 3.9 wide: decisions 28.6..32.5), in feedback scale
+    assert est == pytest.approx(np.full(4, 1000 - 20 * 10), abs=45)
+    far = r.copy()
+    far["features"][:, 0] = 0  # features nobody decided at: no estimate
+    assert np.isnan(loop.score(far)).all()
+
+
+def test_explore_is_uniform_without_a_model_and_perturbed_with_one() -> None:
+    from kmlbus.learner import LearningLoop
+
+    reg = ModelRegistry()
+    b = reg.bind(sample_schema())
+    loop = LearningLoop(Learner(b), reg, spread=0.1, rng=np.random.default_rng(3))
+    keys = np.arange(64, dtype=np.uint32)
+    out = np.concatenate([loop.explore(keys, None) for _ in range(50)])
+    assert set(out["key"].tolist()) == set(range(64))
+    assert out["value"].min() == 1 and out["value"].max() == 64  # the whole range, both ends
+    assert (out["ttl_ms"] == b.ttl_ms).all()
+    recs = np.zeros(64, dtype=REC)
+    recs["key"], recs["value"], recs["ttl_ms"] = keys, 32, 100
+    moved = loop.explore(keys, recs)
+    assert (np.abs(moved["value"] - 32) <= 7).all() and len(set(moved["value"].tolist())) > 3
+    assert (moved["key"] == keys).all() and (moved["ttl_ms"] == 100).all()
+
+
+def test_explore_without_bounds_or_model_sends_nothing_and_perturbs_relatively() -> None:
+    from kmlbus.learner import LearningLoop
+
+    schema = ProxySchema("sample", tuple(FieldSchema(n, 1000) for n in models.SAMPLE_FEATURES),
+                         FieldSchema("window", 1), 64)
+    reg = ModelRegistry()
+    loop = LearningLoop(Learner(reg.bind(schema)), reg, spread=0.5, rng=np.random.default_rng(1))
+    assert len(loop.explore(np.arange(4, dtype=np.uint32), None)) == 0
+    recs = np.zeros(100, dtype=REC)
+    recs["value"] = 1000
+    v = loop.explore(np.arange(100, dtype=np.uint32), recs)["value"]
+    assert (np.abs(v - 1000) <= 500).all() and v.std() > 100
+
+
+def test_learned_models_are_saved_atomically(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from kmlbus.learner import LearningLoop
+
+    target = Path(str(tmp_path)) / "learned.onnx"
+    loop, reg = _peaked_loop(save_to=target)
+    assert isinstance(loop, LearningLoop)
+    fit = loop.tick(0.0)
+    assert fit is not None and target.exists()
+    assert [p.name for p in target.parent.iterdir()] == ["learned.onnx"]  # no temp file left
+    other = ModelRegistry()
+    other.bind(sample_schema(), load=False)
+    other.install("sample", target.read_bytes())
+    x = np.full((1, 3), 0.5, dtype=np.float32)
+    assert other.predict("sample", x) == pytest.approx(reg.predict("sample", x))

@@ -79,7 +79,8 @@ class Link(Protocol):
                    stale_ms: int | None = None) -> None: ...
     def attach(self, proxy_id: int) -> None: ...
     def detach(self, proxy_id: int) -> None: ...
-    def recommend(self, proxy_id: int, recs: Any) -> None: ...
+    def recommend(self, proxy_id: int, recs: Any, *, wait: bool = True) -> None: ...
+    def take_errors(self) -> list[netlink.NetlinkError]: ...
     def close(self) -> None: ...
 
 
@@ -346,10 +347,12 @@ class Bus:
             if self.trace is not None:
                 self.trace.recs(ps.name, recs)
             try:
-                self.ctl.recommend(ps.id, recs)
-            except netlink.NetlinkError as e:
+                # No ACK: the kernel has applied them when the send returns; a refusal
+                # comes back later and is counted in housekeeping (_collect_errors).
+                self.ctl.recommend(ps.id, recs, wait=False)
+            except (netlink.NetlinkError, OSError) as e:
                 self.stats["send_errors"] += 1
-                log.warning("proxy %s: recommendations refused: %s", ps.name, e)
+                log.warning("proxy %s: recommendations not sent: %s", ps.name, e)
 
     # -- moves -----------------------------------------------------------------
 
@@ -394,6 +397,7 @@ class Bus:
     def housekeeping(self) -> None:
         """Check attachments, hot-swap models, follow pins, publish state."""
         assert self.conn is not None and self.ctl is not None
+        self._collect_errors()
         seen = {int(a["id"]): a for a in self.ctl.proxies()}
         overruns = self.conn.stats.get("overruns", 0)
         for ps in list(self.proxies.values()):
@@ -411,6 +415,17 @@ class Bus:
         for r in self.registry.poll():
             log.info("model reload: %s", r)
         self.write_state()
+
+    def _collect_errors(self) -> None:
+        """Count and log the kernel's refusals of recommendations sent without an ACK."""
+        assert self.ctl is not None
+        errors = self.ctl.take_errors()
+        if not errors:
+            return
+        self.stats["send_errors"] += len(errors)
+        first = errors[0]
+        log.warning("%d recommend request(s) refused by the kernel since the last check; "
+                    "first: %s", len(errors), first)
 
     def _follow_pins(self) -> None:
         """Apply the operator's pins file when it changed (checked before every policy pass,

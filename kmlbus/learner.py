@@ -236,6 +236,11 @@ class Learner:
         return min(self._n, self.capacity)
 
     @property
+    def n_explored(self) -> int:
+        """Rows in the training set decided by the model arm (explored or recommended)."""
+        return int(np.count_nonzero(self.data()[3] == _ARM_MODEL))
+
+    @property
     def total_added(self) -> int:
         """Rows ever added (including those the ring has since dropped)."""
         return self._n
@@ -369,8 +374,11 @@ class LearningLoop:
 
     * ``telemetry(records)`` / ``feedback(fb)`` on every batch of the proxy;
     * ``tick(now)`` from the daemon's periodic work refits at most every
-      ``every_s`` and only when ``min_new`` decisions were joined since the
-      last fit; the fit replaces the served model only when its estimated
+      ``every_s``, only when ``min_new`` decisions were joined since the
+      last fit and only once ``min_samples`` of the rows were decided by
+      the model arm (without them a fit could only copy the default, and
+      exploring around that copy would never find the far better
+      decisions); the fit replaces the served model only when its estimated
       efficiency (on the same table) is at least the served model's, so a
       configured model that the data says is better is kept;
     * :meth:`score` is the :data:`modes.evidence.ShadowScorer` of a
@@ -418,6 +426,8 @@ class LearningLoop:
         if now < self._next or self.learner.total_added - self._n_at_fit < self.min_new:
             return None
         self._next = now + self.every_s
+        if self.learner.n_explored < self.min_samples:
+            return None
         fit = self.learner.fit(self.min_samples)
         if fit is None:
             return None
@@ -507,6 +517,7 @@ class LearningLoop:
 
 
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
+_ARM_MODEL = _spec.load().enums["arm"].value("model")
 
 
 def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generator,

@@ -81,6 +81,7 @@ CTRL_ATTR_MCAST_GRP_ID = 2
 
 _RECV_BUF = 64 << 10  # kernel dumps fill at most 32 KiB per skb (netlink_recvmsg caps max_recvmsg_len)
 _DRAIN_MAX = 256  # datagrams read per recv() call before returning to the caller
+_UNACKED_MAX = 1024  # no-ACK requests remembered for explaining a late error
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 
@@ -431,6 +432,13 @@ class Connection(GenlSocket):
             raise
         self.family_id = info.id
         self.family_name = info.name
+        #: requests sent without waiting (seq -> (op, attribute set, request bytes)),
+        #: so that a late error can still be explained; bounded, oldest forgotten
+        self._unacked: collections.OrderedDict[int, tuple[str, str, bytes]] = collections.OrderedDict()
+        #: kernel errors of such requests, oldest first (bounded; all counted in
+        #: ``stats["async_errors"]``); :meth:`take_errors` hands them over
+        self.async_errors: collections.deque[NetlinkError] = collections.deque(maxlen=256)
+        self.stats["async_errors"] = 0
         self.version = info.version
         self.ops: dict[int, int] = info.ops
         self.groups: dict[str, int] = info.groups
@@ -449,6 +457,50 @@ class Connection(GenlSocket):
 
     def _is_event_op(self, m: Message) -> bool:
         return m.type == self.family_id and m.cmd in self._event_cmds
+
+    def _park(self, m: Message) -> None:
+        if m.type == codec.NLMSG_ERROR and m.seq in self._unacked:
+            op, set_name, req = self._unacked.pop(m.seq)
+            if m.error:  # without NLM_F_ACK the kernel only answers failures
+                self.async_errors.append(self._error(m, op, set_name, req))
+                self.stats["async_errors"] += 1
+            return
+        super()._park(m)
+
+    def send_nowait(self, op: str, attrs: Mapping[str, Any]) -> int:
+        """Send request *op* without asking for an ACK, and return at once; its seq.
+
+        Netlink hands a request to the kernel synchronously: when this
+        returns, the kernel has run the operation.  Only a failure is
+        answered; it is collected by the next receive on this socket into
+        :attr:`async_errors` (see :meth:`take_errors`).
+        """
+        o = self.spec.op_by_name.get(op)
+        if o is None:
+            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
+        seq = self.next_seq()
+        req = codec.encode_msg(self.family_id, op, attrs, seq=seq, flags=codec.NLM_F_REQUEST)
+        self._unacked[seq] = (op, o.attr_set, req)
+        while len(self._unacked) > _UNACKED_MAX:
+            self._unacked.popitem(last=False)
+        self._sock.sendto(req, (0, 0))
+        return seq
+
+    def take_errors(self) -> list[NetlinkError]:
+        """Errors the kernel returned for :meth:`send_nowait` requests, oldest first.
+
+        Reads what is waiting on the socket first (never blocks); other
+        traffic found meanwhile stays queued for :meth:`recv`.
+        """
+        for _ in range(_DRAIN_MAX):
+            dg = self._recv_datagram()
+            if dg is None:
+                break
+            for m in self._decode(dg):
+                self._park(m)
+        out = list(self.async_errors)
+        self.async_errors.clear()
+        return out
 
     def join(self, group: str) -> None:
         """Join multicast group *group* (``telemetry`` or ``events``)."""
@@ -541,11 +593,14 @@ class Connection(GenlSocket):
         """Release the proxy from its bus (it falls to emergency)."""
         self.request("detach", {"id": proxy_id})
 
-    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]]) -> None:
+    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
+                  *, wait: bool = True) -> None:
         """Send recommendations, ``(key, value, ttl_ms)`` rows or a ``rec`` struct array.
 
         More than the spec's ``max-recs`` entries go as several requests,
-        each all-or-nothing in the kernel.
+        each all-or-nothing in the kernel.  With ``wait=False`` no ACK is
+        asked for (:meth:`send_nowait`): the kernel has applied them when
+        this returns, and a refusal shows up in :meth:`take_errors`.
         """
         dt = self.spec.structs["rec"].dtype
         arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
@@ -553,4 +608,7 @@ class Connection(GenlSocket):
         if len(arr) == 0:
             return
         for i in range(0, len(arr), step):
-            self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
+            if wait:
+                self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
+            else:
+                self.send_nowait("recommend", {"id": proxy_id, "recs": arr[i:i + step]})

@@ -37,7 +37,7 @@ Shadow maturity (learning)
       mature model would not be demoted at once.  A scorer may answer NaN
       for a sample it has no estimate for; the share of samples it could
       score is the **coverage**, and the policy asks it to reach the
-      maturity threshold too.  Scoring runs only in learning, the one mode
+      graph's ``coverage`` guard too.  Scoring runs only in learning, the one mode
       whose exit it decides.
 
 Windows reset on every mode change

@@ -42,6 +42,7 @@ class Guards:
     window: int
     min_decisions: int
     maturity: float
+    coverage: float
     promotion_margin: float
     demotion_margin: float
     collaboration_share: int

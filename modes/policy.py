@@ -15,7 +15,7 @@ learning ->        shadow quality >= ``g.maturity`` with >= ``g.min_decisions``
 collaboration      valid shadows in the window (and, with a shadow scorer, the
                    estimated efficiency not below the default arm by
                    ``g.demotion_margin``, over >= ``g.min_decisions`` scored
-                   samples and a coverage >= ``g.maturity``); see
+                   samples and a coverage >= ``g.coverage``); see
                    :mod:`modes.evidence`
 collaboration ->   both arms have >= ``g.min_decisions`` decisions in the window
 recommendation     and model mean >= default mean raised by ``g.promotion_margin``
@@ -297,10 +297,10 @@ class Policy:
             d = evidence.arm("default")
             floor = None if d.mean is None else _lowered(d.mean, g.demotion_margin)
             values.update(estimated=m.estimated, estimated_floor=floor, default_count=d.count,
-                          coverage=m.coverage, scored=m.scored)
+                          coverage=m.coverage, coverage_threshold=g.coverage, scored=m.scored)
             met = (met and d.count >= g.min_decisions and floor is not None
                    and m.estimated is not None and m.estimated >= floor
-                   and m.coverage >= g.maturity and m.scored >= g.min_decisions)
+                   and m.coverage >= g.coverage and m.scored >= g.min_decisions)
         return Check("maturity", "collaboration", met,
                      f"shadow quality {m.quality:.3f} >= {g.maturity} over {m.decisions} "
                      f"decisions ({m.valid} valid shadows)", values)

@@ -262,7 +262,7 @@ def _peaked_loop(tmp_path: object = None, **kw: object) -> tuple[object, ModelRe
     rng = np.random.default_rng(5)
     d = rng.integers(1, 65, 4000)
     x = np.full((len(d), 3), 0.5, dtype=np.float32)
-    learner.add(x, d, 1000 - 20 * np.abs(d - 40))
+    learner.add(x, d, 1000 - 20 * np.abs(d - 40), np.full(len(d), ARM_MODEL))
     return LearningLoop(learner, reg, min_samples=256, min_new=1, **kw), reg  # type: ignore[arg-type]
 
 
@@ -287,6 +287,23 @@ def test_a_refit_replaces_the_served_model_only_when_estimated_better() -> None:
     assert served is not None and served.coverage == 1.0
     assert served.efficiency == pytest.approx(loop2.table.estimate(  # type: ignore[union-attr]
         np.full((1, 3), 0.5, np.float32), np.array([38.0])).efficiency)
+
+
+def test_the_loop_does_not_fit_before_the_model_arm_decided_enough() -> None:
+    from kmlbus.learner import LearningLoop
+
+    reg = ModelRegistry()
+    loop = LearningLoop(Learner(reg.bind(sample_schema())), reg, min_samples=256, min_new=1)
+    wl = SampleWorkload(seed=4)
+    tel, fb = wl.run(5000, explore=0.0)  # the default's decisions only (emergency)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.tick(0.0) is None and not reg.has_model("sample")
+    tel, fb = wl.run(2000, explore=0.2)
+    loop.telemetry(tel)
+    loop.feedback(fb)
+    assert loop.learner.n_explored >= 256
+    assert loop.tick(10.0) is not None and reg.has_model("sample")
 
 
 def test_score_estimates_the_served_model_per_sample_and_says_nan_where_unexplored() -> None:

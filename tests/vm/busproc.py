@@ -49,14 +49,18 @@ def kernel_mode(name: str = "sample") -> str:
 class Daemon:
     """``python -m kmlbus run`` with a model of our choosing, in *workdir*."""
 
-    def __init__(self, workdir: Path, model: bytes | None = None, *, extra: str = "") -> None:
+    def __init__(self, workdir: Path, model: bytes | None = None, *, extra: str = "",
+                 proxy: str | None = None) -> None:
+        """*extra*: more ``[bus]`` keys; *proxy*: the ``[proxy.sample]`` table's body
+        instead of ``model = "model.onnx"`` (the model file is written either way)."""
         self.workdir = workdir
         self.model = workdir / "model.onnx"
         self.model.write_bytes(model if model is not None else models.to_bytes(models.sample_good_model()))
         self.config = workdir / "bus.toml"
+        body = proxy if proxy is not None else 'model = "model.onnx"\n'
         self.config.write_text(
             "[bus]\nttl_ms = 300\nlatency_budget_ms = 500\n" + extra +
-            "\n[proxy.sample]\nmodel = \"model.onnx\"\n", encoding="utf-8")
+            "\n[proxy.sample]\n" + body, encoding="utf-8")
         self.log = workdir / "bus.log"
         self.env = dict(os.environ, KMLBUS_STATE=str(workdir / "state.json"))
         self.proc: subprocess.Popen[bytes] | None = None

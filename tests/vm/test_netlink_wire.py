@@ -144,6 +144,28 @@ def test_recommend_accepts_tuples_and_struct_arrays_and_splits_big_batches(modul
         assert after - before == 64 + len(arr)
 
 
+def test_recommend_without_ack_is_applied_on_return_and_refusals_come_back_later(
+        modules: Any) -> None:
+    with Connection(groups=("telemetry",)) as c:
+        pid = sample(c)["id"]
+        before = c.proxy(pid)["counters"]["recs-received"]
+        c.recommend(pid, [(k, 9, 1000) for k in range(8)], wait=False)
+        # netlink ran the request in our send: the kernel counted it before we asked
+        assert c.proxy(pid)["counters"]["recs-received"] - before == 8
+        assert c.take_errors() == [] and c.stats["async_errors"] == 0
+        c.recommend(pid, [(1, 9, 1000), (999, 9, 1000)], wait=False)  # key out of range
+        c.recommend(pid, [(2, 9, 0)], wait=False)  # ttl 0
+        time.sleep(0.1)
+        errs = c.take_errors()
+        assert [e.errno for e in errs] == [errno.EINVAL, errno.EINVAL], errs
+        assert "nkeys" in str(errs[0]) and "ttl-ms" in str(errs[1]), errs
+        assert all(e.op == "recommend" for e in errs)
+        assert c.stats["async_errors"] == 2 and c.take_errors() == []
+        # all-or-nothing: the refused batches changed nothing; telemetry still flows
+        assert c.proxy(pid)["counters"]["recs-received"] - before == 8
+        assert wait_for(c, "telemetry")
+
+
 def test_receive_buffer_overrun_is_counted_and_the_connection_keeps_working(modules: Any) -> None:
     with Connection(groups=("telemetry",), rcvbuf=4096) as c:
         time.sleep(1.0)  # 2000 decisions/s overflow a 4 KiB buffer many times over

@@ -138,6 +138,9 @@ class Bus:
             self.trace = TraceWriter(config.bus.trace, append=True)
         self._next_tick = 0.0
         self._next_housekeeping = 0.0
+        #: CLOCK_MONOTONIC ns when the last ``recommend`` was handed to the kernel
+        #: (the moment it applied them; ``kmlbus bench`` reads it)
+        self.last_send_ns = 0
         self._overruns = 0
         self._pins_stamp: tuple[int, int] | None = None
         self._pins_dirty = True
@@ -254,18 +257,27 @@ class Bus:
         one array, so a bus that fell behind catches up with one inference and
         one ``recommend`` per proxy instead of one per kernel message.  Mode
         events keep their place: batches before an event are handled before it.
+
+        Recommendations go out first; evidence, learning and the trace are
+        updated after every send, because until the kernel has the fresh
+        values its decisions run on old ones.
         """
         pending: dict[tuple[int, str], list[np.ndarray]] = {}
 
         def flush() -> None:
+            batches = []
             for (pid, op), parts in pending.items():
-                ps = self.proxies[pid]
                 # Joining the raw bytes is several times cheaper than np.concatenate,
                 # which re-derives the structured dtype for every call.
                 arr = parts[0] if len(parts) == 1 else np.frombuffer(
                     b"".join(p.tobytes() for p in parts), dtype=parts[0].dtype)
-                self._on_batch(ps, op, arr)
+                batches.append((self.proxies[pid], op, arr))
             pending.clear()
+            ok = [op != "telemetry" or self._guarded(ps, op, self._recommend, arr)
+                  for ps, op, arr in batches]
+            for (ps, op, arr), good in zip(batches, ok):
+                if good:
+                    self._guarded(ps, op, self._account, arr)
 
         for m in msgs:
             pid = m.attrs.get("id")
@@ -283,24 +295,32 @@ class Bus:
                 self._on_event(self.proxies[pid], m)
         flush()
 
-    def _on_batch(self, ps: ProxyState, op: str, arr: np.ndarray) -> None:
+    def _guarded(self, ps: ProxyState, op: str,
+                 step: Callable[[ProxyState, str, np.ndarray], None], arr: np.ndarray) -> bool:
+        """Run one step on a batch; a malformed batch is counted and logged (False)."""
         try:
-            learn = ps.learning is not None and duty(ps.modes.mode).learn
-            if op == "telemetry":
-                if self.trace is not None:
-                    self.trace.telemetry(ps.name, arr)
-                if learn and ps.learning is not None:
-                    ps.learning.telemetry(arr)
-                self._on_telemetry(ps, arr)
-            else:
-                if self.trace is not None:
-                    self.trace.feedback(ps.name, arr)
-                if learn and ps.learning is not None:
-                    ps.learning.feedback(arr)
-                ps.evidence.add_feedback(arr)
+            step(ps, op, arr)
+            return True
         except (KeyError, ValueError, TypeError) as e:
             self.stats["malformed"] += 1
             log.warning("proxy %s: malformed %s batch ignored: %s", ps.name, op, e)
+            return False
+
+    def _account(self, ps: ProxyState, op: str, arr: np.ndarray) -> None:
+        """Bookkeeping of a batch: trace, learning, evidence."""
+        learn = ps.learning if ps.learning is not None and duty(ps.modes.mode).learn else None
+        if op == "telemetry":
+            if self.trace is not None:
+                self.trace.telemetry(ps.name, arr)
+            if learn is not None:
+                learn.telemetry(arr)
+            ps.evidence.add_samples(arr)
+        else:
+            if self.trace is not None:
+                self.trace.feedback(ps.name, arr)
+            if learn is not None:
+                learn.feedback(arr)
+            ps.evidence.add_feedback(arr)
 
     def _on_event(self, ps: ProxyState, m: codec.Message) -> None:
         try:
@@ -316,8 +336,8 @@ class Bus:
             self.stats["malformed"] += 1
             log.warning("proxy %s: malformed %s message ignored: %s", ps.name, m.op, e)
 
-    def _on_telemetry(self, ps: ProxyState, records: np.ndarray) -> None:
-        ps.evidence.add_samples(records)
+    def _recommend(self, ps: ProxyState, _op: str, records: np.ndarray) -> None:
+        """Telemetry -> recommendations sent (the latency-critical part of a batch)."""
         mode = ps.modes.mode
         exploring = ps.learning if mode == "learning" else None
         has_model = self.registry.has_model(ps.name)
@@ -344,15 +364,16 @@ class Bus:
         if recs is None:
             return
         if len(recs) and duty(ps.modes.mode).recommend and self.ctl is not None:
-            if self.trace is not None:
-                self.trace.recs(ps.name, recs)
             try:
                 # No ACK: the kernel has applied them when the send returns; a refusal
                 # comes back later and is counted in housekeeping (_collect_errors).
                 self.ctl.recommend(ps.id, recs, wait=False)
+                self.last_send_ns = time.monotonic_ns()
             except (netlink.NetlinkError, OSError) as e:
                 self.stats["send_errors"] += 1
                 log.warning("proxy %s: recommendations not sent: %s", ps.name, e)
+            if self.trace is not None:
+                self.trace.recs(ps.name, recs)
 
     # -- moves -----------------------------------------------------------------
 

@@ -100,13 +100,45 @@ def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
     return order[last].astype(np.intp)
 
 
+@dataclass(frozen=True)
+class _Conv:
+    """A binding's conversion constants as arrays, built once per binding."""
+
+    binding: Binding
+    cols: npt.NDArray[np.intp] | slice  # a slice when the columns are 0..n-1 in order
+    div: npt.NDArray[np.float64]
+
+
+_CONV: dict[int, _Conv] = {}
+
+
+def _conv(binding: Binding) -> _Conv:
+    c = _CONV.get(id(binding))
+    if c is None or c.binding is not binding:
+        n = len(binding.columns)
+        cols: npt.NDArray[np.intp] | slice = (
+            slice(0, n) if binding.columns == tuple(range(n))
+            else np.asarray(binding.columns, dtype=np.intp))
+        c = _Conv(binding, cols, np.asarray(binding.divisors, dtype=np.float64))
+        if len(_CONV) > 256:  # bindings are few; forget them all rather than grow
+            _CONV.clear()
+        _CONV[id(binding)] = c
+    return c
+
+
 def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.NDArray[np.float32]:
-    """``records.features[:, columns] / divisors`` as float32 [N, n_features]."""
-    cols = np.asarray(binding.columns, dtype=np.intp)
-    div = np.asarray(binding.divisors, dtype=np.float64)
-    raw = records["features"][:, cols].astype(np.float64)
+    """``records.features[:, columns] / divisors`` as float32 [N, n_features].
+
+    The division is done in float64 and rounded once to float32.  One ufunc
+    call per batch: under emulation every numpy call costs tens of
+    microseconds, so the hot path counts them.
+    """
+    c = _conv(binding)
+    raw = records["features"][:, c.cols]
+    out = np.empty(raw.shape, dtype=np.float32)
     with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
-        return (raw / div).astype(np.float32)
+        np.divide(raw, c.div, out=out, dtype=np.float64, casting="unsafe")
+    return out
 
 
 def to_fixed(values: npt.NDArray[np.floating], binding: Binding
@@ -116,11 +148,25 @@ def to_fixed(values: npt.NDArray[np.floating], binding: Binding
     Returns ``(fixed int32, clamped mask, valid mask)``; NaN rows are invalid
     (their fixed value is meaningless).  Rounding is half-to-even (``np.rint``).
     """
-    v = np.rint(np.asarray(values, dtype=np.float64) * binding.out_scale)
-    valid = ~np.isnan(v)
-    v = np.where(valid, v, float(binding.rec_min))
-    c = np.clip(v, binding.rec_min, binding.rec_max)
-    clamped = valid & (c != v)
+    fixed, clamped, valid = _to_fixed(values, binding)
+    return fixed, clamped, np.ones(len(fixed), dtype=bool) if valid is None else valid
+
+
+def _to_fixed(values: npt.NDArray[np.floating], binding: Binding
+              ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.bool_] | None]:
+    """:func:`to_fixed` with ``valid`` None when every row is valid (the usual case)."""
+    v = np.multiply(values, binding.out_scale, dtype=np.float64)
+    np.rint(v, out=v)
+    valid: npt.NDArray[np.bool_] | None = None
+    nan = np.isnan(v)
+    if nan.any():
+        valid = ~nan
+        v[nan] = float(binding.rec_min)
+    c = np.minimum(v, float(binding.rec_max))
+    np.maximum(c, float(binding.rec_min), out=c)
+    clamped = c != v
+    if valid is not None:
+        clamped &= valid
     return c.astype(np.int32), clamped, valid
 
 
@@ -207,15 +253,17 @@ class Dispatcher:
         finally:
             c.inference_ns += time.perf_counter_ns() - t0
         c.inferences += len(x)
-        fixed, clamped, valid = to_fixed(y, b)
+        fixed, clamped, valid = _to_fixed(y, b)
         c.clamped += int(np.count_nonzero(clamped))
-        nnan = int(len(valid) - np.count_nonzero(valid))
-        if nnan:
+        keys = latest["key"]
+        if valid is not None:
+            nnan = int(len(valid) - np.count_nonzero(valid))
             c.nonfinite += nnan
             log.warning("proxy %s: model produced %d NaN values, dropped", proxy, nnan)
-        out = np.zeros(int(np.count_nonzero(valid)), dtype=rec_dt)
-        out["key"] = latest["key"][valid]
-        out["value"] = fixed[valid]
+            keys, fixed = keys[valid], fixed[valid]
+        out = np.empty(len(keys), dtype=rec_dt)
+        out["key"] = keys
+        out["value"] = fixed
         out["ttl_ms"] = b.ttl_ms
         c.recs_sent += len(out)
         return out

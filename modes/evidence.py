@@ -11,7 +11,7 @@ Per arm (``arm`` enum of the spec: default, model)
     mode.  Efficiency is kept in the proxy's raw fixed point: the policy only
     compares the arms with each other, so the scale cancels out.
 
-Shadow maturity (learning)
+Shadow maturity (learning; samples of other modes only move the seq window)
     In learning the kernel applies the default and reports the fresh
     recommendation it did *not* apply as the sample's ``shadow`` (flag
     ``has-shadow``).  The kernel never measures a shadow's efficiency, so the
@@ -215,8 +215,9 @@ class Evidence:
         keep = here & (seq >= self._min_seq)
         self.discarded += int(records.size - np.count_nonzero(keep))
         cur = records[keep]
-        if cur.size == 0:
-            return 0
+        if cur.size == 0 or self._mode != "learning":
+            # Shadows are only judged in learning, the one mode whose exit needs them.
+            return int(cur.size)
         valid = (cur["flags"] & self._has_shadow) != 0
         if self.bounds is not None:
             lo, hi = self.bounds

@@ -479,12 +479,15 @@ class Connection(GenlSocket):
         if o is None:
             raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
         seq = self.next_seq()
-        req = codec.encode_msg(self.family_id, op, attrs, seq=seq, flags=codec.NLM_F_REQUEST)
-        self._unacked[seq] = (op, o.attr_set, req)
+        self._send_unacked(seq, op, codec.encode_msg(self.family_id, op, attrs, seq=seq,
+                                                     flags=codec.NLM_F_REQUEST))
+        return seq
+
+    def _send_unacked(self, seq: int, op: str, req: bytes) -> None:
+        self._unacked[seq] = (op, self.spec.op_by_name[op].attr_set, req)
         while len(self._unacked) > _UNACKED_MAX:
             self._unacked.popitem(last=False)
         self._sock.sendto(req, (0, 0))
-        return seq
 
     def take_errors(self) -> list[NetlinkError]:
         """Errors the kernel returned for :meth:`send_nowait` requests, oldest first.
@@ -611,4 +614,7 @@ class Connection(GenlSocket):
             if wait:
                 self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
             else:
-                self.send_nowait("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
+                seq = self.next_seq()
+                req = codec.encode_recommend(self.family_id, proxy_id, arr[i:i + step].tobytes(),
+                                             seq=seq, flags=codec.NLM_F_REQUEST)
+                self._send_unacked(seq, "recommend", req)

@@ -270,6 +270,23 @@ def _nlmsgerr(err: int, request: bytes, tlvs: bytes, *, capped: bool) -> bytes:
     return codec.pack_nlmsg(codec.NLMSG_ERROR, flags, 77, struct.pack("=i", err) + echoed + tlvs, portid=5)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 0xFFFF), st.integers(1, 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF),
+       st.sampled_from([codec.NLM_F_REQUEST, codec.NLM_F_REQUEST | codec.NLM_F_ACK]),
+       st.lists(st.tuples(st.integers(0, 0xFFFFFFFF), st.integers(-(1 << 31), (1 << 31) - 1),
+                          st.integers(0, 0xFFFFFFFF)), max_size=40))
+def test_the_fast_recommend_encoder_equals_the_generic_one(
+        family: int, pid: int, seq: int, flags: int, rows: list[tuple[int, int, int]]) -> None:
+    recs = np.array(rows, dtype=SPEC.structs["rec"].dtype)
+    generic = codec.encode_msg(family, "recommend", {"id": pid, "recs": recs}, seq=seq, flags=flags)
+    assert codec.encode_recommend(family, pid, recs.tobytes(), seq=seq, flags=flags) == generic
+
+
+def test_the_fast_recommend_encoder_refuses_partial_records() -> None:
+    with pytest.raises(codec.CodecError, match="12-byte rec"):
+        codec.encode_recommend(20, 1, b"\0" * 13, seq=1, flags=codec.NLM_F_REQUEST)
+
+
 @pytest.mark.parametrize("capped", [True, False])
 def test_nlmsg_error_gives_the_kernel_errno_and_extack(capped: bool) -> None:
     req = codec.encode_msg(FAMILY, "set-mode", {"id": 1, "mode": 3}, seq=77, flags=codec.NLM_F_REQUEST)

@@ -9,7 +9,12 @@ Three phases against the real ``kmlbus.ko`` and ``kmlbus_sample.ko``:
    hot-swaps it, the model arm's efficiency falls, and the proxy should be
    demoted;
 3. the daemon is killed with SIGKILL; the kernel, not the daemon, puts the
-   proxy in emergency (reason bus-gone).
+   proxy in emergency (reason bus-gone);
+4. a new bus starts with ``learn = true`` and *no model*: it explores in
+   learning, fits a model from the kernel's feedback, and the proxy should
+   climb again on that learned model;
+5. the learned model serves in recommendation for a few seconds, measured
+   against the default of phase 1.
 
 Each kernel mode event is printed as it arrives with its reason, the bus's
 own transition log (with its evidence) is relayed, and every two seconds a
@@ -46,6 +51,8 @@ __all__ = ["main"]
 RATE = 1000
 #: How long the bus may take to start and attach (Python under TCG is slow).
 BUS_START_S = 180.0
+#: Seconds the learned model is watched serving in recommendation (phase 5).
+LEARNED_WATCH_S = 8.0
 
 
 class _Stop(Exception):
@@ -119,7 +126,8 @@ def _relay(stream: object, out: Callable[[str], None], ready: threading.Event) -
         if "modes.machine" in line:
             continue
         if " -> " in line or ": attached in " in line or "error" in line.lower() \
-                or "refused" in line or "Traceback" in line or "reload" in line:
+                or "refused" in line or "Traceback" in line or "reload" in line \
+                or "learned model" in line:
             out("  bus | " + line.rstrip())
 
 
@@ -191,6 +199,29 @@ def _write_config(d: Path) -> Path:
     return cfg
 
 
+def _write_learn_config(d: Path) -> Path:
+    cfg = d / "learn.toml"
+    cfg.write_text(
+        "# kmlbus demo: learn the sample proxy's model from scratch\n"
+        "[bus]\nttl_ms = 300\nlatency_budget_ms = 200\n\n"
+        "[proxy.sample]\nlearn = true\nexplore = 200\nlearn_every_s = 3\n"
+        "learned_model = \"learned.onnx\"\n", encoding="utf-8")
+    return cfg
+
+
+def _start_bus(cfg: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``kmlbus run`` with its log relayed; returns once it attached (or exits the demo)."""
+    bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(cfg)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ready = threading.Event()
+    threading.Thread(target=_relay, args=(bus.stdout, say, ready), daemon=True).start()
+    # Python and onnxruntime start slowly under QEMU's TCG; phases start once the bus is attached.
+    if not ready.wait(BUS_START_S):
+        bus.kill()
+        raise SystemExit(f"kmlbus demo: the bus did not attach within {BUS_START_S:.0f} s")
+    return bus
+
+
 def _swap_model(path: Path, model: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model)
@@ -207,20 +238,13 @@ def run_here(seconds: float) -> int:
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     obs = Observer("sample")
     print(f"demo: proxy sample (id {obs.id}) starts in {obs.mode}; bus config {cfg}", flush=True)
-    bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(cfg)],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    ready = threading.Event()
-    relay = threading.Thread(target=_relay, args=(bus.stdout, say, ready),
-                             daemon=True)
-    relay.start()
-    # Python and onnxruntime start slowly under QEMU's TCG; phases start once the bus is attached.
-    if not ready.wait(BUS_START_S):
-        bus.kill()
-        raise SystemExit(f"kmlbus demo: the bus did not attach within {BUS_START_S:.0f} s")
+    bus = _start_bus(cfg, env)
     phases = [
         Phase("good model", "reach recommendation"),
         Phase("bad model", "demoted out of recommendation"),
         Phase("bus killed", "emergency, reason bus-gone"),
+        Phase("no model", "learn one, reach recommendation"),
+        Phase("learned", "serve in recommendation"),
     ]
     try:
         say("\n== phase 1: good model; the bus should promote the proxy on evidence ==")
@@ -236,6 +260,20 @@ def run_here(seconds: float) -> int:
         bus.send_signal(signal.SIGKILL)
         bus.wait()
         _wait(obs, phases[2], lambda: obs.mode == "emergency", 10.0)
+        if not phases[2].reached:
+            raise _Stop("the kernel did not put the proxy in emergency")
+        say("\n== phase 4: a new bus with learn = true and no model file: explore, fit, climb ==")
+        bus = _start_bus(_write_learn_config(work), env)
+        phases[3].start = time.monotonic()
+        _wait(obs, phases[3], lambda: obs.mode == "recommendation", 2 * seconds)
+        if not phases[3].reached:
+            raise _Stop("the proxy did not reach recommendation on a learned model")
+        say("\n== phase 5: the learned model serves; the kernel measures it ==")
+        phases[4].start = time.monotonic()
+        _wait(obs, phases[4], lambda: obs.mode != "recommendation", LEARNED_WATCH_S)
+        phases[4].reached = obs.mode == "recommendation"
+        bus.send_signal(signal.SIGTERM)
+        bus.wait(timeout=60)
     except _Stop as e:
         print(f"\ndemo stopped early: {e}", flush=True)
     finally:
@@ -259,6 +297,10 @@ def run_here(seconds: float) -> int:
     if d and m:
         print(f"good model vs the kernel's default: efficiency {m:.3f} vs {d:.3f} ({m / d:.2f}x), "
               "both measured by the kernel in the same run")
+    learned = phases[4].mean(1)
+    if d and learned:
+        print(f"learned model (no model file given) vs the kernel's default: efficiency "
+              f"{learned:.3f} vs {d:.3f} ({learned / d:.2f}x)")
     print("kernel counters: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     print("(efficiency is 1 for the optimal window; the default is the sample's fixed 8-page window)")
     return 0 if all(ph.reached for ph in phases) else 1
@@ -272,4 +314,4 @@ def main(args: argparse.Namespace) -> int:
 
     print("kmlbus demo: this kernel cannot load modules; booting the Debian kernel under QEMU", flush=True)
     return vm.run([sys.executable, "-m", "kmlbus", "demo", "--here", "--seconds", str(args.seconds)],
-                  timeout=args.seconds * 3 + 300)
+                  timeout=args.seconds * 4 + 500)

@@ -82,6 +82,7 @@ CTRL_ATTR_MCAST_GRP_ID = 2
 _RECV_BUF = 64 << 10  # kernel dumps fill at most 32 KiB per skb (netlink_recvmsg caps max_recvmsg_len)
 _DRAIN_MAX = 256  # datagrams read per recv() call before returning to the caller
 _UNACKED_MAX = 1024  # no-ACK requests remembered for explaining a late error
+_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 
@@ -457,6 +458,18 @@ class Connection(GenlSocket):
 
     def _is_event_op(self, m: Message) -> bool:
         return m.type == self.family_id and m.cmd in self._event_cmds
+
+    def _decode(self, data: bytes) -> list[Message]:
+        # The kernel sends each telemetry/feedback batch as a datagram of one message:
+        # decode those the short way (codec.decode_event), everything else generically.
+        n = len(data)
+        if n >= 20:
+            mlen, mtype, mflags, seq, portid = _NLMSGHDR.unpack_from(data, 0)
+            if mlen == n and mtype == self.family_id:
+                m = codec.decode_event(data, mtype, mflags, seq, portid, 16, n)
+                if m is not None:
+                    return [m]
+        return super()._decode(data)
 
     def _park(self, m: Message) -> None:
         if m.type == codec.NLMSG_ERROR and m.seq in self._unacked:

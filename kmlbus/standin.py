@@ -73,6 +73,7 @@ from __future__ import annotations
 import errno as errno_mod
 import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -904,7 +905,7 @@ class StandinLink:
             if timeout is None:
                 end = k.clock.now_ns() + 3600 * NS
             else:
-                end = k.clock.now_ns() + max(0, round(timeout * NS))
+                end = k.clock.now_ns() + max(0, math.ceil(timeout * NS))
             k._run_until(end, stop=lambda: bool(self._queue))
             if timeout is None and not self._queue:
                 raise KmlbusError("stand-in recv(timeout=None): nothing arrived in an hour of "

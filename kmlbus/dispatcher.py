@@ -134,6 +134,9 @@ class _Conv:
     binding: Binding
     cols: npt.NDArray[np.intp] | slice  # a slice when the columns are 0..n-1 in order
     div: npt.NDArray[np.float64]
+    #: a divisor so small that a feature / divisor may overflow float32 (then the
+    #: overflow warning is silenced: the model sees inf)
+    tiny: bool
 
 
 _CONV: dict[int, _Conv] = {}
@@ -146,7 +149,8 @@ def _conv(binding: Binding) -> _Conv:
         cols: npt.NDArray[np.intp] | slice = (
             slice(0, n) if binding.columns == tuple(range(n))
             else np.asarray(binding.columns, dtype=np.intp))
-        c = _Conv(binding, cols, np.asarray(binding.divisors, dtype=np.float64))
+        div = np.asarray(binding.divisors, dtype=np.float64)
+        c = _Conv(binding, cols, div, bool((np.abs(div) < 1e-28).any()))
         if len(_CONV) > 256:  # bindings are few; forget them all rather than grow
             _CONV.clear()
         _CONV[id(binding)] = c
@@ -163,7 +167,10 @@ def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.ND
     c = _conv(binding)
     raw = records["features"][:, c.cols]
     out = np.empty(raw.shape, dtype=np.float32)
-    with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
+    if c.tiny:
+        with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
+            np.divide(raw, c.div, out=out, dtype=np.float64, casting="unsafe")
+    else:  # |int32| / 1e-28 < 3.4e38: no overflow possible, and errstate costs a few us
         np.divide(raw, c.div, out=out, dtype=np.float64, casting="unsafe")
     return out
 
@@ -184,9 +191,10 @@ def _to_fixed(values: npt.NDArray[np.floating], binding: Binding
     """:func:`to_fixed` with ``valid`` None when every row is valid (the usual case)."""
     v = np.multiply(values, binding.out_scale, dtype=np.float64)
     np.rint(v, out=v)
-    if len(v):
-        lo, hi = float(v.min()), float(v.max())  # NaN anywhere makes both NaN
-        if binding.rec_min <= lo and hi <= binding.rec_max:  # the usual case: all in range
+    if 0 < len(v) <= SMALL_BATCH:
+        lo, hi = binding.rec_min, binding.rec_max
+        # the usual case, all in range (a NaN compares False), checked without a reduction
+        if all(lo <= x <= hi for x in v.tolist()):
             return v.astype(np.int32), np.zeros(len(v), dtype=bool), None
     valid: npt.NDArray[np.bool_] | None = None
     nan = np.isnan(v)

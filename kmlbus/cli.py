@@ -82,6 +82,21 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
             last = bus["last"]
             print(f"  {v['name']}: last move {last.get('from')} -> {last.get('to')} "
                   f"({last.get('trigger')}): {last.get('reason')}")
+        learning = (bus or {}).get("learning")
+        if learning:
+            print(f"  {v['name']}: {_learning_line(learning)}")
+
+
+def _learning_line(learning: dict[str, Any]) -> str:
+    """One line about a proxy's learning loop (fits, data, the last fit)."""
+    line = (f"learning: {learning.get('fits', 0)} fit(s) installed, {learning.get('kept', 0)} "
+            f"kept back, {learning.get('samples', 0)} samples")
+    last = learning.get("last_fit")
+    if last:
+        w = ", ".join(f"{x:.2f}" for x in last.get("weights", []))
+        line += (f"; last fit: weights [{w}] bias {last.get('bias', 0.0):.2f}, estimated "
+                 f"{last.get('estimated', 0.0):.3f} (observed {last.get('observed', 0.0):.3f})")
+    return line
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -49,6 +49,18 @@ def test_status_table_shows_each_proxy_and_its_last_move(capsys: pytest.CaptureF
     assert "collaboration -> recommendation (promote)" in out[2]
 
 
+def test_status_table_shows_the_learning_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    learning = {"samples": 5000, "fits": 2, "kept": 1, "last_fit": {
+        "weights": [62.5, 0.01, -0.2], "bias": 1.25, "samples": 5000, "estimated": 0.951,
+        "coverage": 0.9, "observed": 0.61}}
+    v = cli.proxy_view({"id": 1, "name": "sample", "mode": 1},
+                       {"proxies": {"sample": {"learning": learning}}})
+    cli.print_status_table([v])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "2 fit(s) installed, 1 kept back, 5000 samples" in line
+    assert "weights [62.50, 0.01, -0.20] bias 1.25, estimated 0.951 (observed 0.610)" in line
+
+
 def test_state_file_round_trip_and_unreadable_means_empty(tmp_path: Path) -> None:
     p = tmp_path / "state.json"
     assert statefile.read(p) == {}

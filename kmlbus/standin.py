@@ -838,7 +838,9 @@ class StandinLink:
         self.cap_net_admin = cap_net_admin
         self.rcvbuf = rcvbuf
         self.groups: set[str] = set()
-        self.stats: dict[str, int] = {"malformed": 0, "overruns": 0, "dropped": 0}
+        self.stats: dict[str, int] = {"malformed": 0, "overruns": 0, "dropped": 0, "async_errors": 0}
+        #: kernel errors of requests sent without waiting (see :meth:`take_errors`)
+        self.async_errors: deque[NetlinkError] = deque(maxlen=256)
         self.closed = False
         self._queue: deque[bytes] = deque()
         self._queued = 0
@@ -973,10 +975,35 @@ class StandinLink:
     def detach(self, proxy_id: int) -> None:
         self.request("detach", {"id": proxy_id})
 
-    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]]) -> None:
-        """As ``Connection.recommend``: chunks of max-recs, each all-or-nothing."""
+    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
+                  *, wait: bool = True) -> None:
+        """As ``Connection.recommend``: chunks of max-recs, each all-or-nothing.
+
+        With ``wait=False`` (no ACK asked) a refusal is not raised but kept for
+        :meth:`take_errors`, as the kernel's late error reply would be.
+        """
         arr = recs if isinstance(recs, np.ndarray) and recs.dtype == _REC_DT else np.array(list(recs), dtype=_REC_DT)
         if len(arr) == 0:
             return
         for i in range(0, len(arr), _MAX_RECS):
-            self.request("recommend", {"id": proxy_id, "recs": arr[i:i + _MAX_RECS]})
+            if wait:
+                self.request("recommend", {"id": proxy_id, "recs": arr[i:i + _MAX_RECS]})
+            else:
+                self.send_nowait("recommend", {"id": proxy_id, "recs": arr[i:i + _MAX_RECS]})
+
+    def send_nowait(self, op: str, attrs: Mapping[str, Any]) -> int:
+        """As ``Connection.send_nowait``: the request runs now; only a failure is kept."""
+        seq = next(self._seq)
+        try:
+            self.request(op, attrs)
+        except NetlinkError as e:
+            self.async_errors.append(e)
+            self.stats["async_errors"] += 1
+        return seq
+
+    def take_errors(self) -> list[NetlinkError]:
+        """Errors of :meth:`send_nowait` requests, oldest first (then forgotten)."""
+        self._check_open()
+        out = list(self.async_errors)
+        self.async_errors.clear()
+        return out

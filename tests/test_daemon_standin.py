@@ -1,0 +1,278 @@
+"""The bus daemon (kmlbus.daemon.Bus) driven against the user-space stand-in of the family.
+
+``Bus(cfg, clock=k.clock.now, opener=k.open)`` runs the real daemon code
+(policy, mode machine, dispatcher, ONNX models, reconnects) against
+:mod:`kmlbus.standin` in simulated time, so what takes minutes in the VM
+takes a second here.  These tests prove the daemon's logic; that the kernel
+behaves like the stand-in is what tests/vm proves (test_bus_daemon.py and
+test_modes_live.py check the same stories against the real module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kmlbus import codec, models
+from kmlbus import spec as kspec
+from kmlbus.config import loads
+from kmlbus.daemon import Bus
+from kmlbus.standin import StandinKernel, StandinLink
+from modes import graph as mgraph
+
+SPEC = kspec.load()
+MODE = SPEC.enums["mode"]
+REASON = SPEC.enums["reason"]
+ARM = SPEC.enums["arm"]
+CLIMB = [("emergency", "learning", "recovery"), ("learning", "collaboration", "promotion"),
+         ("collaboration", "recommendation", "promotion")]
+
+
+def raising_model() -> onnx.ModelProto:
+    """Passes the registry's checks (a probe of zeros) but fails on real features:
+    it gathers column ``int(100 * max(features))``, out of bounds once seq_ratio > 0.02."""
+    i = models.INPUT_NAME
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", [i], ["m"], axes=[0, 1], keepdims=0),
+         helper.make_node("Mul", ["m", "hundred"], ["m100"]),
+         helper.make_node("Cast", ["m100"], ["mi"], to=TensorProto.INT64),
+         helper.make_node("Reshape", ["mi", "one"], ["idx"]),
+         helper.make_node("Gather", [i, "idx"], [models.OUTPUT_NAME], axis=1)],
+        "kmlbus_raises",
+        [helper.make_tensor_value_info(i, TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info(models.OUTPUT_NAME, TensorProto.FLOAT, ["N", 1])],
+        initializer=[numpy_helper.from_array(np.array(100.0, dtype=np.float32), "hundred"),
+                     numpy_helper.from_array(np.array([1], dtype=np.int64), "one")],
+    )
+    return models._finish(graph, "raises at inference on real features")
+
+
+@dataclass
+class Rig:
+    """A stand-in kernel, the daemon attached to it, and an observer link on both groups."""
+
+    k: StandinKernel
+    bus: Bus
+    model: Path
+    watch: StandinLink
+    msgs: list[codec.Message] = field(default_factory=list)
+
+    def step(self) -> None:
+        self.bus.step()
+        self.msgs += self.watch.recv(timeout=0)
+
+    def run(self, seconds: float, until: Callable[[], bool] | None = None) -> bool:
+        """Step the daemon for up to *seconds* of simulated time, or until *until()*."""
+        end = self.k.clock.now() + seconds
+        while self.k.clock.now() < end:
+            self.step()
+            if until is not None and until():
+                return True
+        return until is None
+
+    def events(self) -> list[tuple[str, str, str]]:
+        return [(MODE.name_of(m.attrs["old-mode"]), MODE.name_of(m.attrs["mode"]),
+                 REASON.name_of(m.attrs["reason"])) for m in self.msgs if m.op == "mode-event"]
+
+    def kmode(self) -> str:
+        return self.k.find("sample").mode_name
+
+    def at(self, mode: str) -> Callable[[], bool]:
+        return lambda: self.kmode() == mode
+
+    def swap_model(self, model: onnx.ModelProto) -> None:
+        models.save(model, self.model)  # temp file + rename: the registry sees a new file
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        tel = [m.attrs["records"] for m in self.msgs if m.op == "telemetry"]
+        fb = [m.attrs["feedback"] for m in self.msgs if m.op == "feedback"]
+        return np.concatenate(tel), np.concatenate(fb)
+
+
+def make_rig(tmp_path: Path, model: onnx.ModelProto | bytes) -> Rig:
+    path = tmp_path / "model.onnx"
+    if isinstance(model, bytes):
+        path.write_bytes(model)
+    else:
+        models.save(model, path)
+    # as tests/vm/busproc.py writes it for the VM tests
+    cfg = loads('[bus]\nttl_ms = 300\nlatency_budget_ms = 500\n\n[proxy.sample]\nmodel = "model.onnx"\n',
+                tmp_path / "bus.toml")
+    k = StandinKernel(seed=1)
+    bus = Bus(cfg, clock=k.clock.now, opener=k.open, state_path=tmp_path / "state.json")
+    rig = Rig(k, bus, path, k.open(("telemetry", "events")))
+    assert bus.connect()
+    return rig
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pins file lives beside the state file: keep both out of /run
+    monkeypatch.setenv("KMLBUS_STATE", str(tmp_path / "state.json"))
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Iterator[Rig]:
+    rig = make_rig(tmp_path, models.sample_good_model())
+    yield rig
+    rig.bus.shutdown()
+
+
+def attached_to(rig: Rig) -> int:
+    return int(rig.watch.proxy("sample")["bus-portid"])
+
+
+# ---- the climb and the demotion ------------------------------------------------------------
+
+def test_good_model_climbs_to_recommendation_and_beats_the_default(good: Rig) -> None:
+    assert attached_to(good) == good.bus.ctl.portid != 0  # type: ignore[union-attr]
+    assert good.run(30, good.at("recommendation")), good.events()
+    assert good.events() == CLIMB
+    g = mgraph.load()
+    assert all(g.is_allowed(a, b) for a, b, _ in good.events())
+    good.run(2.0)
+    assert good.kmode() == "recommendation"
+    tel, fb = good.arrays()
+    assert np.array_equal(tel["seq"][:len(fb)], fb["seq"][:len(tel)])
+    model = fb["arm"] == ARM.value("model")
+    default = fb["arm"] == ARM.value("default")
+    assert model.sum() > 3000 and default.sum() > 3000
+    m, d = fb["efficiency"][model].mean(), fb["efficiency"][default].mean()
+    assert m > 1.3 * d, (m, d)
+    cnt = good.watch.proxy("sample")["counters"]
+    assert cnt["recs-applied"] == cnt["decisions-model"] > 3000
+    assert good.bus.stats["send_errors"] == good.bus.stats["refused_moves"] == 0
+
+
+def test_bad_model_swapped_in_while_in_recommendation_is_demoted(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    good.swap_model(models.sample_bad_model())
+    assert good.run(30, lambda: good.kmode() != "recommendation"), good.events()
+    assert good.events()[-1] == ("recommendation", "learning", "demotion")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "daemon/policy: a model demoted for losing to the default is back in recommendation within "
+    "seconds: maturity only asks for valid shadows, so it re-matures to collaboration at once, and "
+    "the promotion check, repeated every tick on overlapping windows, eventually passes by chance "
+    "(the sample's bad model is only ~6% worse than the default for seed 1)"))
+def test_a_demoted_model_is_not_promoted_back_to_recommendation(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    good.swap_model(models.sample_bad_model())
+    assert good.run(30, lambda: good.kmode() != "recommendation")
+    n = len(good.events())
+    good.run(20, good.at("recommendation"))
+    assert all(e[1] != "recommendation" for e in good.events()[n:]), good.events()[n:]
+
+
+# ---- faults ------------------------------------------------------------------------------
+
+def test_model_raising_at_inference_is_a_fault_and_the_bus_keeps_running(
+        good: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    assert good.run(30, good.at("recommendation"))
+    caplog.set_level(logging.WARNING)
+    good.swap_model(raising_model())
+    assert good.run(5, good.at("emergency")), good.events()
+    assert good.events()[-1] == ("recommendation", "emergency", "fault")
+    assert "inference failed" in (good.bus.proxies[good.k.find("sample").id].modes.last_fault or "")
+    # still attached and serving: after the cool-down it tries again, and faults again
+    good.run(5)
+    assert attached_to(good) == good.bus.ctl.portid  # type: ignore[union-attr]
+    assert [e for e in good.events() if e[1] == "emergency"][-1][2] == "fault"
+    assert len([e for e in good.events() if e[1] == "emergency"]) >= 2
+    # a good model again: the bus climbs back without a restart
+    good.swap_model(models.sample_good_model())
+    assert good.run(30, good.at("recommendation")), good.events()[-4:]
+
+
+def test_corrupt_model_file_at_start_keeps_the_proxy_in_emergency(tmp_path: Path) -> None:
+    rig = make_rig(tmp_path, b"this is not an onnx model")
+    try:
+        rig.run(10)
+        assert rig.kmode() == "emergency" and rig.events() == []
+        assert attached_to(rig) == rig.bus.ctl.portid  # type: ignore[union-attr]
+        assert rig.bus.registry.error("sample") is not None
+        rig.swap_model(models.sample_good_model())  # fixed on disk: picked up, climbs
+        assert rig.run(30, rig.at("recommendation")), rig.events()
+    finally:
+        rig.bus.shutdown()
+
+
+def test_corrupt_or_removed_model_file_while_serving_keeps_the_last_good_model(good: Rig) -> None:
+    # kmlbus.registry: "On any failure the previously installed model ... stays in use";
+    # a vanished file is ignored.  So neither is a fault: the proxy stays in recommendation.
+    assert good.run(30, good.at("recommendation"))
+    tmp = good.model.with_suffix(".tmp")
+    tmp.write_bytes(b"garbage")
+    tmp.replace(good.model)
+    good.run(3)
+    assert good.kmode() == "recommendation"
+    assert good.bus.registry.error("sample") is not None
+    good.model.unlink()
+    good.run(3)
+    assert good.kmode() == "recommendation"
+
+
+def test_operator_move_by_another_process_is_followed_then_recovered(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    with good.k.open() as op:
+        op.set_mode(good.k.find("sample").id, "emergency", "operator")
+    good.run(0.5)
+    assert good.bus.proxies[good.k.find("sample").id].modes.mode == "emergency"
+    assert good.run(30, good.at("recommendation")), good.events()
+    assert good.events()[-3:] == CLIMB
+
+
+# ---- the module going away -----------------------------------------------------------------
+
+@pytest.mark.parametrize("first_id", [1, 9], ids=["same-id", "new-id"])
+def test_module_reload_is_followed_by_a_reattach_without_restart(good: Rig, first_id: int) -> None:
+    assert good.run(30, good.at("collaboration"))
+    good.k.unload()
+    assert good.run(3, lambda: good.bus.conn is None), "the bus never noticed the family was gone"
+    good.step()  # the opener says ModuleNotLoaded: the bus waits (0.5 s of wall time)
+    assert good.bus.conn is None
+    good.k.load(first_id=first_id)
+    good.watch.close()
+    good.watch = good.k.open(("telemetry", "events"))
+    good.msgs.clear()
+    assert good.run(5, lambda: attached_to(good) != 0)
+    p = good.watch.proxy("sample")
+    assert p["id"] == first_id and p["bus-portid"] == good.bus.ctl.portid  # type: ignore[union-attr]
+    assert list(good.bus.proxies) == [first_id]
+    assert good.bus.stats["reconnects"] == 1
+    assert good.run(30, good.at("recommendation")), good.events()
+    assert good.events() == CLIMB
+
+
+def test_shutdown_detaches_and_leaves_the_proxy_in_emergency(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    good.bus.shutdown()
+    p = good.watch.proxy("sample")
+    assert MODE.name_of(p["mode"]) == "emergency" and p["bus-portid"] == 0
+    assert REASON.name_of(p["reason"]) == "detach"
+    good.msgs += good.watch.recv(timeout=0)
+    assert good.events()[-1] == ("recommendation", "emergency", "detach")
+    good.watch.recv(timeout=1.0)
+    assert good.kmode() == "emergency"
+
+
+def test_a_killed_bus_leaves_the_proxy_in_emergency_with_bus_gone(good: Rig) -> None:
+    assert good.run(30, good.at("collaboration"))
+    # what SIGKILL does: the sockets are released, nobody detaches
+    for link in (good.bus.conn, good.bus.ctl):
+        assert link is not None
+        link.close()
+    good.bus.conn = good.bus.ctl = None
+    p = good.watch.proxy("sample")
+    assert MODE.name_of(p["mode"]) == "emergency" and p["bus-portid"] == 0
+    assert REASON.name_of(p["reason"]) == "bus-gone"
+    good.msgs += good.watch.recv(timeout=0)
+    assert good.events()[-1] == ("collaboration", "emergency", "bus-gone")

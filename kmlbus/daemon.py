@@ -230,7 +230,7 @@ class Bus:
             loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
             return loop
         loop = LearningLoop(Learner(b), self.registry, every_s=pc.learn_every_s,
-                            spread=pc.explore_spread, save_to=pc.learned_model)
+                            spread=pc.explore_spread, save_to=pc.learned_model, background=True)
         self._loops[schema.name] = loop
         return loop
 
@@ -406,9 +406,10 @@ class Bus:
             return
         try:
             fit = ps.learning.tick(self.clock())
-        except ModelError as e:
+        except Exception as e:  # noqa: BLE001 - any failure of learning is a model fault, never fatal
+            log.error("proxy %s: learning failed: %s: %s", ps.name, type(e).__name__, e)
             self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR,
-                                                  f"learned model refused: {e}", ps.evidence))
+                                                  f"learning failed: {e}", ps.evidence))
             return
         if fit is not None:
             log.info("proxy %s: learned model installed (fit %d: %d samples, estimated %.3f, "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ class EfficiencyTable:
         self.min_cell = min_cell
         self.prior = prior
 
+        self._means: F64 | None = None
         cell = self.bucket(x) * decision_bins + self.dbin(d)
         size = self.n_buckets * decision_bins
         self.count = np.bincount(cell, minlength=size).astype(np.float64)
@@ -128,11 +130,15 @@ class EfficiencyTable:
         return np.clip((frac * self.decision_bins).astype(np.int64), 0, self.decision_bins - 1)
 
     def cell_means(self) -> F64:
-        """Mean efficiency per cell, NaN where the cell has fewer than ``min_cell`` samples."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            m = self.sum_e / self.count
-        m[self.count < self.min_cell] = np.nan
-        return np.asarray(m, dtype=np.float64)
+        """Mean efficiency per cell, NaN where the cell has fewer than ``min_cell`` samples.
+
+        Computed once (the table does not change after construction); do not modify."""
+        if self._means is None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                m = self.sum_e / self.count
+            m[self.count < self.min_cell] = np.nan
+            self._means = np.asarray(m, dtype=np.float64)
+        return self._means
 
     def best_per_bucket(self) -> tuple[F64, F64, F64]:
         """For buckets with data: (mean features, best mean decision, weight).
@@ -238,7 +244,7 @@ class Learner:
     @property
     def n_explored(self) -> int:
         """Rows in the training set decided by the model arm (explored or recommended)."""
-        return int(np.count_nonzero(self.data()[3] == _ARM_MODEL))
+        return int(np.count_nonzero(self._arm[:self.n_samples] == _ARM_MODEL))
 
     @property
     def total_added(self) -> int:
@@ -277,6 +283,14 @@ class Learner:
         return self._join()
 
     def _join(self) -> int:
+        ts, fb = self._tel_seq, self._fb
+        if not len(ts) or not len(fb):
+            return self._cap_pending(0)
+        if len(ts) == len(fb) and np.array_equal(ts, fb["seq"]):
+            # the usual case: a batch's feedback answers exactly the pending decisions
+            self.add(self._tel_x, fb["decision"], fb["efficiency"], fb["arm"])
+            self._tel_seq, self._tel_x, self._fb = ts[:0], self._tel_x[:0], fb[:0]
+            return len(ts)
         _, ti, fi = np.intersect1d(self._tel_seq, self._fb["seq"].astype(np.uint64),
                                    assume_unique=False, return_indices=True)
         if len(ti):
@@ -288,6 +302,10 @@ class Learner:
             keep_f[fi] = False
             self._tel_seq, self._tel_x, self._fb = (
                 self._tel_seq[keep_t], self._tel_x[keep_t], self._fb[keep_f])
+        return self._cap_pending(int(len(ti)))
+
+    def _cap_pending(self, joined: int) -> int:
+        """Drop the oldest unmatched halves beyond ``pending``; returns *joined*."""
         over_t = len(self._tel_seq) - self.pending_cap
         if over_t > 0:
             self._tel_seq, self._tel_x = self._tel_seq[over_t:], self._tel_x[over_t:]
@@ -296,7 +314,7 @@ class Learner:
         if over_f > 0:
             self._fb = self._fb[over_f:]
             self.unmatched_dropped += over_f
-        return int(len(ti))
+        return joined
 
     def forget_pending(self) -> None:
         """Drop unmatched halves (the proxy's decision numbering restarted); rows stay."""
@@ -386,12 +404,17 @@ class LearningLoop:
       decision for each sample, from the explored cells of the last table,
       NaN where nobody explored (maturity then needs coverage);
     * :meth:`explore` gives the recommendations to send in learning;
-    * with ``save_to``, every installed fit is also written there atomically.
+    * with ``save_to``, every installed fit is also written there atomically;
+    * with ``background=True`` the refit runs in a thread (a fit over the whole
+      training set takes tens of milliseconds natively, seconds under
+      emulation, and the daemon's loop must keep serving meanwhile); the next
+      ``tick`` after it finished returns its outcome.
     """
 
     def __init__(self, learner: Learner, registry: ModelRegistry, *, every_s: float = 5.0,
                  min_samples: int = 256, min_new: int = 128, spread: float = 0.25,
-                 save_to: Path | None = None, rng: np.random.Generator | None = None) -> None:
+                 save_to: Path | None = None, rng: np.random.Generator | None = None,
+                 background: bool = False) -> None:
         self.learner = learner
         self.registry = registry
         self.every_s = every_s
@@ -406,6 +429,9 @@ class LearningLoop:
         self.table: EfficiencyTable | None = None
         self._next = float("-inf")
         self._n_at_fit = 0
+        self.background = background
+        self._job: threading.Thread | None = None
+        self._outcome: tuple[LinearFit | None, BaseException | None] = (None, None)
 
     @property
     def binding(self) -> Binding:
@@ -423,15 +449,45 @@ class LearningLoop:
         A failed install (:class:`~kmlbus.registry.ModelError`) propagates:
         the daemon treats it like any other model error.
         """
+        if self._job is not None:
+            if self._job.is_alive():
+                return None
+            return self.wait()
         if now < self._next or self.learner.total_added - self._n_at_fit < self.min_new:
             return None
         self._next = now + self.every_s
         if self.learner.n_explored < self.min_samples:
             return None
+        self._n_at_fit = self.learner.total_added
+        if not self.background:
+            return self._refit()
+        self._job = threading.Thread(target=self._run_job, daemon=True,
+                                     name=f"kmlbus-learn-{self.binding.proxy}")
+        self._job.start()
+        return None
+
+    def wait(self) -> LinearFit | None:
+        """Wait for a background refit, if one runs; its outcome as :meth:`tick` gives it."""
+        job, self._job = self._job, None
+        if job is None:
+            return None
+        job.join()
+        (fit, err), self._outcome = self._outcome, (None, None)
+        if err is not None:
+            raise err
+        return fit
+
+    def _run_job(self) -> None:
+        try:
+            self._outcome = (self._refit(), None)
+        except Exception as e:  # handed to the daemon's thread by wait()
+            self._outcome = (None, e)
+
+    def _refit(self) -> LinearFit | None:
+        """Fit; install the fit unless the served model is estimated at least as good."""
         fit = self.learner.fit(self.min_samples)
         if fit is None:
             return None
-        self._n_at_fit = self.learner.total_added
         self.table = self.learner.last_table
         served = self.served_estimate()
         if (served is not None and served.coverage >= 0.5

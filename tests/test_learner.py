@@ -9,6 +9,7 @@ test, not in the package: the learner must not know the workload's formula.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -373,3 +374,31 @@ def test_learned_models_are_saved_atomically(tmp_path: object) -> None:
     other.install("sample", target.read_bytes())
     x = np.full((1, 3), 0.5, dtype=np.float32)
     assert other.predict("sample", x) == pytest.approx(reg.predict("sample", x))
+
+
+def test_a_background_refit_is_collected_by_a_later_tick() -> None:
+    from kmlbus.learner import LearningLoop
+
+    loop, reg = _peaked_loop(background=True)
+    assert isinstance(loop, LearningLoop)
+    assert loop.tick(0.0) is None  # started, not finished (or not yet collected)
+    assert loop._job is not None
+    fit = loop.wait()
+    assert fit is not None and loop.fits == 1 and reg.has_model("sample")
+    assert loop.tick(0.1) is None and loop._job is None  # nothing due, nothing running
+
+
+def test_a_background_refit_failure_reaches_the_caller() -> None:
+    from kmlbus.learner import LearningLoop
+    from kmlbus.registry import UnknownProxyError
+
+    loop, reg = _peaked_loop(background=True)
+    assert isinstance(loop, LearningLoop)
+    # the registry does not know this proxy: its install raises in the worker thread
+    loop.learner.binding = dataclasses.replace(loop.binding, proxy="ghost")
+    loop.tick(0.0)
+    assert loop._job is not None
+    loop._job.join()
+    with pytest.raises(UnknownProxyError, match="ghost"):
+        loop.tick(1.0)
+    assert not reg.has_model("sample")

@@ -845,6 +845,7 @@ class StandinLink:
         self._queue: deque[bytes] = deque()
         self._queued = 0
         self._overran = False
+        self._congested = False
         self._seq = itertools.count(1)
 
     def __enter__(self) -> Self:
@@ -891,8 +892,11 @@ class StandinLink:
     # -- receiving ---------------------------------------------------------------------
 
     def _deliver(self, data: bytes) -> None:
-        if self._queued + len(data) > self.rcvbuf:
-            self._overran = True  # the kernel drops it; the next recv sees ENOBUFS
+        # netlink_broadcast_deliver: delivered while the queue is within rcvbuf and the socket
+        # not congested; an overrun marks it congested (everything dropped) until the reader
+        # has emptied its queue (netlink_rcv_wake).  Bytes of messages stand for skb truesize.
+        if self._congested or self._queued > self.rcvbuf:
+            self._congested = self._overran = True
             return
         self._queue.append(data)
         self._queued += len(data)
@@ -923,6 +927,7 @@ class StandinLink:
             except codec.CodecError:
                 self.stats["malformed"] += 1
         self._queued = 0
+        self._congested = False
         return out
 
     # -- requests ----------------------------------------------------------------------

@@ -43,6 +43,9 @@ What it models
       streams with hidden s_k, features seq_ratio/req_size/noise, default window
       8, efficiency reported right after each decision, ``rate`` decisions per
       second on a 1 ms tick with the module's credit arithmetic.
+    * ``recommend(wait=False)`` / ``take_errors`` as ``Connection`` does them (the
+      refusal kept for later), and a bounded receive buffer per link
+      (``rcvbuf``) whose overrun is counted in ``stats["overruns"]``.
     * ``unload()``/``load()`` as rmmod/insmod of both modules: open links are
       dead afterwards (requests raise ``NetlinkError`` ENOENT, as for a family
       id the kernel no longer knows; ``recv`` returns what was queued, then
@@ -56,7 +59,9 @@ What it does not model
     not ``get_random_u32_below``), the sample's catch-up cap after a stall
     (rates above 999000/s are refused), the lifecycle verbs beyond
     create/init/start, ``kml_proxy_submit``, tracepoints, network namespaces,
-    malformed requests (the codec cannot build them) and the nlctrl family.
+    malformed requests (the codec cannot build them), the nlctrl family, and
+    skb truesize (a link's receive buffer counts message bytes; on overrun the
+    socket is congested until its reader empties it, as in netlink).
 
 Time
     :class:`SimClock` is the only clock.  ``recv(timeout)`` on a link with

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +279,7 @@ def test_unprivileged_control_requests_get_eperm_and_change_nothing(k: StandinKe
         pid = sid(root)
         before = root.proxy(pid)
         assert len(nobody.proxies()) == 1, "reading state is allowed to anyone"
-        calls = {"set-mode": lambda: nobody.set_mode(pid, "learning"),
+        calls: dict[str, Callable[[], None]] = {"set-mode": lambda: nobody.set_mode(pid, "learning"),
                  "set-params": lambda: nobody.set_params(pid, share=1),
                  "attach": lambda: nobody.attach(pid), "detach": lambda: nobody.detach(pid),
                  "recommend": lambda: nobody.recommend(pid, [(0, 1, 1)])}
@@ -314,6 +314,17 @@ def test_recommend_batch_is_all_or_nothing(c: StandinLink) -> None:
     assert c.proxy(pid)["counters"]["recs-received"] == 0
     c.recommend(pid, big)  # Connection.recommend splits it: two requests, both applied
     assert c.proxy(pid)["counters"]["recs-received"] == len(big)
+
+
+def test_recommend_without_waiting_reports_refusals_later(c: StandinLink) -> None:
+    pid = sid(c)
+    c.recommend(pid, [(1, 5, 100)], wait=False)
+    c.recommend(pid, [(99, 5, 100)], wait=False)  # key >= nkeys: refused
+    c.recommend(4242, [(0, 5, 100)], wait=False)  # no such proxy
+    assert c.proxy(pid)["counters"]["recs-received"] == 1
+    errs = c.take_errors()
+    assert [e.errno for e in errs] == [errno.EINVAL, errno.ENOENT] and c.stats["async_errors"] == 2
+    assert c.take_errors() == []
 
 
 def test_set_params_bounds(c: StandinLink) -> None:
@@ -457,6 +468,22 @@ def test_a_slow_workload_is_flushed_every_20_ms(k: StandinKernel, c: StandinLink
             assert np.all(k.clock.now_ns() - r["ts_ns"].astype(np.int64) <= FLUSH_MS * 1_000_000)
     gaps = np.diff(arrivals)
     assert np.all(gaps % (FLUSH_MS * 1_000_000) == 0)
+
+
+def test_a_full_receive_buffer_drops_until_the_reader_has_emptied_it(k: StandinKernel) -> None:
+    with k.open(("telemetry", "events"), rcvbuf=16 << 10) as slow, k.open(("events",)) as other:
+        pid = sid(slow)
+        k.clock.advance(0.5)  # ~30 flushes of ~3 KiB: far more than 16 KiB
+        slow.set_mode(pid, "learning")  # its event is dropped for the congested socket only
+        got = slow.recv(timeout=0)
+        assert slow.stats["overruns"] == 1
+        n = len([m for m in got if m.op == "telemetry"])
+        assert 4 <= n <= 7 and slow.proxy(pid)["counters"]["batches"] > 50  # ~16 KiB of ~30 flushes
+        assert not [m for m in got if m.op == "mode-event"]
+        assert [m.op for m in other.recv(timeout=0)] == ["mode-event"]
+        slow.set_mode(pid, "collaboration")  # emptied: delivered again
+        assert [m.op for m in slow.recv(timeout=0)] == ["mode-event"]
+        assert slow.stats["overruns"] == 1
 
 
 def test_nobody_listening_means_unheard(k: StandinKernel) -> None:

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from kmlbus import codec, models
 from kmlbus import spec as kspec
 from kmlbus.config import loads
-from kmlbus.daemon import Bus
+from kmlbus.daemon import Bus, Link, Opener
 from kmlbus.standin import SampleWorkload, StandinKernel, StandinLink
 from modes import graph as mgraph
 
@@ -128,6 +128,16 @@ def good(tmp_path: Path) -> Iterator[Rig]:
 
 def attached_to(rig: Rig) -> int:
     return int(rig.watch.proxy("sample")["bus-portid"])
+
+
+def test_the_stand_in_offers_everything_the_daemon_uses_of_a_link() -> None:
+    k = StandinKernel()
+    opener: Opener = k.open  # mypy checks the signatures against the Link protocol
+    link: Link = opener(("events",))
+    members = {n for n in dir(Link) if not n.startswith("_")} | set(Link.__annotations__)
+    missing = sorted(n for n in members if not hasattr(link, n))
+    assert not missing, f"kmlbus.daemon.Link grew {missing}: add them to kmlbus/standin.py"
+    link.close()
 
 
 # ---- the climb and the demotion ------------------------------------------------------------

@@ -351,3 +351,31 @@ def test_a_proxy_registered_later_does_not_disturb_the_attached_ones(tmp_path: P
         assert sample_events(rig)[n:] == []
     finally:
         rig.bus.shutdown()
+
+
+# ---- operator pins and kernel staleness --------------------------------------------------------
+
+def test_an_operator_pin_holds_the_proxy_where_pinned(good: Rig) -> None:
+    from kmlbus import pins
+
+    pins.pin("sample", "collaboration")
+    assert good.run(10, good.at("collaboration")), good.events()
+    good.run(5)
+    assert good.kmode() == "collaboration", "a pinned proxy is not promoted"
+    pins.unpin("sample")
+    assert good.run(10, good.at("recommendation")), good.events()
+
+
+def test_a_bus_stalled_past_stale_ms_finds_emergency_and_climbs_back(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    pid = good.k.find("sample").id
+    with good.k.open() as op:
+        op.set_params(pid, stale_ms=500)
+    good.run(1)
+    assert good.kmode() == "recommendation", "a serving bus keeps the proxy fresh"
+    good.k.clock.advance(0.6)  # the bus stalls: no recommendations
+    good.msgs += good.watch.recv(timeout=0)
+    assert good.events()[-1] == ("recommendation", "emergency", "stale")
+    good.run(0.2)
+    assert good.bus.proxies[pid].modes.mode == "emergency"
+    assert good.run(30, good.at("recommendation")), good.events()

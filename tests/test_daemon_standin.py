@@ -263,6 +263,21 @@ def test_module_reload_is_followed_by_a_reattach_without_restart(good: Rig, firs
     assert good.events() == CLIMB
 
 
+def test_a_reload_between_two_steps_is_noticed_and_followed(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    old_ctl = good.bus.ctl
+    good.k.unload()
+    good.k.load()  # same id, new family id: the bus's sockets are dead, its attachment gone
+    good.watch.close()
+    good.watch = good.k.open(("telemetry", "events"))
+    good.msgs.clear()
+    assert good.run(3, lambda: good.bus.ctl is not None and good.bus.ctl is not old_ctl)
+    assert good.run(3, lambda: attached_to(good) == good.bus.ctl.portid)  # type: ignore[union-attr]
+    assert good.bus.stats["reconnects"] == 1
+    assert good.run(30, good.at("recommendation")), good.events()
+    assert good.events() == CLIMB
+
+
 def test_shutdown_detaches_and_leaves_the_proxy_in_emergency(good: Rig) -> None:
     assert good.run(30, good.at("recommendation"))
     good.bus.shutdown()

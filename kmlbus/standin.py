@@ -624,11 +624,12 @@ class StandinKernel:
 
     def add_proxy(self, factory: Callable[[], Workload], rate: int = 2000) -> StandinProxy:
         """insmod of another subsystem: *factory* makes its workload (again after each load)."""
-        self._factories.append((factory, rate))
-        if not self.loaded:
+        if not self.loaded:  # its insmod fails: unknown symbols of kmlbus
             raise ModuleNotLoaded()
         self._sync()
-        return self._create(factory(), rate)
+        p = self._create(factory(), rate)
+        self._factories.append((factory, rate))
+        return p
 
     def _create(self, w: Workload, rate: int) -> StandinProxy:
         if any(p.desc.name == w.desc.name for p in self.proxies):

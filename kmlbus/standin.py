@@ -330,6 +330,8 @@ class StandinProxy:
         self.id = pid
         self.desc = desc
         self.workload = workload
+        #: what made the workload (re-run by :meth:`StandinKernel.load`), if known
+        self.factory: Callable[[], Workload] | None = None
         self.mode = _MODES.value(kernel.graph.initial)
         self.reason = _REASONS.value("none")
         self.mode_since = now
@@ -608,7 +610,7 @@ class StandinKernel:
         self.family_id = next(self._family_ids)
         self._next_id = first_id
         for factory, rate in self._factories:
-            self._create(factory(), rate)
+            self._create(factory(), rate, factory)
 
     def unload(self) -> None:
         """rmmod kmlbus_sample kmlbus: buffered records flushed, proxies gone, family gone."""
@@ -627,11 +629,21 @@ class StandinKernel:
         if not self.loaded:  # its insmod fails: unknown symbols of kmlbus
             raise ModuleNotLoaded()
         self._sync()
-        p = self._create(factory(), rate)
+        p = self._create(factory(), rate, factory)
         self._factories.append((factory, rate))
         return p
 
-    def _create(self, w: Workload, rate: int) -> StandinProxy:
+    def remove_proxy(self, name: str) -> None:
+        """rmmod of the subsystem that owns proxy *name* (e.g. kmlbus_sample): stopped, flushed,
+        destroyed; no mode event (``kml_proxy_destroy`` sends none).  Not re-created by load."""
+        self._sync()
+        p = self.find(name)
+        p.flush_now()
+        self.proxies.remove(p)
+        self._factories = [(f, r) for f, r in self._factories if f is not p.factory]
+
+    def _create(self, w: Workload, rate: int, factory: Callable[[], Workload] | None = None
+                ) -> StandinProxy:
         if any(p.desc.name == w.desc.name for p in self.proxies):
             raise ValueError(f"a proxy named {w.desc.name} exists (kml_proxy_create: -EEXIST)")
         used = {p.id for p in self.proxies}
@@ -639,6 +651,7 @@ class StandinKernel:
         while pid in used:
             pid += 1
         p = StandinProxy(self, pid, w, rate)
+        p.factory = factory
         self.proxies.append(p)
         return p
 

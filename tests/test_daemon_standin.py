@@ -263,6 +263,18 @@ def test_module_reload_is_followed_by_a_reattach_without_restart(good: Rig, firs
     assert good.events() == CLIMB
 
 
+def test_the_sample_module_alone_reloaded_is_adopted_again(good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    good.k.remove_proxy("sample")  # rmmod kmlbus_sample
+    assert good.run(3, lambda: not good.bus.proxies), "the bus still holds a proxy that is gone"
+    good.k.add_proxy(lambda: SampleWorkload(1))  # insmod kmlbus_sample
+    good.msgs.clear()
+    assert good.run(5, lambda: attached_to(good) != 0)
+    assert attached_to(good) == good.bus.ctl.portid  # type: ignore[union-attr]
+    assert good.run(30, good.at("recommendation")), good.events()
+    assert good.events() == CLIMB
+
+
 def test_a_reload_between_two_steps_is_noticed_and_followed(good: Rig) -> None:
     assert good.run(30, good.at("recommendation"))
     old_ctl = good.bus.ctl

@@ -566,6 +566,21 @@ def test_unload_kills_links_and_load_brings_fresh_proxies(k: StandinKernel) -> N
         assert sid(again) == 1, "a fresh IDA numbers from 1 again, like the real module"
 
 
+def test_the_sample_module_alone_can_be_removed_and_added_again(k: StandinKernel) -> None:
+    with k.open(("events",)) as c:
+        c.attach(sid(c))
+        c.set_mode(sid(c), "learning")
+        c.recv(timeout=0)
+        k.remove_proxy("sample")
+        assert c.proxies() == [] and c.recv(timeout=0.1) == []  # destroy sends no event
+        k.add_proxy(lambda: SampleWorkload(7))
+        p = c.proxy("sample")
+        assert p["id"] == 1 and p["bus-portid"] == 0 and p["mode"] == MODE.value("emergency")
+    k.unload()
+    k.load()
+    assert [p.desc.name for p in k.proxies] == ["sample"], "load re-creates what is registered, once"
+
+
 def test_unknown_group_is_refused(k: StandinKernel) -> None:
     with pytest.raises(KmlbusError):
         k.open(("nonsense",))

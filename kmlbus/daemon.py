@@ -105,6 +105,8 @@ class ProxyState:
     slow_batches: int = 0
     #: the proxy's learning loop, when its config says ``learn = true``
     learning: LearningLoop | None = None
+    #: the model that was being served when the proxy was last demoted (see :meth:`Bus.tick`)
+    demoted_model: object | None = None
 
 
 class Bus:
@@ -112,9 +114,13 @@ class Bus:
 
     def __init__(self, config: Config, *, graph: mgraph.Graph | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 state_path: Path | None = None, opener: Opener = _open_netlink) -> None:
+                 state_path: Path | None = None, opener: Opener = _open_netlink,
+                 idle: Callable[[float], object] | None = None) -> None:
         self.config = config
         self.opener = opener
+        #: waits between attempts to find the family (simulated time may replace it)
+        self.idle: Callable[[float], object] = (
+            idle if idle is not None else lambda seconds: self.stop.wait(seconds))
         g = graph or mgraph.load()
         # The config's latency budget is the operator's word; the graph's is the default.
         self.graph = dataclasses.replace(g, guards=dataclasses.replace(
@@ -189,10 +195,6 @@ class Bus:
         modes = ProxyModes(schema.name, self.graph, initial=kmode, clock=self.clock, mirror=mirror)
         name = schema.name
 
-        def on_transition(rec: TransitionRecord) -> None:
-            self._log_transition(name, rec)
-
-        modes.subscribe(on_transition)
         if self.trace is not None:
             self.trace.add_schema(schema)
         try:
@@ -204,6 +206,14 @@ class Bus:
         bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
         ev = Evidence(modes, bounds=bounds, scorer=None if loop is None else loop.score)
         ps = ProxyState(schema.id, schema.name, schema, modes, ev, learning=loop)
+
+        def on_transition(rec: TransitionRecord) -> None:
+            self._log_transition(name, rec)
+            if rec.reason == "demotion":
+                # measured worse than the default: not promoted again until it is replaced
+                ps.demoted_model = self.registry.model(name)
+
+        modes.subscribe(on_transition)
         g = self.graph.guards
         pc = self.config.proxies.get(name)
         explore = g.exploration_share if pc is None else pc.explore_share(g.exploration_share)
@@ -398,7 +408,25 @@ class Bus:
             self._learn(ps)
             healthy = self.registry.has_model(ps.name) or (
                 ps.learning is not None and self.registry.error(ps.name) is None)
-            self._send_move(ps, self.policy.evaluate(ps.modes, ps.evidence, healthy=healthy))
+            d = self.policy.evaluate(ps.modes, ps.evidence, healthy=healthy)
+            if d is not None and d.target == "collaboration" and self._held(ps):
+                d = None
+            self._send_move(ps, d)
+
+    def _held(self, ps: ProxyState) -> bool:
+        """Whether the proxy's model was demoted and has not been replaced since.
+
+        Shadow maturity says nothing about efficiency, so without this a model
+        measured worse than the default would mature again at once and cycle
+        learning -> collaboration -> (by chance) recommendation.  A new model
+        file or a learned fit ends the hold.
+        """
+        if ps.demoted_model is None:
+            return False
+        if self.registry.model(ps.name) is ps.demoted_model:
+            return True
+        ps.demoted_model = None
+        return False
 
     def _learn(self, ps: ProxyState) -> None:
         """Refit the proxy's learned model when due (only in modes whose duty is to learn)."""
@@ -431,9 +459,15 @@ class Bus:
                 # The socket overflowed: mode events may be lost; the kernel's word wins.
                 ps.modes.events_lost(codec.enum_name("mode", int(a.get("mode", 0))))
         self._overruns = overruns
-        if any(str(a.get("name")) in self.config.proxies and i not in self.proxies
-               for i, a in seen.items()):
-            raise _Reconnect("a configured proxy appeared")
+        for i, a in seen.items():
+            if str(a.get("name")) in self.config.proxies and i not in self.proxies:
+                # A subsystem registered its proxy: adopt it; the others stay as they are.
+                try:
+                    self._adopt(a)
+                except netlink.NetlinkError as e:
+                    if e.errno in (errno_mod.ENOENT, errno_mod.EOPNOTSUPP):
+                        raise
+                    log.warning("proxy %s: not adopted (will retry): %s", a.get("name"), e)
         for r in self.registry.poll():
             log.info("model reload: %s", r)
         self.write_state()
@@ -497,6 +531,9 @@ class Bus:
                 "model_error": None if err is None else str(err),
                 "dispatch": self.dispatcher.counters_of(ps.name).as_dict(),
                 "learning": None if ps.learning is None else _learning_status(ps.learning),
+                "held": ("model demoted; waiting for a new model before collaboration"
+                         if ps.demoted_model is not None
+                         and self.registry.model(ps.name) is ps.demoted_model else None),
             }
         return out
 
@@ -513,7 +550,7 @@ class Bus:
         """Receive and handle what arrived within *timeout*, then run due periodic work."""
         if self.conn is None:
             if not self.connect():
-                self.stop.wait(0.5)
+                self.idle(0.5)
                 return
         assert self.conn is not None
         try:

@@ -45,6 +45,7 @@ from kmlbus.codec import CodecError, Message
 
 __all__ = [
     "Connection",
+    "ControlOps",
     "FamilyInfo",
     "GenlSocket",
     "KmlbusError",
@@ -408,7 +409,75 @@ def _bad_attr_name(request: bytes, offset: int, set_name: str) -> str:
     return ""
 
 
-class Connection(GenlSocket):
+class ControlOps:
+    """One method per control operation, built on :meth:`request` and :meth:`send_nowait`.
+
+    :class:`Connection` speaks them to the kernel; :mod:`kmlbus.standin`'s
+    link to its in-process model of the module, with the same semantics.
+    """
+
+    def request(self, op: str, attrs: Mapping[str, Any] | None = None, *,
+                dump: bool = False) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def send_nowait(self, op: str, attrs: Mapping[str, Any]) -> int:
+        raise NotImplementedError
+
+    def _recommend_nowait(self, proxy_id: int, recs: npt.NDArray[Any]) -> None:
+        self.send_nowait("recommend", {"id": proxy_id, "recs": recs})
+
+    def proxies(self) -> list[dict[str, Any]]:
+        """Every registered proxy (dump of ``get``)."""
+        return self.request("get", dump=True)
+
+    def proxy(self, id_or_name: int | str) -> dict[str, Any]:
+        """One proxy by id or name."""
+        key = "name" if isinstance(id_or_name, str) else "id"
+        replies = self.request("get", {key: id_or_name})
+        if not replies:
+            raise KmlbusError(f"kmlbus get {key}={id_or_name!r}: the kernel sent no proxy")
+        return replies[0]
+
+    def set_mode(self, proxy_id: int, mode: str, reason: str = "operator") -> None:
+        """Move a proxy to *mode* (refused by the kernel unless the mode graph allows it)."""
+        self.request("set-mode", {"id": proxy_id, "mode": mode, "reason": reason})
+
+    def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
+                   stale_ms: int | None = None) -> None:
+        """Set collaboration share, exploration share (permille) and stale limit; None leaves one alone."""
+        self.request("set-params", {"id": proxy_id, "share": share, "explore": explore, "stale-ms": stale_ms})
+
+    def attach(self, proxy_id: int) -> None:
+        """Make this socket the proxy's bus (closing it drops the proxy to emergency)."""
+        self.request("attach", {"id": proxy_id})
+
+    def detach(self, proxy_id: int) -> None:
+        """Release the proxy from its bus (it falls to emergency)."""
+        self.request("detach", {"id": proxy_id})
+
+    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
+                  *, wait: bool = True) -> None:
+        """Send recommendations, ``(key, value, ttl_ms)`` rows or a ``rec`` struct array.
+
+        More than the spec's ``max-recs`` entries go as several requests,
+        each all-or-nothing in the kernel.  With ``wait=False`` no ACK is
+        asked for (:meth:`send_nowait`): the kernel has applied them when
+        this returns, and a refusal shows up in :meth:`take_errors`.
+        """
+        sp = kspec.load()
+        dt = sp.structs["rec"].dtype
+        arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
+        step = sp.consts["max-recs"]
+        if len(arr) == 0:
+            return
+        for i in range(0, len(arr), step):
+            if wait:
+                self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
+            else:
+                self._recommend_nowait(proxy_id, arr[i:i + step])
+
+
+class Connection(GenlSocket, ControlOps):
     """A socket talking to the ``kmlbus`` family (spec name), resolved on creation.
 
     Joins *groups* (spec multicast group names).  Raises :class:`ModuleNotLoaded`
@@ -579,55 +648,9 @@ class Connection(GenlSocket):
         expect = bool(flags & (codec.NLM_F_ACK | codec.NLM_F_DUMP))
         return self.transact(req, seq, expect_ack=expect, timeout=timeout)
 
-    # --- one method per control operation ----------------------------------
-    def proxies(self) -> list[dict[str, Any]]:
-        """Every registered proxy (dump of ``get``)."""
-        return self.request("get", dump=True)
-
-    def proxy(self, id_or_name: int | str) -> dict[str, Any]:
-        """One proxy by id or name."""
-        key = "name" if isinstance(id_or_name, str) else "id"
-        replies = self.request("get", {key: id_or_name})
-        if not replies:
-            raise KmlbusError(f"kmlbus get {key}={id_or_name!r}: the kernel sent no proxy")
-        return replies[0]
-
-    def set_mode(self, proxy_id: int, mode: str, reason: str = "operator") -> None:
-        """Move a proxy to *mode* (refused by the kernel unless the mode graph allows it)."""
-        self.request("set-mode", {"id": proxy_id, "mode": mode, "reason": reason})
-
-    def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
-                   stale_ms: int | None = None) -> None:
-        """Set collaboration share, exploration share (permille) and stale limit; None leaves one alone."""
-        self.request("set-params", {"id": proxy_id, "share": share, "explore": explore, "stale-ms": stale_ms})
-
-    def attach(self, proxy_id: int) -> None:
-        """Make this socket the proxy's bus (closing it drops the proxy to emergency)."""
-        self.request("attach", {"id": proxy_id})
-
-    def detach(self, proxy_id: int) -> None:
-        """Release the proxy from its bus (it falls to emergency)."""
-        self.request("detach", {"id": proxy_id})
-
-    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
-                  *, wait: bool = True) -> None:
-        """Send recommendations, ``(key, value, ttl_ms)`` rows or a ``rec`` struct array.
-
-        More than the spec's ``max-recs`` entries go as several requests,
-        each all-or-nothing in the kernel.  With ``wait=False`` no ACK is
-        asked for (:meth:`send_nowait`): the kernel has applied them when
-        this returns, and a refusal shows up in :meth:`take_errors`.
-        """
-        dt = self.spec.structs["rec"].dtype
-        arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
-        step = self.spec.consts["max-recs"]
-        if len(arr) == 0:
-            return
-        for i in range(0, len(arr), step):
-            if wait:
-                self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
-            else:
-                seq = self.next_seq()
-                req = codec.encode_recommend(self.family_id, proxy_id, arr[i:i + step].tobytes(),
-                                             seq=seq, flags=codec.NLM_F_REQUEST)
-                self._send_unacked(seq, "recommend", req)
+    def _recommend_nowait(self, proxy_id: int, recs: npt.NDArray[Any]) -> None:
+        # the hot path: one pack instead of the generic encoder (codec.encode_recommend)
+        seq = self.next_seq()
+        req = codec.encode_recommend(self.family_id, proxy_id, recs.tobytes(), seq=seq,
+                                     flags=codec.NLM_F_REQUEST)
+        self._send_unacked(seq, "recommend", req)

@@ -80,7 +80,7 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -91,7 +91,7 @@ import numpy.typing as npt
 from kmlbus import codec
 from kmlbus import spec as kspec
 from kmlbus.codec import Message
-from kmlbus.netlink import KmlbusError, ModuleNotLoaded, NetlinkError
+from kmlbus.netlink import ControlOps, KmlbusError, ModuleNotLoaded, NetlinkError
 from modes import gate as mgate
 from modes import graph as mgraph
 
@@ -137,7 +137,6 @@ _REASONS = _SPEC.enums["reason"]
 _LIFECYCLE = _SPEC.enums["lifecycle"]
 _SAMPLE_DT = _SPEC.structs["sample"].dtype
 _FEEDBACK_DT = _SPEC.structs["feedback"].dtype
-_REC_DT = _SPEC.structs["rec"].dtype
 _COUNTERS = tuple(a.name for a in _SPEC.attr_sets["counters"].attrs if a.type != "pad")
 _MAX_TTL_MS = int(_SPEC.consts["max-ttl-ms"])
 _MAX_RECS = int(_SPEC.consts["max-recs"])
@@ -847,8 +846,9 @@ class StandinKernel:
         p.store_recs(recs, now)
 
 
-class StandinLink:
-    """A socket on the stand-in family: the ``Connection`` methods the bus uses (see :class:`kmlbus.daemon.Link`)."""
+class StandinLink(ControlOps):
+    """A socket on the stand-in family: the ``Connection`` methods the bus uses (see
+    :class:`kmlbus.daemon.Link`); the per-operation methods come from :class:`ControlOps`."""
 
     def __init__(self, kernel: StandinKernel, portid: int, *, cap_net_admin: bool, rcvbuf: int) -> None:
         self.kernel = kernel
@@ -976,44 +976,6 @@ class StandinLink:
             raise NetlinkError(-e.err, text, op, _SPEC.name) from None
         reply_set = o.attr_set
         return [codec.decode_attrs(reply_set, codec.encode_attrs(reply_set, r)) for r in replies]
-
-    def proxies(self) -> list[dict[str, Any]]:
-        """Every registered proxy (dump of ``get``)."""
-        return self.request("get", dump=True)
-
-    def proxy(self, id_or_name: int | str) -> dict[str, Any]:
-        """One proxy by id or name."""
-        key = "name" if isinstance(id_or_name, str) else "id"
-        return self.request("get", {key: id_or_name})[0]
-
-    def set_mode(self, proxy_id: int, mode: str, reason: str = "operator") -> None:
-        self.request("set-mode", {"id": proxy_id, "mode": mode, "reason": reason})
-
-    def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
-                   stale_ms: int | None = None) -> None:
-        self.request("set-params", {"id": proxy_id, "share": share, "explore": explore, "stale-ms": stale_ms})
-
-    def attach(self, proxy_id: int) -> None:
-        self.request("attach", {"id": proxy_id})
-
-    def detach(self, proxy_id: int) -> None:
-        self.request("detach", {"id": proxy_id})
-
-    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
-                  *, wait: bool = True) -> None:
-        """As ``Connection.recommend``: chunks of max-recs, each all-or-nothing.
-
-        With ``wait=False`` (no ACK asked) a refusal is not raised but kept for
-        :meth:`take_errors`, as the kernel's late error reply would be.
-        """
-        arr = recs if isinstance(recs, np.ndarray) and recs.dtype == _REC_DT else np.array(list(recs), dtype=_REC_DT)
-        if len(arr) == 0:
-            return
-        for i in range(0, len(arr), _MAX_RECS):
-            if wait:
-                self.request("recommend", {"id": proxy_id, "recs": arr[i:i + _MAX_RECS]})
-            else:
-                self.send_nowait("recommend", {"id": proxy_id, "recs": arr[i:i + _MAX_RECS]})
 
     def send_nowait(self, op: str, attrs: Mapping[str, Any]) -> int:
         """As ``Connection.send_nowait``: the request runs now; only a failure is kept."""

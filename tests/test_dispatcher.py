@@ -224,3 +224,37 @@ def test_records_decoded_by_the_codec_are_accepted() -> None:
     decoded = codec.decode_attrs("proxy", wire)["records"]
     out = dispatcher(GOOD).handle_telemetry("sample", decoded)
     assert out["value"].tolist() == [1, 64]
+
+
+_I32 = st.integers(-(2**31), 2**31 - 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 6), _I32, _I32, _I32),
+                min_size=1, max_size=40),
+       st.lists(st.floats(-100, 100, allow_nan=False), min_size=3, max_size=3),
+       st.floats(-1e4, 1e4, allow_nan=False), st.sampled_from(["", "input_scale = 1e-300\n",
+                                                               "output_scale = 0.37\n"]))
+def test_the_small_batch_path_equals_the_general_one(
+        rows: list[tuple[int, int, int, int, int]], w: list[float], bias: float, extra: str) -> None:
+    import kmlbus.dispatcher as dmod
+
+    r = np.zeros(len(rows), dtype=SAMPLE)
+    r["key"] = [x[0] for x in rows]
+    r["seq"] = [x[1] for x in rows]  # ties: the later row must win on both paths
+    r["features"][:, :3] = [x[2:] for x in rows]
+    model = models.to_bytes(models.linear_model(w, bias))
+    small = dispatcher(model, "[proxy.sample]\n" + extra)
+    general = dispatcher(model, "[proxy.sample]\n" + extra)
+    with np.errstate(all="ignore"):
+        a = small.handle_telemetry("sample", r)
+        saved = dmod.SMALL_BATCH
+        dmod.SMALL_BATCH = 0  # force the numpy path
+        try:
+            b = general.handle_telemetry("sample", r)
+        finally:
+            dmod.SMALL_BATCH = saved
+    assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (a, b)
+    ca, cb = small.counters_of("sample").as_dict(), general.counters_of("sample").as_dict()
+    for k in ("batches", "records", "inferences", "recs_sent", "bad_keys", "clamped", "nonfinite"):
+        assert ca[k] == cb[k], (k, ca, cb)

@@ -15,8 +15,10 @@ learning ->        shadow quality >= ``g.maturity`` with >= ``g.min_decisions``
 collaboration      valid shadows in the window (and, with a shadow scorer, the
                    estimated efficiency not below the default arm by
                    ``g.demotion_margin``, over >= ``g.min_decisions`` scored
-                   samples and a coverage >= ``g.coverage``); see
-                   :mod:`modes.evidence`
+                   samples and a coverage >= ``g.coverage``; without a
+                   scorer, once >= ``g.min_decisions`` decisions were
+                   explored, the model arm not below the default by
+                   ``g.demotion_margin``); see :mod:`modes.evidence`
 collaboration ->   both arms have >= ``g.min_decisions`` decisions in the window
 recommendation     and model mean >= default mean raised by ``g.promotion_margin``
 collaboration ->   both arms have >= ``g.min_decisions`` and model mean < default
@@ -301,6 +303,16 @@ class Policy:
             met = (met and d.count >= g.min_decisions and floor is not None
                    and m.estimated is not None and m.estimated >= floor
                    and m.coverage >= g.coverage and m.scored >= g.min_decisions)
+        else:
+            # Without a scorer, explored decisions (the kernel's explore share applies the
+            # model's values in learning) are direct evidence: once there are enough, the
+            # model arm must not be worse than the default by the demotion margin.
+            d, mdl = evidence.arm("default"), evidence.arm("model")
+            if mdl.count >= g.min_decisions and d.count >= g.min_decisions and \
+                    d.mean is not None and mdl.mean is not None:
+                floor = _lowered(d.mean, g.demotion_margin)
+                values.update(explored_mean=mdl.mean, explored_floor=floor)
+                met = met and mdl.mean >= floor
         return Check("maturity", "collaboration", met,
                      f"shadow quality {m.quality:.3f} >= {g.maturity} over {m.decisions} "
                      f"decisions ({m.valid} valid shadows)", values)

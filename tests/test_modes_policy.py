@@ -246,6 +246,23 @@ def test_with_a_scorer_a_worse_shadow_does_not_mature() -> None:
     assert pol.evaluate(pm, ev2) is not None
 
 
+def test_explored_decisions_worse_than_the_default_block_maturity() -> None:
+    _, pm, ev, pol, seq = setup("learning", maturity=0.8)
+    s = seq.take(40)
+    ev.add_samples(samples(s, "learning", np.full(40, 8)))  # valid shadows: quality 1.0
+    ev.add_feedback(feedback(s[:20], "default", 700))
+    ev.add_feedback(feedback(s[20:], "model", 600))  # explored: 600 < 700 - 5%
+    d = pol.evaluate(pm, ev)
+    assert d is None
+    check = pol.report(pm, ev)["checks"]["maturity"]
+    assert check["explored_mean"] == 600 and check["met"] is False
+    s2 = seq.take(20)
+    ev.add_samples(samples(s2, "learning", np.full(20, 8)))
+    ev.add_feedback(feedback(s2, "model", 800))  # window of 40: 20 x 600 + 20 x 800 = 700
+    d = pol.evaluate(pm, ev)
+    assert d is not None and d.target == "collaboration"
+
+
 def test_collaboration_promotes_only_with_margin_and_min_decisions() -> None:
     _, pm, ev, pol, seq = setup("collaboration", promotion_margin=0.05)
     ev.add_feedback(feedback(seq.take(40), "default", 600))

@@ -13,6 +13,13 @@ The loop, per message from the kernel:
 * ``feedback`` -> evidence (per-arm efficiency);
 * ``mode-event`` -> the mode machine follows kernel-initiated changes.
 
+Recommendations go out first; evidence, learning and the trace are updated
+after the send.  A proxy configured with ``learn = true`` also has a
+:class:`~kmlbus.learner.LearningLoop`: in learning the bus sends exploratory
+values, refits in a background thread, and the learner's estimate of the
+served model takes part in maturity.  A model demoted for losing to the
+default is held in learning until it is replaced.
+
 Several times a second the policy looks at each proxy's evidence; a move it
 decides is sent to the kernel first and recorded in the machine only when the
 kernel accepts it, so both always agree.  Once a second the daemon checks that

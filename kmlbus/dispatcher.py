@@ -17,7 +17,9 @@ raised as :class:`InferenceError`; the daemon turns it into a fault.
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -89,6 +91,13 @@ def _rec_dtype() -> np.dtype[np.void]:
 
 
 _INF = float("inf")
+
+
+@functools.lru_cache(maxsize=None)
+def _rec_pack(n: int) -> struct.Struct:
+    """``struct`` layout of *n* consecutive ``rec`` records (from the spec)."""
+    fmt = _spec.load().struct_format("rec")
+    return struct.Struct(fmt[0] + fmt[1:] * n)
 
 #: Batches up to this many records take the pure-Python path of :func:`latest_per_key`:
 #: a kernel batch is at most 32 records, and a few dict operations per record cost
@@ -167,7 +176,10 @@ def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.ND
     microseconds, so the hot path counts them.
     """
     c = _conv(binding)
-    raw = records["features"][:, c.cols]
+    return _divide(records["features"][:, c.cols], c)
+
+
+def _divide(raw: npt.NDArray[np.int32], c: _Conv) -> npt.NDArray[np.float32]:
     out = np.empty(raw.shape, dtype=np.float32)
     if c.tiny:
         with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
@@ -340,17 +352,13 @@ class Dispatcher:
         if not best:
             return np.zeros(0, dtype=_rec_dtype())
         order = sorted(best)
-        feats = records["features"].tolist()
-        cols_div = list(zip(b.columns, b.divisors))
-        rows_x = [[feats[best[k]][j] / d for j, d in cols_div] for k in order]
-        if _conv(b).tiny:
-            with np.errstate(over="ignore"):  # as features_to_float: the model sees inf
-                x = np.array(rows_x, dtype=np.float32)
-        else:
-            x = np.array(rows_x, dtype=np.float32)
-        y = self._infer(proxy, x, c).tolist()
+        conv = _conv(b)
+        idx = np.array([best[k] for k in order], dtype=np.intp)
+        feats = records["features"]
+        raw = feats[idx, conv.cols] if isinstance(conv.cols, slice) else feats[idx][:, conv.cols]
+        y = self._infer(proxy, _divide(raw, conv), c).tolist()
         lo, hi, scale, ttl = b.rec_min, b.rec_max, b.out_scale, b.ttl_ms
-        rows = []
+        rows: list[int] = []  # key, value, ttl of each record, flat
         nan = clamped = 0
         for k, v in zip(order, y):
             r = v * scale
@@ -362,10 +370,12 @@ class Dispatcher:
             if value < lo or value > hi or not -_INF < r < _INF:
                 clamped += 1
                 value = min(max(value, lo), hi)
-            rows.append((k, value, ttl))
+            rows += (k, value, ttl)
         c.clamped += clamped
         if nan:
             c.nonfinite += nan
             log.warning("proxy %s: model produced %d NaN values, dropped", proxy, nan)
-        c.recs_sent += len(rows)
-        return np.array(rows, dtype=_rec_dtype())
+        n = len(rows) // 3
+        c.recs_sent += n
+        # one pack in the spec's layout of struct rec, instead of a structured array from tuples
+        return np.frombuffer(bytearray(_rec_pack(n).pack(*rows)), dtype=_rec_dtype())

@@ -281,6 +281,15 @@ class GenlSocket:
             self.stats["dropped"] += 1
             log.debug("unexpected netlink message dropped: type %d seq %d", m.type, m.seq)
 
+    def _drain(self, limit: int) -> None:
+        """Read and park up to *limit* waiting datagrams, without blocking."""
+        for _ in range(limit):
+            data = self._recv_datagram()
+            if data is None:
+                break
+            for m in self._decode(data):
+                self._park(m)
+
     def recv(self, timeout: float | None = None) -> list[Message]:
         """Multicast messages of the family: queued ones first, else wait up to *timeout*.
 
@@ -295,12 +304,7 @@ class GenlSocket:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._wait(left):
                     return []
-                for _ in range(_DRAIN_MAX):
-                    data = self._recv_datagram()
-                    if data is None:
-                        break
-                    for m in self._decode(data):
-                        self._park(m)
+                self._drain(_DRAIN_MAX)
                 if self._queue or (deadline is not None and time.monotonic() >= deadline):
                     break
         out = list(self._queue)
@@ -322,12 +326,7 @@ class GenlSocket:
         """
         # Make room first: under a telemetry flood a full receive buffer would make the
         # kernel drop our ACK (kernel-to-user unicast does not wait), and we would time out.
-        for _ in range(4 * _DRAIN_MAX):
-            dg = self._recv_datagram()
-            if dg is None:
-                break
-            for m in self._decode(dg):
-                self._park(m)
+        self._drain(4 * _DRAIN_MAX)
         self._sock.sendto(data, (0, 0))
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -557,13 +556,18 @@ class Connection(GenlSocket, ControlOps):
         answered; it is collected by the next receive on this socket into
         :attr:`async_errors` (see :meth:`take_errors`).
         """
-        o = self.spec.op_by_name.get(op)
-        if o is None:
-            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
+        self._op(op)
         seq = self.next_seq()
         self._send_unacked(seq, op, codec.encode_msg(self.family_id, op, attrs, seq=seq,
                                                      flags=codec.NLM_F_REQUEST))
         return seq
+
+    def _op(self, op: str) -> kspec.Op:
+        """The spec's operation *op*, or a clear error naming the ones there are."""
+        o = self.spec.op_by_name.get(op)
+        if o is None:
+            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
+        return o
 
     def _send_unacked(self, seq: int, op: str, req: bytes) -> None:
         self._unacked[seq] = (op, self.spec.op_by_name[op].attr_set, req)
@@ -577,12 +581,7 @@ class Connection(GenlSocket, ControlOps):
         Reads what is waiting on the socket first (never blocks); other
         traffic found meanwhile stays queued for :meth:`recv`.
         """
-        for _ in range(_DRAIN_MAX):
-            dg = self._recv_datagram()
-            if dg is None:
-                break
-            for m in self._decode(dg):
-                self._park(m)
+        self._drain(_DRAIN_MAX)
         out = list(self.async_errors)
         self.async_errors.clear()
         return out
@@ -608,9 +607,7 @@ class Connection(GenlSocket, ControlOps):
         with the extack message (and the offending attribute's name when the
         kernel points at one).
         """
-        o = self.spec.op_by_name.get(op)
-        if o is None:
-            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
+        o = self._op(op)
         seq = self.next_seq()
         flags = codec.NLM_F_REQUEST | codec.NLM_F_ACK | (codec.NLM_F_DUMP if dump else 0)
         req = codec.encode_msg(self.family_id, op, attrs or {}, seq=seq, flags=flags)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kmlbus import codec, models, netlink
+from kmlbus import atomic, codec, models, netlink
 from kmlbus.vm import guest
 
 __all__ = ["main"]
@@ -223,9 +223,7 @@ def _start_bus(cfg: Path, env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def _swap_model(path: Path, model: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, model)
 
 
 def run_here(seconds: float) -> int:

@@ -31,7 +31,6 @@ to compare.  The same table is the offline estimator used by
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from . import models
+from . import atomic, models
 from . import spec as _spec
 from .config import Binding
 from .dispatcher import features_to_float, to_fixed
@@ -506,14 +505,11 @@ class LearningLoop:
 
     def _save(self, data: bytes) -> None:
         assert self.save_to is not None
-        tmp = self.save_to.with_name(f".{self.save_to.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self.save_to)
+            atomic.write_bytes(self.save_to, data)
         except OSError as e:
             log.warning("proxy %s: learned model not saved to %s: %s",
                         self.binding.proxy, self.save_to, e)
-            tmp.unlink(missing_ok=True)
 
     def _served_decisions(self, x: F32) -> F64 | None:
         """The served model's decisions (real units, after rounding and clamp); None if none."""

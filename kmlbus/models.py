@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,8 @@ from typing import Literal
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from kmlbus import atomic
 
 __all__ = [
     "INPUT_NAME",
@@ -159,15 +160,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(to_bytes(model))
-        os.replace(tmp, p)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return p
+    return atomic.write_bytes(p, to_bytes(model))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,11 +8,9 @@ survive a daemon restart and can be set from another process.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
-from kmlbus import statefile
+from kmlbus import atomic, statefile
 
 __all__ = ["load", "pin", "pins_path", "unpin"]
 
@@ -35,10 +33,7 @@ def load(path: Path | None = None) -> dict[str, str]:
 
 def _save(pins: dict[str, str], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".pins.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(pins, f, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, json.dumps(pins, sort_keys=True).encode())
 
 
 def pin(proxy: str, mode: str, path: Path | None = None) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from kmlbus import atomic
 
 __all__ = ["default_path", "read", "write"]
 
@@ -27,10 +28,7 @@ def write(state: dict[str, Any], path: Path | None = None) -> None:
     """Replace the state file atomically (write a temp file, then rename)."""
     p = path or default_path()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".state.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, p)
+    atomic.write_bytes(p, json.dumps(state, indent=1, sort_keys=True, default=str).encode())
 
 
 def read(path: Path | None = None) -> dict[str, Any]:

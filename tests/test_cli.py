@@ -78,3 +78,17 @@ def test_pins_are_kept_per_proxy_and_unpin_is_idempotent(tmp_path: Path) -> None
     pins.unpin("sample", p)
     pins.unpin("sample", p)
     assert json.loads(p.read_text()) == {"other": "emergency"}
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary_file_on_failure(tmp_path: Path) -> None:
+    from kmlbus import atomic
+
+    target = tmp_path / "f.bin"
+    atomic.write_bytes(target, b"one")
+    atomic.write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "x").write_text("keeps the directory non-empty")
+    with pytest.raises(OSError):
+        atomic.write_bytes(tmp_path / "dir", b"cannot replace a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "f.bin"]

@@ -391,6 +391,12 @@ class Binding:
         return len(self.columns)
 
     @property
+    def bounded(self) -> bool:
+        """Whether the recommendation has a real range on both sides (not int32's limits,
+        which is what a field without min/max gets)."""
+        return _INT32_MIN < self.rec_min and self.rec_max < _INT32_MAX
+
+    @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(self.schema.features[c].name for c in self.columns)
 

@@ -337,7 +337,7 @@ class Learner:
         x, d, e, _ = self.data()
         b = self.binding
         lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
-        if b.rec_min <= -(1 << 31) or b.rec_max >= (1 << 31) - 1:  # unbounded: use the data
+        if not b.bounded:  # use the data
             lo, hi = float(d.min()), float(d.max())
         return EfficiencyTable(x, d, e, d_lo=lo, d_hi=hi, bins=self.bins,
                                decision_bins=self.decision_bins, min_cell=self.min_cell,
@@ -559,7 +559,7 @@ class LearningLoop:
         b = self.binding
         if recs is not None:
             return perturb(recs, b, self.rng, self.spread)
-        if b.rec_min <= _INT32_MIN or b.rec_max >= _INT32_MAX:
+        if not b.bounded:
             return np.zeros(0, dtype=_spec.load().structs["rec"].dtype)
         out = np.zeros(len(keys), dtype=_spec.load().structs["rec"].dtype)
         out["key"] = keys
@@ -568,7 +568,6 @@ class LearningLoop:
         return out
 
 
-_INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 _ARM_MODEL = _spec.load().enums["arm"].value("model")
 
 
@@ -585,7 +584,7 @@ def perturb(recs: npt.NDArray[np.void], binding: Binding, rng: np.random.Generat
     out = recs.copy()
     lo, hi = binding.rec_min, binding.rec_max
     v = out["value"].astype(np.float64)
-    if lo <= _INT32_MIN or hi >= _INT32_MAX:
+    if not binding.bounded:
         width = spread * np.maximum(1.0, np.abs(v))
     else:
         width = np.full(len(v), max(1.0, spread * (float(hi) - float(lo))))

@@ -550,7 +550,7 @@ def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str]
     d_rec = fs["decision"].astype(np.float64) / b.out_scale
     e_rec = fs["efficiency"].astype(np.float64) / escale
     lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
-    if b.rec_min <= -(1 << 31) or b.rec_max >= (1 << 31) - 1:
+    if not b.bounded:
         lo, hi = float(min(d_rec.min(), d_model.min())), float(max(d_rec.max(), d_model.max()))
     table = EfficiencyTable(x, d_rec, e_rec, d_lo=lo, d_hi=hi, bins=bins,
                             decision_bins=decision_bins)

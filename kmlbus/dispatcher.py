@@ -116,14 +116,25 @@ def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
         return np.zeros(0, dtype=np.intp)
     if n > SMALL_BATCH:
         return _latest_per_key_sorted(records)
+    best, _ = _latest_rows(records, 1 << 32)  # keys are u32: none is dropped
+    return np.array([best[k] for k in sorted(best)], dtype=np.intp)
+
+
+def _latest_rows(records: npt.NDArray[np.void], nkeys: int) -> tuple[dict[int, int], int]:
+    """In plain Python: key -> row of its highest-``seq`` sample (the later row wins a
+    tie) over the keys below *nkeys*, and how many rows had a key at or above it."""
     keys = records["key"].tolist()
     seqs = records["seq"].tolist()
     best: dict[int, int] = {}
+    bad = 0
     for i, k in enumerate(keys):
+        if k >= nkeys:
+            bad += 1
+            continue
         j = best.get(k)
         if j is None or seqs[i] >= seqs[j]:
             best[k] = i
-    return np.array([best[k] for k in sorted(best)], dtype=np.intp)
+    return best, bad
 
 
 def _latest_per_key_sorted(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
@@ -336,18 +347,7 @@ class Dispatcher:
         division rounded once to float32, half-to-even rounding, clamping), and a
         property test holds the two paths to identical results.
         """
-        nkeys = b.schema.nkeys
-        keys = records["key"].tolist()
-        seqs = records["seq"].tolist()
-        best: dict[int, int] = {}
-        bad = 0
-        for i, k in enumerate(keys):
-            if k >= nkeys:
-                bad += 1
-                continue
-            j = best.get(k)
-            if j is None or seqs[i] >= seqs[j]:
-                best[k] = i
+        best, bad = _latest_rows(records, b.schema.nkeys)
         c.bad_keys += bad
         if not best:
             return np.zeros(0, dtype=_rec_dtype())

@@ -155,6 +155,7 @@ class Bus:
         #: (the moment it applied them; ``kmlbus bench`` reads it)
         self.last_send_ns = 0
         self._overruns = 0
+        self._async_seen = 0
         self._pins_stamp: tuple[int, int] | None = None
         self._pins_dirty = True
         #: learning loops by proxy name: they outlive a module reload (same binding)
@@ -174,6 +175,7 @@ class Bus:
             ctl.close()
             raise
         self.conn, self.ctl = conn, ctl
+        self._async_seen = 0  # ctl.stats["async_errors"] already counted
         self.proxies.clear()
         for attrs in ctl.proxies():
             name = str(attrs.get("name"))
@@ -483,12 +485,14 @@ class Bus:
         """Count and log the kernel's refusals of recommendations sent without an ACK."""
         assert self.ctl is not None
         errors = self.ctl.take_errors()
-        if not errors:
+        # The link keeps a bounded list of errors but counts every one: count from that.
+        total = self.ctl.stats.get("async_errors", 0)
+        new, self._async_seen = total - self._async_seen, total
+        if not new:
             return
-        self.stats["send_errors"] += len(errors)
-        first = errors[0]
+        self.stats["send_errors"] += new
         log.warning("%d recommend request(s) refused by the kernel since the last check; "
-                    "first: %s", len(errors), first)
+                    "first kept: %s", new, errors[0] if errors else "-")
 
     def _follow_pins(self) -> None:
         """Apply the operator's pins file when it changed (checked before every policy pass,
@@ -539,8 +543,7 @@ class Bus:
                 "dispatch": self.dispatcher.counters_of(ps.name).as_dict(),
                 "learning": None if ps.learning is None else _learning_status(ps.learning),
                 "held": ("model demoted; waiting for a new model before collaboration"
-                         if ps.demoted_model is not None
-                         and self.registry.model(ps.name) is ps.demoted_model else None),
+                         if self._held(ps) else None),
             }
         return out
 

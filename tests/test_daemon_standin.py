@@ -483,3 +483,16 @@ def test_a_demoted_model_is_held_in_learning_until_it_is_replaced(good: Rig) -> 
     good.swap_model(models.sample_good_model())  # a new model ends the hold
     assert good.run(30, good.at("recommendation")), good.events()[-3:]
     assert good.bus.snapshot()["proxies"]["sample"]["held"] is None
+
+
+def test_every_refused_recommendation_is_counted_even_past_the_kept_errors(good: Rig) -> None:
+    ctl = good.bus.ctl
+    assert ctl is not None
+    pid = good.k.find("sample").id
+    before = good.bus.stats["send_errors"]
+    for _ in range(300):  # more than the link keeps (256), all refused: key >= nkeys
+        ctl.recommend(pid, [(1000, 8, 100)], wait=False)
+    good.bus.housekeeping()
+    assert good.bus.stats["send_errors"] - before == 300
+    good.bus.housekeeping()  # counted once
+    assert good.bus.stats["send_errors"] - before == 300

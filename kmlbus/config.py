@@ -334,12 +334,12 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     if explore is not None and (isinstance(explore, bool) or not isinstance(explore, int)
                                 or not 0 <= explore <= permille):
         raise w.err(f"{pre}.explore", f"an integer in 0..{permille} (permille)", explore)
-    spread = t.get("explore_spread", 0.25)
+    spread = t.get("explore_spread", ProxyConfig.explore_spread)
     if (isinstance(spread, bool) or not isinstance(spread, (int, float))
             or not 0 < spread <= 1):
         raise w.err(f"{pre}.explore_spread", "a number in (0, 1] (fraction of the range)", spread)
     every = (_positive(w, f"{pre}.learn_every_s", t["learn_every_s"])
-             if "learn_every_s" in t else 5.0)
+             if "learn_every_s" in t else ProxyConfig.learn_every_s)
     saved = (_path(w, f"{pre}.learned_model", t["learned_model"], base)
              if "learned_model" in t else None)
     if saved is not None and model is not None and saved == model:

@@ -223,7 +223,7 @@ class Evidence:
             lo, hi = self.bounds
             valid &= (cur["shadow"] >= lo) & (cur["shadow"] <= hi)
         self._valid.extend(valid)
-        if self.scorer is not None and self._mode == "learning" and valid.any():
+        if self.scorer is not None and valid.any():  # (in learning: see the return above)
             est = np.asarray(self.scorer(cur[valid]), dtype=np.float64)
             if est.shape != (int(np.count_nonzero(valid)),):
                 raise ValueError(f"shadow scorer returned shape {est.shape}, "

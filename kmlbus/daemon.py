@@ -43,7 +43,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from kmlbus import codec, netlink, pins, statefile
+from kmlbus import codec, netlink, pins, spec, statefile
 from kmlbus.config import Config, ConfigError, ProxySchema, load
 from kmlbus.dispatcher import DispatchError, Dispatcher
 from kmlbus.learner import Learner, LearningLoop
@@ -362,10 +362,10 @@ class Bus:
         has_model = self.registry.has_model(ps.name)
         if not duty(mode).recommend or not (has_model or exploring is not None):
             return
-        recs = None
+        recs: np.ndarray | bytes | None = None  # packed rec structs from the model
         if has_model:
             try:
-                recs = self.dispatcher.handle_telemetry(ps.name, records)
+                recs = self.dispatcher.handle_telemetry_packed(ps.name, records)
             except DispatchError as e:
                 self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e),
                                                       ps.evidence))
@@ -379,7 +379,8 @@ class Bus:
         if exploring is not None:
             # Learning: the kernel applies these only on its explore share; the rest are shadows.
             keys = np.unique(records["key"])
-            recs = exploring.explore(keys[keys < ps.schema.nkeys], recs)
+            recs = exploring.explore(keys[keys < ps.schema.nkeys],
+                                     None if recs is None else _rec_array(recs))
         if recs is None:
             return
         if len(recs) and duty(ps.modes.mode).recommend and self.ctl is not None:
@@ -392,7 +393,7 @@ class Bus:
                 self.stats["send_errors"] += 1
                 log.warning("proxy %s: recommendations not sent: %s", ps.name, e)
             if self.trace is not None:
-                self.trace.recs(ps.name, recs)
+                self.trace.recs(ps.name, _rec_array(recs))
 
     # -- moves -----------------------------------------------------------------
 
@@ -607,6 +608,13 @@ class Bus:
         self.conn = self.ctl = None
         if self.trace is not None:
             self.trace.close()
+
+
+def _rec_array(recs: np.ndarray | bytes) -> np.ndarray:
+    """Recommendations as a ``rec`` struct array (the hot path has them packed)."""
+    if isinstance(recs, np.ndarray):
+        return recs
+    return np.frombuffer(recs, dtype=spec.load().structs["rec"].dtype)
 
 
 def _learning_status(loop: LearningLoop) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import struct
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -99,6 +100,19 @@ def _rec_pack(n: int) -> struct.Struct:
     fmt = _spec.load().struct_format("rec")
     return struct.Struct(fmt[0] + fmt[1:] * n)
 
+@functools.lru_cache(maxsize=None)
+def _sample_rows() -> tuple[struct.Struct, int, int, int]:
+    """``struct`` of one ``sample`` (from the spec) and the positions of ``seq``, ``key``
+    and the first feature in the tuple it unpacks to."""
+    sp = _spec.load()
+    at: dict[str, int] = {}
+    pos = 0
+    for m in sp.structs["sample"].members:
+        at[m.name] = pos
+        pos += m.count if m.sub_type else 1
+    return struct.Struct(sp.struct_format("sample")), at["seq"], at["key"], at["features"]
+
+
 #: Batches up to this many records take the pure-Python path of :func:`latest_per_key`:
 #: a kernel batch is at most 32 records, and a few dict operations per record cost
 #: less than the eight numpy calls of the general path (each tens of microseconds
@@ -159,6 +173,10 @@ class _Conv:
     #: a divisor so small that a feature / divisor may overflow float32 (then the
     #: overflow warning is silenced: the model sees inf)
     tiny: bool
+    #: (position in an unpacked ``sample`` tuple, divisor) of each model input, in order
+    pairs: tuple[tuple[int, float], ...]
+    #: every divisor is non-zero: plain Python division gives what numpy's does
+    nonzero: bool
 
 
 _CONV: dict[int, _Conv] = {}
@@ -172,7 +190,10 @@ def _conv(binding: Binding) -> _Conv:
             slice(0, n) if binding.columns == tuple(range(n))
             else np.asarray(binding.columns, dtype=np.intp))
         div = np.asarray(binding.divisors, dtype=np.float64)
-        c = _Conv(binding, cols, div, bool((np.abs(div) < 1e-28).any()))
+        f0 = _sample_rows()[3]
+        c = _Conv(binding, cols, div, bool((np.abs(div) < 1e-28).any()),
+                  tuple((f0 + col, float(d)) for col, d in zip(binding.columns, binding.divisors)),
+                  all(d != 0 for d in binding.divisors))
         if len(_CONV) > 256:  # bindings are few; forget them all rather than grow
             _CONV.clear()
         _CONV[id(binding)] = c
@@ -274,6 +295,17 @@ class Dispatcher:
         :class:`RecordsError` for records of the wrong dtype.  The batch's
         wall time is in ``counters_of(proxy).last_batch_ns``.
         """
+        out = self._timed(proxy, records)
+        return out if isinstance(out, np.ndarray) else np.frombuffer(bytearray(out), dtype=_rec_dtype())
+
+    def handle_telemetry_packed(self, proxy: str, records: npt.NDArray[np.void]) -> bytes:
+        """:meth:`handle_telemetry`'s recommendations as the bytes ``recommend`` carries
+        (``rec`` structs back to back): the daemon's hot path, which sends them before
+        it makes any array of them."""
+        out = self._timed(proxy, records)
+        return out if isinstance(out, bytes) else out.tobytes()
+
+    def _timed(self, proxy: str, records: npt.NDArray[np.void]) -> npt.NDArray[np.void] | bytes:
         t0 = time.perf_counter_ns()
         c = self.counters_of(proxy)
         try:
@@ -286,7 +318,7 @@ class Dispatcher:
                 c.over_budget += 1
 
     def _handle(self, proxy: str, records: npt.NDArray[np.void],
-                c: ProxyCounters) -> npt.NDArray[np.void]:
+                c: ProxyCounters) -> npt.NDArray[np.void] | bytes:
         b = self.registry.binding(proxy)
         rec_dt = _rec_dtype()
         if not isinstance(records, np.ndarray) or (records.dtype is not _sample_dtype()
@@ -299,8 +331,9 @@ class Dispatcher:
         c.records += len(records)
         if len(records) == 0:
             return np.zeros(0, dtype=rec_dt)
-        if len(records) <= SMALL_BATCH:
-            return self._handle_small(proxy, records, b, c)
+        conv = _conv(b)
+        if len(records) <= SMALL_BATCH and conv.nonzero:
+            return self._handle_small(proxy, records, b, conv, c)
         if int(records["key"].max()) >= b.schema.nkeys:
             good = records["key"] < b.schema.nkeys
             c.bad_keys += int(len(records) - np.count_nonzero(good))
@@ -338,27 +371,47 @@ class Dispatcher:
         c.inferences += len(x)
         return y
 
-    def _handle_small(self, proxy: str, records: npt.NDArray[np.void], b: Binding,
-                      c: ProxyCounters) -> npt.NDArray[np.void]:
-        """:meth:`_handle` for a kernel-sized batch, in plain Python around one inference.
+    def _handle_small(self, proxy: str, records: npt.NDArray[np.void], b: Binding, conv: _Conv,
+                      c: ProxyCounters) -> bytes:
+        """:meth:`_handle` for a kernel-sized batch: packed ``rec`` bytes, computed in plain
+        Python around one array for the inference.
 
-        Each numpy call costs tens of microseconds under emulation, more than a
-        few Python operations on 32 records; the arithmetic is the same (float64
-        division rounded once to float32, half-to-even rounding, clamping), and a
-        property test holds the two paths to identical results.
+        Each numpy call costs tens of microseconds under emulation (hundreds when
+        its code has gone cold between two batches), more than a few Python
+        operations on 32 records.  The arithmetic is the same as the general
+        path's (latest sample per key with the later row winning a tie, float64
+        division rounded once to float32, half-to-even rounding, clamping); a
+        property test holds the two paths to identical bytes and counters.
         """
-        best, bad = _latest_rows(records, b.schema.nkeys)
+        unpack, i_seq, i_key, _ = _sample_rows()
+        try:
+            rows = unpack.iter_unpack(cast(Any, records))  # the array's own bytes, no copy
+        except (ValueError, TypeError, BufferError):  # a non-contiguous view
+            rows = unpack.iter_unpack(records.tobytes())
+        nkeys = b.schema.nkeys
+        best: dict[int, tuple[Any, ...]] = {}
+        bad = 0
+        for r in rows:
+            k = r[i_key]
+            if k >= nkeys:
+                bad += 1
+                continue
+            o = best.get(k)
+            if o is None or r[i_seq] >= o[i_seq]:
+                best[k] = r
         c.bad_keys += bad
         if not best:
-            return np.zeros(0, dtype=_rec_dtype())
+            return b""
         order = sorted(best)
-        conv = _conv(b)
-        idx = np.array([best[k] for k in order], dtype=np.intp)
-        feats = records["features"]
-        raw = feats[idx, conv.cols] if isinstance(conv.cols, slice) else feats[idx][:, conv.cols]
-        y = self._infer(proxy, _divide(raw, conv), c).tolist()
+        flat = [best[k][i] / d for k in order for i, d in conv.pairs]
+        if conv.tiny:
+            with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
+                x = np.array(flat, dtype=np.float32)
+        else:
+            x = np.array(flat, dtype=np.float32)
+        y = self._infer(proxy, x.reshape(len(order), len(conv.pairs)), c).tolist()
         lo, hi, scale, ttl = b.rec_min, b.rec_max, b.out_scale, b.ttl_ms
-        rows: list[int] = []  # key, value, ttl of each record, flat
+        out: list[int] = []  # key, value, ttl of each record, flat
         nan = clamped = 0
         for k, v in zip(order, y):
             r = v * scale
@@ -370,12 +423,11 @@ class Dispatcher:
             if value < lo or value > hi or not -_INF < r < _INF:
                 clamped += 1
                 value = min(max(value, lo), hi)
-            rows += (k, value, ttl)
+            out += (k, value, ttl)
         c.clamped += clamped
         if nan:
             c.nonfinite += nan
             log.warning("proxy %s: model produced %d NaN values, dropped", proxy, nan)
-        n = len(rows) // 3
+        n = len(out) // 3
         c.recs_sent += n
-        # one pack in the spec's layout of struct rec, instead of a structured array from tuples
-        return np.frombuffer(bytearray(_rec_pack(n).pack(*rows)), dtype=_rec_dtype())
+        return _rec_pack(n).pack(*out)

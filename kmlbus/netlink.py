@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import errno as errno_mod
+import functools
 import itertools
 import logging
 import os
@@ -294,17 +295,25 @@ class GenlSocket:
         """Multicast messages of the family: queued ones first, else wait up to *timeout*.
 
         ``timeout=None`` blocks until at least one message arrives; ``0``
-        never blocks.  Returns ``[]`` on timeout.  After the first datagram,
-        whatever else is already waiting (up to a bound) is drained too, so a
-        busy bus gets batches.
+        never blocks.  Returns ``[]`` on timeout.
+
+        Latency first, batches when behind: whatever is already waiting (up
+        to a bound) is taken in one go, so a bus that fell behind catches up
+        with few large batches.  When the socket was idle and this call had
+        to wait, the first datagram is returned alone, at once: the kernel
+        sends a proxy's telemetry before its feedback, so the caller can
+        answer the telemetry before it reads and decodes the rest (the next
+        call takes that without waiting).
         """
         if not self._queue:
+            self._drain(_DRAIN_MAX)
+        if not self._queue and timeout != 0:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._wait(left):
                     return []
-                self._drain(_DRAIN_MAX)
+                self._drain(1)
                 if self._queue or (deadline is not None and time.monotonic() >= deadline):
                     break
         out = list(self._queue)
@@ -422,8 +431,10 @@ class ControlOps:
     def send_nowait(self, op: str, attrs: Mapping[str, Any]) -> int:
         raise NotImplementedError
 
-    def _recommend_nowait(self, proxy_id: int, recs: npt.NDArray[Any]) -> None:
-        self.send_nowait("recommend", {"id": proxy_id, "recs": recs})
+    def _recommend_nowait(self, proxy_id: int, recs: bytes) -> None:
+        """One ``recommend`` of packed ``rec`` structs, no ACK asked."""
+        dt = kspec.load().structs["rec"].dtype
+        self.send_nowait("recommend", {"id": proxy_id, "recs": np.frombuffer(recs, dtype=dt)})
 
     def proxies(self) -> list[dict[str, Any]]:
         """Every registered proxy (dump of ``get``)."""
@@ -454,26 +465,41 @@ class ControlOps:
         """Release the proxy from its bus (it falls to emergency)."""
         self.request("detach", {"id": proxy_id})
 
-    def recommend(self, proxy_id: int, recs: npt.NDArray[Any] | Iterable[tuple[int, int, int]],
+    def recommend(self, proxy_id: int,
+                  recs: npt.NDArray[Any] | bytes | Iterable[tuple[int, int, int]],
                   *, wait: bool = True) -> None:
-        """Send recommendations, ``(key, value, ttl_ms)`` rows or a ``rec`` struct array.
+        """Send recommendations: ``(key, value, ttl_ms)`` rows, a ``rec`` struct array, or
+        ``rec`` structs packed back to back in ``bytes`` (what the dispatcher's hot path makes).
 
         More than the spec's ``max-recs`` entries go as several requests,
         each all-or-nothing in the kernel.  With ``wait=False`` no ACK is
         asked for (:meth:`send_nowait`): the kernel has applied them when
         this returns, and a refusal shows up in :meth:`take_errors`.
         """
-        sp = kspec.load()
-        dt = sp.structs["rec"].dtype
+        size, step = _rec_limits()
+        if isinstance(recs, bytes):
+            if len(recs) % size:
+                raise KmlbusError(f"recommend: {len(recs)} bytes is not a whole number of "
+                                  f"{size}-byte rec structs")
+            if not wait:  # the hot path: no array at all
+                for i in range(0, len(recs), step * size):
+                    self._recommend_nowait(proxy_id, recs[i:i + step * size])
+                return
+            recs = np.frombuffer(recs, dtype=kspec.load().structs["rec"].dtype)
+        dt = kspec.load().structs["rec"].dtype
         arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
-        step = sp.consts["max-recs"]
-        if len(arr) == 0:
-            return
         for i in range(0, len(arr), step):
             if wait:
                 self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})
             else:
-                self._recommend_nowait(proxy_id, arr[i:i + step])
+                self._recommend_nowait(proxy_id, arr[i:i + step].tobytes())
+
+
+@functools.lru_cache(maxsize=None)
+def _rec_limits() -> tuple[int, int]:
+    """(bytes of one ``rec``, most ``rec`` per ``recommend``) from the spec."""
+    sp = kspec.load()
+    return sp.structs["rec"].size, int(sp.consts["max-recs"])
 
 
 class Connection(GenlSocket, ControlOps):
@@ -645,9 +671,9 @@ class Connection(GenlSocket, ControlOps):
         expect = bool(flags & (codec.NLM_F_ACK | codec.NLM_F_DUMP))
         return self.transact(req, seq, expect_ack=expect, timeout=timeout)
 
-    def _recommend_nowait(self, proxy_id: int, recs: npt.NDArray[Any]) -> None:
+    def _recommend_nowait(self, proxy_id: int, recs: bytes) -> None:
         # the hot path: one pack instead of the generic encoder (codec.encode_recommend)
         seq = self.next_seq()
-        req = codec.encode_recommend(self.family_id, proxy_id, recs.tobytes(), seq=seq,
+        req = codec.encode_recommend(self.family_id, proxy_id, recs, seq=seq,
                                      flags=codec.NLM_F_REQUEST)
         self._send_unacked(seq, "recommend", req)

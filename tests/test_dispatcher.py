@@ -258,3 +258,20 @@ def test_the_small_batch_path_equals_the_general_one(
     ca, cb = small.counters_of("sample").as_dict(), general.counters_of("sample").as_dict()
     for k in ("batches", "records", "inferences", "recs_sent", "bad_keys", "clamped", "nonfinite"):
         assert ca[k] == cb[k], (k, ca, cb)
+
+
+@pytest.mark.parametrize("n", [5, 200])
+def test_packed_recommendations_are_the_arrays_bytes_for_views_too(n: int) -> None:
+    """handle_telemetry_packed (the daemon's) == handle_telemetry's bytes, on a strided
+    view as on a copy, for a kernel-sized batch and for a large one."""
+    rng = np.random.default_rng(n)
+    r = np.zeros(2 * n, dtype=SAMPLE)
+    r["key"] = rng.integers(0, 64, 2 * n)
+    r["seq"] = np.arange(2 * n)
+    r["features"][:, 0] = rng.integers(0, 1000, 2 * n)
+    view = r[::2]
+    assert not view.flags.c_contiguous
+    a = dispatcher(GOOD).handle_telemetry("sample", view.copy())
+    assert len(a) > 1
+    assert dispatcher(GOOD).handle_telemetry("sample", view).tobytes() == a.tobytes()
+    assert dispatcher(GOOD).handle_telemetry_packed("sample", view) == a.tobytes()

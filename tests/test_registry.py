@@ -253,6 +253,18 @@ def test_predict_validates_shape_and_wraps_runtime_errors(tmp_path: Path) -> Non
         reg.predict("sample", np.zeros((1, 3)))
 
 
+def test_predict_bypasses_the_wrapper_with_the_wrappers_results() -> None:
+    """The bound C++ session gives what InferenceSession.run gives, on real inputs."""
+    reg = ModelRegistry()
+    reg.bind(sample_schema())
+    reg.install("sample", models.to_bytes(models.linear_model([0.5, -2.0, 3.25], 1.5, 3)))
+    lm = reg.model("sample")
+    assert lm is not None and lm.run != lm.session.run  # the binding is there: bypassed
+    x = np.random.default_rng(7).normal(size=(33, 3)).astype(np.float32)
+    (want,) = lm.session.run([lm.output_name], {lm.input_name: x})
+    np.testing.assert_array_equal(reg.predict("sample", x), np.asarray(want).reshape(-1))
+
+
 def test_concurrent_predict_during_swaps_never_fails(tmp_path: Path) -> None:
     reg = ModelRegistry()
     reg.bind(sample_schema())

@@ -327,6 +327,22 @@ def test_recommend_without_waiting_reports_refusals_later(c: StandinLink) -> Non
     assert c.take_errors() == []
 
 
+def test_recommend_of_packed_bytes_is_the_same_request(c: StandinLink) -> None:
+    pid = sid(c)
+    recs = np.zeros(SPEC.consts["max-recs"] + 1, SPEC.structs["rec"].dtype)
+    recs["key"], recs["value"], recs["ttl_ms"] = np.arange(len(recs)) % 64, 3, 100
+    c.recommend(pid, recs.tobytes(), wait=False)
+    c.recommend(pid, recs[:1].tobytes())
+    assert c.proxy(pid)["counters"]["recs-received"] == len(recs) + 1
+    with pytest.raises(KmlbusError, match="whole number"):
+        c.recommend(pid, recs[:1].tobytes()[:-2], wait=False)
+    bad = recs[:2].copy()
+    bad["key"][1] = 99
+    c.recommend(pid, bad.tobytes(), wait=False)  # all or nothing, refusal reported later
+    assert [e.errno for e in c.take_errors()] == [errno.EINVAL]
+    assert c.proxy(pid)["counters"]["recs-received"] == len(recs) + 1
+
+
 def test_set_params_bounds(c: StandinLink) -> None:
     pid = sid(c)
     c.set_params(pid, share=250, explore=10, stale_ms=300)

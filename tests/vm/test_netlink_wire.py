@@ -166,6 +166,24 @@ def test_recommend_without_ack_is_applied_on_return_and_refusals_come_back_later
         assert wait_for(c, "telemetry")
 
 
+def test_recommend_of_packed_rec_bytes_splits_at_max_recs_and_is_applied(modules: Any) -> None:
+    """The daemon's hot path sends the dispatcher's packed ``rec`` bytes as they are."""
+    sp = kspec.load()
+    n = sp.consts["max-recs"] + 3
+    recs = np.zeros(n, dtype=sp.structs["rec"].dtype)
+    recs["key"], recs["value"], recs["ttl_ms"] = np.arange(n) % 64, 7, 1000
+    with Connection() as c:
+        pid = sample(c)["id"]
+        before = c.proxy(pid)["counters"]["recs-received"]
+        c.recommend(pid, recs.tobytes(), wait=False)  # two requests: max-recs, then 3
+        assert c.proxy(pid)["counters"]["recs-received"] - before == n
+        c.recommend(pid, recs[:2].tobytes(), wait=True)
+        assert c.proxy(pid)["counters"]["recs-received"] - before == n + 2
+        with pytest.raises(KmlbusError, match="whole number"):
+            c.recommend(pid, recs.tobytes()[:-1], wait=False)
+        assert c.take_errors() == [] and c.proxy(pid)["counters"]["recs-received"] - before == n + 2
+
+
 def test_receive_buffer_overrun_is_counted_and_the_connection_keeps_working(modules: Any) -> None:
     with Connection(groups=("telemetry",), rcvbuf=4096) as c:
         time.sleep(1.0)  # 2000 decisions/s overflow a 4 KiB buffer many times over

@@ -96,7 +96,10 @@ def _dtype_from_descr(raw: Any) -> np.dtype[np.void]:
             fields.append((name, typ, tuple(int(n) for n in item[2])))
         else:
             fields.append((name, typ))
-    dt: np.dtype[np.void] = np.dtype(fields)
+    try:
+        dt: np.dtype[np.void] = np.dtype(fields)
+    except SyntaxError as e:  # numpy parses some type strings with ast.literal_eval
+        raise ValueError(f"unusable type in struct layout {raw!r}: {e.msg}") from None
     if dt.hasobject or dt.itemsize == 0:  # records are plain bytes: never objects, never empty
         raise ValueError(f"unusable struct layout {raw!r}")
     return dt

@@ -118,6 +118,15 @@ def test_truncated_trace_names_the_offset(tmp_path: Path) -> None:
     assert f"truncated at offset {offsets[2]}" in str(ei.value) and str(p) in str(ei.value)
 
 
+def test_a_type_string_numpy_cannot_parse_is_a_malformed_header() -> None:
+    """Found by the property below: a flipped bit made a field type "04", which numpy
+    parses with ast.literal_eval and refuses with a SyntaxError."""
+    from kmlbus.traces import _dtype_from_descr
+
+    with pytest.raises(ValueError, match="unusable type"):
+        _dtype_from_descr([["seq", "04"]])
+
+
 @settings(max_examples=int(os.environ.get("KMLBUS_FUZZ_EXAMPLES", "200")), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.data())

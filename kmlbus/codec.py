@@ -120,7 +120,9 @@ class Message:
     ``extack`` is the kernel's extended-ack message.  ``extack_missing`` is the
     number of a required attribute the kernel says is missing (-1 if none).
     ``payload`` keeps the raw attribute bytes of genl messages that were not
-    decoded as kmlbus (other families, e.g. nlctrl).
+    decoded as kmlbus (other families, e.g. nlctrl).  ``answered`` is set by a
+    socket whose idle-datagram hook already answered the message (a telemetry
+    batch whose recommendations the bus sent before decoding it).
     """
 
     type: int
@@ -135,6 +137,7 @@ class Message:
     extack_offset: int = -1
     extack_missing: int = -1
     payload: bytes = field(default=b"", repr=False)
+    answered: bool = False
 
 
 def nla_align(n: int) -> int:
@@ -590,12 +593,16 @@ def _event_tables() -> dict[int, tuple[str, dict[int, tuple[str, Any, int]]]]:
     return out
 
 
-def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: int, b: int
-                 ) -> Message | None:
+def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: int, b: int,
+                 *, views: bool = False) -> Message | None:
     """The hot path's decoder for a telemetry or feedback message located at ``buf[a:b]``
     (the genl header onwards): the same :class:`Message` as :func:`decode_one`, in
     fewer steps, or None for anything else or anything unusual (then use
-    :func:`decode_one`, which also explains errors).  A test holds the two equal."""
+    :func:`decode_one`, which also explains errors).  A test holds the two equal.
+
+    With *views*, struct arrays are left as ``memoryview`` slices of *buf* (their
+    packed bytes) instead of numpy arrays: for a caller that answers the message
+    before it makes any array (:func:`peek_event`)."""
     if b - a < _GENLHDR.size:
         return None
     ev = _event_tables().get(buf[a])
@@ -623,11 +630,25 @@ def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: 
             else:
                 if n % size:
                     return None
-                attrs[name] = np.frombuffer(buf, dtype=kind, count=n // size, offset=off + 4)
+                attrs[name] = (memoryview(buf)[off + 4:end] if views else
+                               np.frombuffer(buf, dtype=kind, count=n // size, offset=off + 4))
         off += (nla_len + 3) & ~3
     if off < b:
         return None
     return Message(mtype, mflags, seq, portid, buf[a], op, attrs)
+
+
+def peek_event(data: bytes, family_id: int) -> Message | None:
+    """A datagram that is exactly one telemetry or feedback message of *family_id*,
+    decoded with its struct arrays as ``memoryview`` slices (see :func:`decode_event`);
+    None for anything else, which the generic decoder then handles."""
+    n = len(data)
+    if n < _NLMSGHDR.size:
+        return None
+    mlen, mtype, mflags, seq, portid = _NLMSGHDR.unpack_from(data, 0)
+    if mlen != n or mtype != family_id:
+        return None
+    return decode_event(data, mtype, mflags, seq, portid, _NLMSGHDR.size, n, views=True)
 
 
 @functools.lru_cache(maxsize=None)

@@ -75,7 +75,10 @@ class Link(Protocol):
     """
 
     portid: int
+    family_id: int
     stats: dict[str, int]
+    #: see :attr:`kmlbus.netlink.GenlSocket.on_idle_datagram`
+    on_idle_datagram: Callable[[bytes], bool] | None
 
     def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
     def join(self, group: str) -> None: ...
@@ -175,6 +178,7 @@ class Bus:
             ctl.close()
             raise
         self.conn, self.ctl = conn, ctl
+        conn.on_idle_datagram = self._answer_idle
         self._async_seen = 0  # ctl.stats["async_errors"] already counted
         self.proxies.clear()
         for attrs in ctl.proxies():
@@ -281,20 +285,21 @@ class Bus:
         updated after every send, because until the kernel has the fresh
         values its decisions run on old ones.
         """
-        pending: dict[tuple[int, str], list[np.ndarray]] = {}
+        # (proxy id, op, answered already by _answer_idle) -> the batches' arrays
+        pending: dict[tuple[int, str, bool], list[np.ndarray]] = {}
 
         def flush() -> None:
             batches = []
-            for (pid, op), parts in pending.items():
+            for (pid, op, answered), parts in pending.items():
                 # Joining the raw bytes is several times cheaper than np.concatenate,
                 # which re-derives the structured dtype for every call.
                 arr = parts[0] if len(parts) == 1 else np.frombuffer(
                     b"".join(p.tobytes() for p in parts), dtype=parts[0].dtype)
-                batches.append((self.proxies[pid], op, arr))
+                batches.append((self.proxies[pid], op, arr, answered))
             pending.clear()
-            ok = [op != "telemetry" or self._guarded(ps, op, self._recommend, arr)
-                  for ps, op, arr in batches]
-            for (ps, op, arr), good in zip(batches, ok):
+            ok = [op != "telemetry" or answered or self._guarded(ps, op, self._recommend, arr)
+                  for ps, op, arr, answered in batches]
+            for (ps, op, arr, _), good in zip(batches, ok):
                 if good:
                     self._guarded(ps, op, self._account, arr)
 
@@ -308,7 +313,7 @@ class Bus:
                 if not isinstance(arr, np.ndarray):
                     self.stats["malformed"] += 1
                     continue
-                pending.setdefault((pid, m.op), []).append(arr)
+                pending.setdefault((pid, m.op, m.answered), []).append(arr)
             else:
                 flush()
                 self._on_event(self.proxies[pid], m)
@@ -364,25 +369,62 @@ class Bus:
             return
         recs: np.ndarray | bytes | None = None  # packed rec structs from the model
         if has_model:
-            try:
-                recs = self.dispatcher.handle_telemetry_packed(ps.name, records)
-            except DispatchError as e:
-                self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e),
-                                                      ps.evidence))
+            recs = self._model_recs(ps, records)
+            if recs is None:
                 return
-            c = self.dispatcher.counters_of(ps.name)
-            ps.slow_batches = ps.slow_batches + 1 if self.dispatcher.over_budget(ps.name) else 0
-            if ps.slow_batches >= LATENCY_STRIKES:
-                ps.slow_batches = 0
-                self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6,
-                                                                ps.evidence))
         if exploring is not None:
             # Learning: the kernel applies these only on its explore share; the rest are shadows.
             keys = np.unique(records["key"])
             recs = exploring.explore(keys[keys < ps.schema.nkeys],
                                      None if recs is None else _rec_array(recs))
-        if recs is None:
-            return
+        if recs is not None:
+            self._send_recs(ps, recs)
+
+    def _answer_idle(self, data: bytes) -> bool:
+        """The socket's idle-datagram hook: the bus's fast lane.
+
+        A telemetry batch that ended an idle wait, of a proxy whose
+        recommendations come from its model alone (not exploring), is
+        answered from the message's bytes, before it is decoded and before
+        any array is made; :meth:`handle_all` then does only its bookkeeping
+        (the message comes with ``answered`` set).  Anything else, or
+        anything unusual, is left to :meth:`handle_all` (False).
+        """
+        if self.conn is None:
+            return False
+        m = codec.peek_event(data, self.conn.family_id)
+        if m is None or m.op != "telemetry":
+            return False
+        ps = self.proxies.get(m.attrs.get("id", -1))
+        raw = m.attrs.get("records")
+        if ps is None or not isinstance(raw, memoryview):
+            return False
+        mode = ps.modes.mode
+        if (not duty(mode).recommend or not self.registry.has_model(ps.name)
+                or (mode == "learning" and ps.learning is not None)):
+            return False
+        recs = self._model_recs(ps, raw)
+        if recs is not None:
+            self._send_recs(ps, recs)
+        return True
+
+    def _model_recs(self, ps: ProxyState, records: np.ndarray | memoryview) -> bytes | None:
+        """The model's recommendations for a batch, packed; None after a model fault."""
+        try:
+            recs = self.dispatcher.handle_telemetry_packed(ps.name, records)
+        except DispatchError as e:
+            self._send_move(ps, self.policy.fault(ps.modes, Fault.MODEL_ERROR, str(e), ps.evidence))
+            return None
+        ps.slow_batches = ps.slow_batches + 1 if self.dispatcher.over_budget(ps.name) else 0
+        if ps.slow_batches >= LATENCY_STRIKES:
+            ps.slow_batches = 0
+            c = self.dispatcher.counters_of(ps.name)
+            self._send_move(ps, self.policy.observe_latency(ps.modes, c.last_batch_ns / 1e6,
+                                                            ps.evidence))
+        return recs
+
+    def _send_recs(self, ps: ProxyState, recs: np.ndarray | bytes) -> None:
+        """Send recommendations unless the mode changed meanwhile; refusals come later."""
         if len(recs) and duty(ps.modes.mode).recommend and self.ctl is not None:
             try:
                 # No ACK: the kernel has applied them when the send returns; a refusal

@@ -298,14 +298,21 @@ class Dispatcher:
         out = self._timed(proxy, records)
         return out if isinstance(out, np.ndarray) else np.frombuffer(bytearray(out), dtype=_rec_dtype())
 
-    def handle_telemetry_packed(self, proxy: str, records: npt.NDArray[np.void]) -> bytes:
+    def handle_telemetry_packed(self, proxy: str,
+                                records: npt.NDArray[np.void] | memoryview | bytes) -> bytes:
         """:meth:`handle_telemetry`'s recommendations as the bytes ``recommend`` carries
         (``rec`` structs back to back): the daemon's hot path, which sends them before
-        it makes any array of them."""
+        it makes any array of them.
+
+        *records* may also be the samples' packed bytes, as a telemetry message
+        carries them (:func:`kmlbus.codec.peek_event`); a kernel-sized batch is
+        then answered without any array of it at all.
+        """
         out = self._timed(proxy, records)
         return out if isinstance(out, bytes) else out.tobytes()
 
-    def _timed(self, proxy: str, records: npt.NDArray[np.void]) -> npt.NDArray[np.void] | bytes:
+    def _timed(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes
+               ) -> npt.NDArray[np.void] | bytes:
         t0 = time.perf_counter_ns()
         c = self.counters_of(proxy)
         try:
@@ -317,9 +324,22 @@ class Dispatcher:
             if dt > self._budget_ns:
                 c.over_budget += 1
 
-    def _handle(self, proxy: str, records: npt.NDArray[np.void],
+    def _handle(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes,
                 c: ProxyCounters) -> npt.NDArray[np.void] | bytes:
         b = self.registry.binding(proxy)
+        if isinstance(records, (bytes, memoryview)):
+            size = _sample_rows()[0].size
+            n = len(records) // size
+            if len(records) % size:
+                c.errors += 1
+                raise RecordsError(proxy, f"proxy {proxy}: telemetry records: {len(records)} "
+                                          f"bytes is not a whole number of {size}-byte samples")
+            conv = _conv(b)
+            if 0 < n <= SMALL_BATCH and conv.nonzero:
+                c.batches += 1
+                c.records += n
+                return self._handle_small(proxy, records, b, conv, c)
+            records = np.frombuffer(records, dtype=_sample_dtype())
         rec_dt = _rec_dtype()
         if not isinstance(records, np.ndarray) or (records.dtype is not _sample_dtype()
                                                    and records.dtype != _sample_dtype()):
@@ -371,8 +391,21 @@ class Dispatcher:
         c.inferences += len(x)
         return y
 
-    def _handle_small(self, proxy: str, records: npt.NDArray[np.void], b: Binding, conv: _Conv,
-                      c: ProxyCounters) -> bytes:
+    def _infer_rows(self, proxy: str, rows: list[list[float]], c: ProxyCounters) -> list[float]:
+        """:meth:`_infer` for the small path's Python rows (``ModelRegistry.predict_rows``)."""
+        t0 = time.perf_counter_ns()
+        try:
+            y = self.registry.predict_rows(proxy, rows)
+        except (ModelRuntimeError, NoModelError) as e:
+            c.errors += 1
+            raise InferenceError(proxy, str(e)) from e
+        finally:
+            c.inference_ns += time.perf_counter_ns() - t0
+        c.inferences += len(rows)
+        return y
+
+    def _handle_small(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes,
+                      b: Binding, conv: _Conv, c: ProxyCounters) -> bytes:
         """:meth:`_handle` for a kernel-sized batch: packed ``rec`` bytes, computed in plain
         Python around one array for the inference.
 
@@ -387,29 +420,28 @@ class Dispatcher:
         try:
             rows = unpack.iter_unpack(cast(Any, records))  # the array's own bytes, no copy
         except (ValueError, TypeError, BufferError):  # a non-contiguous view
-            rows = unpack.iter_unpack(records.tobytes())
+            rows = unpack.iter_unpack(bytes(records))
         nkeys = b.schema.nkeys
         best: dict[int, tuple[Any, ...]] = {}
         bad = 0
-        for r in rows:
-            k = r[i_key]
+        for row in rows:
+            k = row[i_key]
             if k >= nkeys:
                 bad += 1
                 continue
             o = best.get(k)
-            if o is None or r[i_seq] >= o[i_seq]:
-                best[k] = r
+            if o is None or row[i_seq] >= o[i_seq]:
+                best[k] = row
         c.bad_keys += bad
         if not best:
             return b""
         order = sorted(best)
-        flat = [best[k][i] / d for k in order for i, d in conv.pairs]
+        feats = [[best[k][i] / d for i, d in conv.pairs] for k in order]
         if conv.tiny:
             with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
-                x = np.array(flat, dtype=np.float32)
+                y = self._infer_rows(proxy, feats, c)
         else:
-            x = np.array(flat, dtype=np.float32)
-        y = self._infer(proxy, x.reshape(len(order), len(conv.pairs)), c).tolist()
+            y = self._infer_rows(proxy, feats, c)
         lo, hi, scale, ttl = b.rec_min, b.rec_max, b.out_scale, b.ttl_ms
         out: list[int] = []  # key, value, ttl of each record, flat
         nan = clamped = 0

@@ -389,28 +389,61 @@ class ModelRegistry:
         Raises :class:`NoModelError` if the proxy has no model and
         :class:`ModelRuntimeError` for any failure inside onnxruntime.
         """
-        lm = self._models.get(name)  # one read: a concurrent swap cannot tear it
-        if lm is None:
-            if name not in self._bindings:
-                raise UnknownProxyError(name)
-            raise NoModelError(name, f"proxy {name}: no model installed"
-                               + (f" ({self._errors[name]})" if name in self._errors else ""))
+        lm = self._installed(name)
         x = np.ascontiguousarray(features, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != lm.n_features:
             raise ModelRuntimeError(name, f"proxy {name}: features of shape {list(x.shape)}, "
                                           f"expected [N, {lm.n_features}]")
         if x.shape[0] == 0:
             return np.zeros(0, dtype=np.float32)
+        y = np.asarray(self._run(lm, x), dtype=np.float32).reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise ModelRuntimeError(name, f"proxy {name}: model returned {y.shape[0]} values "
+                                          f"for {x.shape[0]} rows")
+        return y
+
+    def predict_rows(self, name: str, rows: list[list[float]]) -> list[float]:
+        """:meth:`predict` for a few rows as Python lists: one array in, a list out.
+
+        The dispatcher's small-batch path uses it.  Between two kernel batches
+        the code of each numpy call goes cold, and under emulation its first
+        call then costs 100-250 us (measured in the guest); this makes one
+        array where :meth:`predict` adds four numpy calls around the model.
+        Same float32 inputs, same model, same values (a test holds them equal).
+        """
+        lm = self._installed(name)
+        if not rows:
+            return []
+        if any(len(r) != lm.n_features for r in rows):
+            bad = next(len(r) for r in rows if len(r) != lm.n_features)
+            raise ModelRuntimeError(name, f"proxy {name}: features of shape [{len(rows)}, {bad}], "
+                                          f"expected [N, {lm.n_features}]")
+        out = self._run(lm, np.array(rows, dtype=np.float32)).tolist()
+        if out and isinstance(out[0], list):  # [N, 1]
+            out = [v for r in out for v in r]
+        if len(out) != len(rows):
+            raise ModelRuntimeError(name, f"proxy {name}: model returned {len(out)} values "
+                                          f"for {len(rows)} rows")
+        return cast(list[float], out)
+
+    def _installed(self, name: str) -> LoadedModel:
+        lm = self._models.get(name)  # one read: a concurrent swap cannot tear it
+        if lm is None:
+            if name not in self._bindings:
+                raise UnknownProxyError(name)
+            raise NoModelError(name, f"proxy {name}: no model installed"
+                               + (f" ({self._errors[name]})" if name in self._errors else ""))
+        return lm
+
+    @staticmethod
+    def _run(lm: LoadedModel, x: npt.NDArray[np.float32]) -> Any:
+        """The model's one output for *x*; any onnxruntime failure as :class:`ModelRuntimeError`."""
         try:
             (y,) = lm.run([lm.output_name], {lm.input_name: x})
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ModelRuntimeError(name, f"proxy {name}: inference failed in {lm.source}: "
-                                          f"{first}") from e
-        y = np.asarray(y, dtype=np.float32).reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ModelRuntimeError(name, f"proxy {name}: model returned {y.shape[0]} values "
-                                          f"for {x.shape[0]} rows")
+            raise ModelRuntimeError(lm.proxy, f"proxy {lm.proxy}: inference failed in {lm.source}: "
+                                              f"{first}") from e
         return y
 
 

@@ -862,6 +862,8 @@ class StandinLink(ControlOps):
         self.async_errors: deque[NetlinkError] = deque(maxlen=256)
         self.closed = False
         self._queue: deque[bytes] = deque()
+        #: see :attr:`kmlbus.netlink.GenlSocket.on_idle_datagram`
+        self.on_idle_datagram: Callable[[bytes], bool] | None = None
         self._queued = 0
         self._overran = False
         self._congested = False
@@ -922,11 +924,15 @@ class StandinLink(ControlOps):
 
     def recv(self, timeout: float | None = None) -> list[Message]:
         """Multicast messages: the queued ones, else simulated time runs until one arrives
-        or *timeout* simulated seconds pass (``None``: until one arrives)."""
+        or *timeout* simulated seconds pass (``None``: until one arrives).
+
+        As on the real socket, a datagram that ends a wait comes alone, after
+        :attr:`on_idle_datagram` has seen it; the rest stays for the next call."""
         self._check_open()
         k = self.kernel
         k._sync()
-        if not self._queue and timeout != 0:
+        waited = not self._queue and timeout != 0
+        if waited:
             if timeout is None:
                 end = k.clock.now_ns() + 3600 * NS
             else:
@@ -939,14 +945,24 @@ class StandinLink(ControlOps):
             self._overran = False
             self.stats["overruns"] += 1
         out: list[Message] = []
+        first_only = waited and bool(self._queue)
         while self._queue:
             data = self._queue.popleft()
+            self._queued -= len(data)
+            hook = self.on_idle_datagram if first_only else None
+            answered = hook is not None and hook(data)
             try:
-                out.extend(codec.decode_msg(data, family_id=self.family_id))
+                msgs = codec.decode_msg(data, family_id=self.family_id)
             except codec.CodecError:
                 self.stats["malformed"] += 1
-        self._queued = 0
-        self._congested = False
+                msgs = []
+            for m in msgs:
+                m.answered = answered
+            out.extend(msgs)
+            if first_only:
+                break
+        if not self._queue:
+            self._congested = False
         return out
 
     # -- requests ----------------------------------------------------------------------

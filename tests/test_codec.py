@@ -187,8 +187,17 @@ def _same_as_generic(raw: bytes) -> bool:
     if mlen != len(raw):
         return False
     fast = codec.decode_event(raw, mtype, mflags, seq, portid, 16, len(raw))
+    peek = codec.peek_event(raw, mtype)  # the daemon's look before anything is decoded
     if fast is None:
+        assert peek is None
         return False
+    assert peek is not None and peek.attrs.keys() == fast.attrs.keys()
+    for k, v in fast.attrs.items():
+        if isinstance(v, np.ndarray):  # struct arrays: the same packed bytes, no array
+            assert isinstance(peek.attrs[k], memoryview) and bytes(peek.attrs[k]) == v.tobytes()
+        else:
+            assert peek.attrs[k] == v
+    assert codec.peek_event(raw, mtype + 1) is None and codec.peek_event(raw + b"\0" * 4, mtype) is None
     slow = codec.decode_one(raw, mtype, mflags, seq, portid, 16, len(raw), family_id=mtype)
     assert (fast.type, fast.flags, fast.seq, fast.portid, fast.cmd, fast.op) == \
         (slow.type, slow.flags, slow.seq, slow.portid, slow.cmd, slow.op)

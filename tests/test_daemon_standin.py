@@ -178,6 +178,46 @@ def test_a_demoted_model_is_not_promoted_back_to_recommendation(good: Rig) -> No
     assert all(e[1] != "recommendation" for e in good.events()[n:]), good.events()[n:]
 
 
+# ---- the fast lane -------------------------------------------------------------------------
+
+def test_the_fast_lane_answers_idle_telemetry_once_and_as_the_decoded_path_would(
+        tmp_path: Path) -> None:
+    """Telemetry that ends an idle wait is answered from its bytes (Bus._answer_idle) before
+    it is decoded; handle_all then only does its bookkeeping.  Against a twin bus whose
+    socket has no hook, on identical stand-in kernels: the same climb, the same
+    recommendations applied, one inference per batch."""
+    fast, plain = make_rig(tmp_path / "a", models.sample_good_model()), None
+    try:
+        plain = make_rig(tmp_path / "b", models.sample_good_model())
+        assert plain.bus.conn is not None and fast.bus.conn is not None
+        plain.bus.conn.on_idle_datagram = None  # every batch through handle_all's _recommend
+        hook = fast.bus.conn.on_idle_datagram
+        assert hook is not None
+        answered: list[bool] = []
+
+        def counting(data: bytes) -> bool:
+            answered.append(hook(data))
+            return answered[-1]
+
+        fast.bus.conn.on_idle_datagram = counting
+        for rig in (fast, plain):
+            assert rig.run(30, rig.at("recommendation")), rig.events()
+            rig.run(2.0)
+        assert fast.events() == plain.events() == CLIMB
+        assert sum(answered) > 100 and not all(answered)  # feedback datagrams are not answered
+        kf, kp = fast.watch.proxy("sample")["counters"], plain.watch.proxy("sample")["counters"]
+        assert kf["recs-received"] == kp["recs-received"] > 1000
+        assert kf["recs-applied"] == kp["recs-applied"]
+        df, dp = (r.bus.dispatcher.counters_of("sample").as_dict() for r in (fast, plain))
+        for key in ("batches", "records", "inferences", "recs_sent", "clamped"):
+            assert df[key] == dp[key], (key, df, dp)
+        assert df["recs_sent"] == kf["recs-received"]  # answered once: not again in handle_all
+    finally:
+        fast.bus.shutdown()
+        if plain is not None:
+            plain.bus.shutdown()
+
+
 # ---- faults ------------------------------------------------------------------------------
 
 def test_model_raising_at_inference_is_a_fault_and_the_bus_keeps_running(

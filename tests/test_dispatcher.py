@@ -136,15 +136,21 @@ def test_missing_model_is_an_inference_error() -> None:
     assert d.counters_of("sample").errors == 1
 
 
-def test_runtime_failure_is_counted_and_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("n", [1, 100])  # the small path and the general one
+def test_runtime_failure_is_counted_and_typed(n: int) -> None:
     d = dispatcher(GOOD)
 
-    def boom(name: str, x: object) -> None:
-        raise ModelRuntimeError(name, f"proxy {name}: inference failed in x: boom")
+    class Boom:  # an onnxruntime session failing at run time
+        def run(self, *a: object) -> None:
+            raise RuntimeError("boom")
 
-    monkeypatch.setattr(d.registry, "predict", boom)
-    with pytest.raises(InferenceError) as ei:
-        d.handle_telemetry("sample", samples([0], [0]))
+    from dataclasses import replace
+
+    lm = d.registry.model("sample")
+    assert lm is not None
+    d.registry._models["sample"] = replace(lm, session=Boom())
+    with pytest.raises(InferenceError, match="inference failed .*: boom") as ei:
+        d.handle_telemetry("sample", samples(list(range(n)), [0] * n))
     assert ei.value.proxy == "sample"
     assert isinstance(ei.value.__cause__, ModelRuntimeError)
     assert d.counters_of("sample").errors == 1
@@ -275,3 +281,11 @@ def test_packed_recommendations_are_the_arrays_bytes_for_views_too(n: int) -> No
     assert len(a) > 1
     assert dispatcher(GOOD).handle_telemetry("sample", view).tobytes() == a.tobytes()
     assert dispatcher(GOOD).handle_telemetry_packed("sample", view) == a.tobytes()
+    # the samples' packed bytes, as a telemetry message carries them (codec.peek_event)
+    d = dispatcher(GOOD)
+    raw = memoryview(view.tobytes())
+    assert d.handle_telemetry_packed("sample", raw) == a.tobytes()
+    assert (d.counters_of("sample").batches, d.counters_of("sample").records) == (1, n)
+    with pytest.raises(RecordsError, match=f"not a whole number of {SAMPLE.itemsize}-byte samples"):
+        d.handle_telemetry_packed("sample", raw[:-1])
+    assert (d.counters_of("sample").batches, d.counters_of("sample").errors) == (1, 1)

@@ -265,6 +265,20 @@ def test_predict_bypasses_the_wrapper_with_the_wrappers_results() -> None:
     np.testing.assert_array_equal(reg.predict("sample", x), np.asarray(want).reshape(-1))
 
 
+def test_predict_rows_gives_predicts_values_as_a_list() -> None:
+    reg = ModelRegistry()
+    reg.bind(sample_schema())
+    reg.install("sample", models.to_bytes(models.linear_model([0.5, -2.0, 3.25], 1.5, 3)))
+    rows = np.random.default_rng(3).normal(size=(17, 3)).tolist()  # float64: rounded once
+    want = reg.predict("sample", np.array(rows, dtype=np.float32))
+    assert reg.predict_rows("sample", rows) == want.tolist() and reg.predict_rows("sample", []) == []
+    with pytest.raises(ModelRuntimeError, match=r"shape \[2, 2\], expected \[N, 3\]"):
+        reg.predict_rows("sample", [[1.0, 2.0, 3.0], [1.0, 2.0]])
+    reg.bind(sample_schema("other"), load=False)
+    with pytest.raises(NoModelError):
+        reg.predict_rows("other", rows)
+
+
 def test_concurrent_predict_during_swaps_never_fails(tmp_path: Path) -> None:
     reg = ModelRegistry()
     reg.bind(sample_schema())

@@ -171,7 +171,7 @@ def qemu_argv(
     """
     cpu = ["-accel", "kvm", "-cpu", "host"] if accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     append = " ".join([
-        "console=ttyS0", "panic=-1", "quiet", *os.environ.get("KMLBUS_VM_APPEND", "").split(), "8250.nr_uarts=1",
+        "console=ttyS0", "panic=-1", "quiet", "8250.nr_uarts=1",
         f"kmlbus_nonce={nonce}", f"kmlbus_work={project}", f"kmlbus_job={job}",
         *([f"kmlbus_python={python_image[1]}"] if python_image else []),
     ])

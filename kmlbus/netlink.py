@@ -295,10 +295,13 @@ class GenlSocket:
         if data is None:
             return
         self.idle_read_ns = time.monotonic_ns()
-        answered = self.on_idle_datagram is not None and self.on_idle_datagram(data)
-        for m in self._decode(data):
-            m.answered = answered
-            self._park(m)
+        answered = False
+        try:
+            answered = self.on_idle_datagram is not None and self.on_idle_datagram(data)
+        finally:  # whatever the hook raised, the datagram is kept for the next recv()
+            for m in self._decode(data):
+                m.answered = answered
+                self._park(m)
 
     def _drain(self, limit: int) -> None:
         """Read and park up to *limit* waiting datagrams, without blocking."""

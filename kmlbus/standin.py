@@ -950,7 +950,13 @@ class StandinLink(ControlOps):
             data = self._queue.popleft()
             self._queued -= len(data)
             hook = self.on_idle_datagram if first_only else None
-            answered = hook is not None and hook(data)
+            answered = False
+            try:
+                answered = hook is not None and hook(data)
+            except BaseException:
+                self._queue.appendleft(data)  # as the socket keeps it for the next recv()
+                self._queued += len(data)
+                raise
             try:
                 msgs = codec.decode_msg(data, family_id=self.family_id)
             except codec.CodecError:

@@ -546,6 +546,30 @@ def test_recv_runs_simulated_time_until_a_message_or_the_timeout(k: StandinKerne
     assert c.recv(timeout=0) == [] and k.clock.now() == t2
 
 
+def test_the_idle_datagram_hook_sees_the_datagram_that_ends_a_wait_and_loses_nothing(
+        k: StandinKernel, c: StandinLink) -> None:
+    c.recv(timeout=0.1)
+    c.recv(timeout=0)
+    seen: list[bytes] = []
+
+    def hook(data: bytes) -> bool:
+        seen.append(data)
+        if len(seen) == 1:
+            raise RuntimeError("hook failed")
+        return True
+
+    c.on_idle_datagram = hook
+    with pytest.raises(RuntimeError):
+        c.recv(timeout=1.0)
+    again = c.recv(timeout=1.0)  # kept, and not waited for: no hook, not answered
+    assert len(seen) == 1 and again[0].op == "telemetry" and not any(m.answered for m in again)
+    assert codec.decode_msg(seen[0], family_id=c.family_id)[0].attrs["records"].tobytes() == \
+        again[0].attrs["records"].tobytes()
+    c.recv(timeout=0)
+    got = c.recv(timeout=1.0)
+    assert len(seen) == 2 and [(m.op, m.answered) for m in got] == [("telemetry", True)]
+
+
 def test_sim_clock() -> None:
     clk = SimClock(5.0)
     clk.advance(0.25)

@@ -166,6 +166,34 @@ def test_recommend_without_ack_is_applied_on_return_and_refusals_come_back_later
         assert wait_for(c, "telemetry")
 
 
+def test_recv_shows_the_datagram_that_ends_an_idle_wait_to_the_hook_first(modules: Any) -> None:
+    """The daemon's fast lane hangs on this: after a wait, the first datagram goes to
+    on_idle_datagram before it is decoded, and comes out alone, marked answered."""
+    with Connection(groups=("telemetry",)) as c:
+        seen: list[codec.Message | None] = []
+
+        def hook(data: bytes) -> bool:
+            seen.append(codec.peek_event(data, c.family_id))
+            return True
+
+        c.on_idle_datagram = hook
+        for _ in range(50):
+            c.recv(timeout=0)  # whatever is waiting: taken without waiting, no hook
+            n = len(seen)
+            msgs = c.recv(timeout=1.0)
+            if len(seen) > n:
+                break
+        else:
+            pytest.fail("no receive ever waited")
+        peeked = seen[-1]
+        assert len(msgs) == 1 and msgs[0].answered and peeked is not None
+        assert peeked.op == msgs[0].op == "telemetry" and peeked.attrs["id"] == msgs[0].attrs["id"]
+        assert bytes(peeked.attrs["records"]) == msgs[0].attrs["records"].tobytes()
+        time.sleep(0.05)
+        rest = c.recv(timeout=0)
+        assert rest and not any(m.answered for m in rest) and len(seen) == n + 1
+
+
 def test_recommend_of_packed_rec_bytes_splits_at_max_recs_and_is_applied(modules: Any) -> None:
     """The daemon's hot path sends the dispatcher's packed ``rec`` bytes as they are."""
     sp = kspec.load()

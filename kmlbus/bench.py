@@ -7,11 +7,14 @@ Two measurements against the real module and the sample proxy:
     batch was read, to the moment the kernel has applied the recommendations
     made from it.  Netlink runs a request in the sender's context, so that
     moment is when the ``send`` of the ``recommend`` returns; neither path
-    asks for an ACK (the bus learns of refusals afterwards).  The bus path
-    decodes the batch, updates evidence, runs the ONNX model and sends one
-    ``recommend``; the floor is a raw-socket echo through the same family
-    that answers every batch with one pre-encoded recommendation and no
-    decoding at all.
+    asks for an ACK (the bus learns of refusals afterwards).  The bus path is
+    the daemon's: a batch that ends an idle wait is answered from its bytes
+    (the fast lane: latest sample per key, the ONNX model, one ``recommend``)
+    before it is decoded, and evidence, learning and tracing follow the send;
+    a batch found waiting goes through the decoded path.  User-space time
+    starts when the datagram was read.  The floor is a raw-socket echo
+    through the same family that answers every batch with one pre-encoded
+    recommendation and no decoding at all.
 
 (b) batched throughput.  Samples per second taken off the socket by the whole
     bus (decode, evidence, model, recommendations) versus a bare raw-socket

@@ -21,9 +21,9 @@ import functools
 import logging
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_Y = TypeVar("_Y")
 
 
 class DispatchError(Exception):
@@ -113,49 +115,24 @@ def _sample_rows() -> tuple[struct.Struct, int, int, int]:
     return struct.Struct(sp.struct_format("sample")), at["seq"], at["key"], at["features"]
 
 
-#: Batches up to this many records take the pure-Python path of :func:`latest_per_key`:
+#: Batches up to this many records take the pure-Python path (:meth:`Dispatcher._handle_small`):
 #: a kernel batch is at most 32 records, and a few dict operations per record cost
-#: less than the eight numpy calls of the general path (each tens of microseconds
-#: under emulation).
+#: less than the numpy calls of the general path (each tens of microseconds under
+#: emulation, hundreds once their code has gone cold between two batches).
 SMALL_BATCH = 64
 
 
 def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
     """Indices into *records* of the highest-``seq`` sample of each distinct key, by key.
 
-    Of two samples with the same key and seq, the later row wins.
+    Of two samples with the same key and seq, the later row wins.  (Kernel-sized
+    batches take :meth:`Dispatcher._handle_small` instead, which picks the same rows
+    in plain Python; a property test holds the two paths equal.)
     """
-    n = len(records)
-    if n == 0:
-        return np.zeros(0, dtype=np.intp)
-    if n > SMALL_BATCH:
-        return _latest_per_key_sorted(records)
-    best, _ = _latest_rows(records, 1 << 32)  # keys are u32: none is dropped
-    return np.array([best[k] for k in sorted(best)], dtype=np.intp)
-
-
-def _latest_rows(records: npt.NDArray[np.void], nkeys: int) -> tuple[dict[int, int], int]:
-    """In plain Python: key -> row of its highest-``seq`` sample (the later row wins a
-    tie) over the keys below *nkeys*, and how many rows had a key at or above it."""
-    keys = records["key"].tolist()
-    seqs = records["seq"].tolist()
-    best: dict[int, int] = {}
-    bad = 0
-    for i, k in enumerate(keys):
-        if k >= nkeys:
-            bad += 1
-            continue
-        j = best.get(k)
-        if j is None or seqs[i] >= seqs[j]:
-            best[k] = i
-    return best, bad
-
-
-def _latest_per_key_sorted(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
-    """:func:`latest_per_key` for any size, with numpy (a test holds the two equal)."""
     if len(records) == 0:
         return np.zeros(0, dtype=np.intp)
-    # lexsort: last key is primary -> sorted by key, then seq; the last row of each key wins
+    # lexsort: last key is primary -> sorted by key, then seq (stable: then row order);
+    # the last row of each key wins
     order = np.lexsort((records["seq"], records["key"]))
     keys = records["key"][order]
     last = np.ones(len(order), dtype=bool)
@@ -362,7 +339,8 @@ class Dispatcher:
         if len(idx) == 0:
             return np.zeros(0, dtype=rec_dt)
         latest = records[idx]
-        y = self._infer(proxy, features_to_float(latest, b), c)
+        x = features_to_float(latest, b)
+        y = self._infer(proxy, len(x), c, lambda: self.registry.predict(proxy, x))
         fixed, clamped, valid = _to_fixed(y, b)
         c.clamped += int(np.count_nonzero(clamped))
         keys = latest["key"]
@@ -378,30 +356,18 @@ class Dispatcher:
         c.recs_sent += len(out)
         return out
 
-    def _infer(self, proxy: str, x: npt.NDArray[np.float32], c: ProxyCounters
-               ) -> npt.NDArray[np.float32]:
+    def _infer(self, proxy: str, n: int, c: ProxyCounters, run: Callable[[], _Y]) -> _Y:
+        """One inference of *n* rows (*run*, a registry predict), counted and timed; a
+        model failure is counted and raised as :class:`InferenceError`."""
         t0 = time.perf_counter_ns()
         try:
-            y = self.registry.predict(proxy, x)
+            y = run()
         except (ModelRuntimeError, NoModelError) as e:
             c.errors += 1
             raise InferenceError(proxy, str(e)) from e
         finally:
             c.inference_ns += time.perf_counter_ns() - t0
-        c.inferences += len(x)
-        return y
-
-    def _infer_rows(self, proxy: str, rows: list[list[float]], c: ProxyCounters) -> list[float]:
-        """:meth:`_infer` for the small path's Python rows (``ModelRegistry.predict_rows``)."""
-        t0 = time.perf_counter_ns()
-        try:
-            y = self.registry.predict_rows(proxy, rows)
-        except (ModelRuntimeError, NoModelError) as e:
-            c.errors += 1
-            raise InferenceError(proxy, str(e)) from e
-        finally:
-            c.inference_ns += time.perf_counter_ns() - t0
-        c.inferences += len(rows)
+        c.inferences += n
         return y
 
     def _handle_small(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes,
@@ -437,11 +403,14 @@ class Dispatcher:
             return b""
         order = sorted(best)
         feats = [[best[k][i] / d for i, d in conv.pairs] for k in order]
+        def run() -> list[float]:
+            return self.registry.predict_rows(proxy, feats)
+
         if conv.tiny:
             with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
-                y = self._infer_rows(proxy, feats, c)
+                y = self._infer(proxy, len(feats), c, run)
         else:
-            y = self._infer_rows(proxy, feats, c)
+            y = self._infer(proxy, len(feats), c, run)
         lo, hi, scale, ttl = b.rec_min, b.rec_max, b.out_scale, b.ttl_ms
         out: list[int] = []  # key, value, ttl of each record, flat
         nan = clamped = 0

@@ -210,19 +210,6 @@ def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
     assert {int(r["key"][i]): int(r["seq"][i]) for i in idx} == want
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 70), st.integers(0, 5)), min_size=0, max_size=80))
-def test_latest_per_key_small_and_general_paths_agree(pairs: list[tuple[int, int]]) -> None:
-    from kmlbus.dispatcher import SMALL_BATCH, _latest_per_key_sorted
-
-    r = np.zeros(len(pairs), dtype=SAMPLE)
-    r["key"] = [k for k, _ in pairs]
-    r["seq"] = [s for _, s in pairs]  # few seqs: ties, which the later row must win
-    general = _latest_per_key_sorted(r)
-    np.testing.assert_array_equal(latest_per_key(r[:SMALL_BATCH]), _latest_per_key_sorted(r[:SMALL_BATCH]))
-    np.testing.assert_array_equal(latest_per_key(r), general)
-
-
 def test_records_decoded_by_the_codec_are_accepted() -> None:
     from kmlbus import codec
 

@@ -14,7 +14,11 @@ The loop, per message from the kernel:
 * ``mode-event`` -> the mode machine follows kernel-initiated changes.
 
 Recommendations go out first; evidence, learning and the trace are updated
-after the send.  A proxy configured with ``learn = true`` also has a
+after the send.  A telemetry batch that ends an idle wait takes a fast lane
+(:meth:`Bus._answer_idle`): the socket hands its datagram over before decoding
+it, and the model's recommendations are made from the message's bytes and
+sent before any array exists; the decoded message then only updates the
+bookkeeping.  A proxy configured with ``learn = true`` also has a
 :class:`~kmlbus.learner.LearningLoop`: in learning the bus sends exploratory
 values, refits in a background thread, and the learner's estimate of the
 served model takes part in maturity.  A model demoted for losing to the

@@ -82,7 +82,7 @@ CTRL_ATTR_MCAST_GRP_NAME = 1
 CTRL_ATTR_MCAST_GRP_ID = 2
 
 _RECV_BUF = 64 << 10  # kernel dumps fill at most 32 KiB per skb (netlink_recvmsg caps max_recvmsg_len)
-_DRAIN_MAX = 256  # datagrams read per recv() call before returning to the caller
+DRAIN_MAX = 256  # datagrams read per recv() call before returning to the caller
 _UNACKED_MAX = 1024  # no-ACK requests remembered for explaining a late error
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
 _U16 = struct.Struct("=H")
@@ -328,7 +328,7 @@ class GenlSocket:
         without waiting).
         """
         if not self._queue:
-            self._drain(_DRAIN_MAX)
+            self._drain(DRAIN_MAX)
         if not self._queue and timeout != 0:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -357,7 +357,7 @@ class GenlSocket:
         """
         # Make room first: under a telemetry flood a full receive buffer would make the
         # kernel drop our ACK (kernel-to-user unicast does not wait), and we would time out.
-        self._drain(4 * _DRAIN_MAX)
+        self._drain(4 * DRAIN_MAX)
         self._sock.sendto(data, (0, 0))
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
@@ -629,7 +629,7 @@ class Connection(GenlSocket, ControlOps):
         Reads what is waiting on the socket first (never blocks); other
         traffic found meanwhile stays queued for :meth:`recv`.
         """
-        self._drain(_DRAIN_MAX)
+        self._drain(DRAIN_MAX)
         out = list(self.async_errors)
         self.async_errors.clear()
         return out

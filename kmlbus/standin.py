@@ -91,7 +91,7 @@ import numpy.typing as npt
 from kmlbus import codec
 from kmlbus import spec as kspec
 from kmlbus.codec import Message
-from kmlbus.netlink import ControlOps, KmlbusError, ModuleNotLoaded, NetlinkError
+from kmlbus.netlink import DRAIN_MAX, ControlOps, KmlbusError, ModuleNotLoaded, NetlinkError
 from modes import gate as mgate
 from modes import graph as mgraph
 
@@ -741,10 +741,11 @@ class StandinKernel:
 
     def _handle(self, ln: StandinLink, op: str, a: dict[str, Any], dump: bool) -> list[dict[str, Any]]:
         o = _SPEC.op_by_name[op]
-        if (o.dump_reply is None) if dump else (o.do_request is None):
-            raise _Refused(-errno_mod.EOPNOTSUPP, "")
+        # genl_family_rcv_msg: the permission check comes before doit/dumpit is chosen
         if o.admin and not ln.cap_net_admin:
             raise _Refused(-errno_mod.EPERM, "")
+        if (o.dump_reply is None) if dump else (o.do_request is None):
+            raise _Refused(-errno_mod.EOPNOTSUPP, "")
         for name in (o.do_request or ()):
             self._policy(o.attr_set, name, a.get(name))
         now = self.clock.now_ns()
@@ -889,6 +890,10 @@ class StandinLink(ControlOps):
         """Close the socket: the kernel sees the port released (bus-gone for its proxies)."""
         if self.closed:
             return
+        if self.alive:
+            # flushes due until now ran while this socket still listened (the kernel's
+            # timer does not wait for our next call): heard, not counted unheard
+            self.kernel._sync()
         self.closed = True
         self.groups.clear()
         self._queue.clear()
@@ -946,7 +951,10 @@ class StandinLink(ControlOps):
             self.stats["overruns"] += 1
         out: list[Message] = []
         first_only = waited and bool(self._queue)
-        while self._queue:
+        # as the socket's recv: the datagram that ended a wait alone, else at most DRAIN_MAX
+        for _ in range(1 if first_only else DRAIN_MAX):
+            if not self._queue:
+                break
             data = self._queue.popleft()
             self._queued -= len(data)
             hook = self.on_idle_datagram if first_only else None
@@ -965,8 +973,6 @@ class StandinLink(ControlOps):
             for m in msgs:
                 m.answered = answered
             out.extend(msgs)
-            if first_only:
-                break
         if not self._queue:
             self._congested = False
         return out

@@ -291,6 +291,36 @@ def test_unprivileged_control_requests_get_eperm_and_change_nothing(k: StandinKe
         for key in ("mode", "share", "bus-portid", "explore", "stale-ms"):
             assert after[key] == before[key], key
         assert after["counters"]["recs-received"] == 0
+        # genl_family_rcv_msg checks the permission before it looks for a dump handler
+        with pytest.raises(NetlinkError) as ei:
+            nobody.request("set-mode", {"id": pid, "mode": "learning"}, dump=True)
+        assert ei.value.errno == errno.EPERM
+        with pytest.raises(NetlinkError) as ei:
+            root.request("set-mode", {"id": pid, "mode": "learning"}, dump=True)
+        assert ei.value.errno == errno.EOPNOTSUPP
+
+
+def test_closing_a_listener_after_a_quiet_spell_counts_what_it_heard_as_heard(
+        k: StandinKernel) -> None:
+    """The kernel flushed on its own timer while the socket listened: those batches were
+    delivered (``batches``), whatever the reader did with them, never ``unheard``."""
+    with k.open() as ctl:
+        listener = k.open(("telemetry",))
+        ctl.recv(timeout=0.2)  # simulated time passes; the listener makes no call
+        listener.close()
+        counters = ctl.proxy("sample")["counters"]
+    assert counters["batches"] > 10 and counters["unheard"] == 0, counters
+
+
+def test_recv_takes_at_most_drain_max_datagrams_per_call(k: StandinKernel) -> None:
+    from kmlbus.netlink import DRAIN_MAX
+
+    k.set_rate("sample", 100_000)
+    with k.open() as ctl, k.open(("telemetry",), rcvbuf=64 << 20) as c:
+        ctl.recv(timeout=0.2)  # about 20000 samples: over 600 datagrams wait for c
+        first = c.recv(timeout=0)
+        assert len(first) == DRAIN_MAX
+        assert len(c.recv(timeout=0)) > 0
 
 
 # ---- recommendations ---------------------------------------------------------------------------

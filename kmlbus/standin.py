@@ -59,7 +59,9 @@ What it does not model
     not ``get_random_u32_below``), the sample's catch-up cap after a stall
     (rates above 999000/s are refused), the lifecycle verbs beyond
     create/init/start, ``kml_proxy_submit``, tracepoints, network namespaces,
-    malformed requests (the codec cannot build them), the nlctrl family, and
+    malformed requests beyond what the codec can build (attributes an
+    operation does not take are refused as the kernel's strict validation
+    refuses them; the VM conformance test holds it), the nlctrl family, and
     skb truesize (a link's receive buffer counts message bytes; on overrun the
     socket is congested until its reader empties it, as in netlink).
 
@@ -746,8 +748,18 @@ class StandinKernel:
             raise _Refused(-errno_mod.EPERM, "")
         if (o.dump_reply is None) if dump else (o.do_request is None):
             raise _Refused(-errno_mod.EOPNOTSUPP, "")
-        for name in (o.do_request or ()):
-            self._policy(o.attr_set, name, a.get(name))
+        # Strict validation (__nla_validate_parse), attribute by attribute in message order:
+        # past the op's maxattr "Unknown attribute type", in range but without a policy
+        # entry "Unsupported attribute", else the attribute's own policy.
+        req = tuple(o.do_request or ())
+        aset = _SPEC.attr_sets[o.attr_set]
+        maxattr = max((aset.by_name[n].value for n in req), default=0)
+        for name, v in a.items():
+            if name not in req:
+                num = aset.by_name[name].value if name in aset.by_name else maxattr + 1
+                raise _Refused(-errno_mod.EINVAL, "Unknown attribute type" if num > maxattr
+                               else "Unsupported attribute", name)
+            self._policy(o.attr_set, name, v)
         now = self.clock.now_ns()
         if op == "get":
             if dump:

@@ -300,6 +300,19 @@ def test_unprivileged_control_requests_get_eperm_and_change_nothing(k: StandinKe
         assert ei.value.errno == errno.EOPNOTSUPP
 
 
+def test_attributes_an_operation_does_not_take_are_refused_strictly(c: StandinLink) -> None:
+    """As the kernel's strict validation: past the op's maxattr, or without a policy entry."""
+    pid = sid(c)
+    for op, attrs, text in (("attach", {"id": pid, "share": 5}, "Unknown attribute type [attribute share]"),
+                            ("get", {"id": pid, "mode": 1}, "Unknown attribute type [attribute mode]"),
+                            ("set-params", {"id": pid, "name": "x"},
+                             "Unsupported attribute [attribute name]")):
+        with pytest.raises(NetlinkError) as ei:
+            c.request(op, attrs)
+        assert ei.value.errno == errno.EINVAL and ei.value.extack == text, (op, ei.value)
+    assert c.proxy(pid)["bus-portid"] == 0
+
+
 def test_closing_a_listener_after_a_quiet_spell_counts_what_it_heard_as_heard(
         k: StandinKernel) -> None:
     """The kernel flushed on its own timer while the socket listened: those batches were

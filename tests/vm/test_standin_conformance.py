@@ -41,6 +41,12 @@ STEPS: list[tuple[str, Any]] = [
     ("operator to emergency", lambda c, p: c.set_mode(p, "emergency")),
     ("detach", lambda c, p: c.detach(p)),
     ("detach again", lambda c, p: c.detach(p)),
+    ("dump of an op without one", lambda c, p: c.request("set-mode", {"id": p, "mode": 1}, dump=True)),
+    ("attach with an attribute past its policy",
+     lambda c, p: c.request("attach", {"id": p, "share": 5})),
+    ("get with an attribute outside its policy", lambda c, p: c.request("get", {"id": p, "mode": 1})),
+    ("set-params with an attribute outside its policy",
+     lambda c, p: c.request("set-params", {"id": p, "name": "x"})),
 ]
 
 

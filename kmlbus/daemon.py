@@ -117,6 +117,8 @@ class ProxyState:
     modes: ProxyModes
     evidence: Evidence
     slow_batches: int = 0
+    #: telemetry batches answered by the fast lane (:meth:`Bus._answer_idle`)
+    fast_lane: int = 0
     #: the proxy's learning loop, when its config says ``learn = true``
     learning: LearningLoop | None = None
     #: the model that was being served when the proxy was last demoted (see :meth:`Bus.tick`)
@@ -407,6 +409,7 @@ class Bus:
         if (not duty(mode).recommend or not self.registry.has_model(ps.name)
                 or (mode == "learning" and ps.learning is not None)):
             return False
+        ps.fast_lane += 1
         recs = self._model_recs(ps, raw)
         if recs is not None:
             self._send_recs(ps, recs)
@@ -588,6 +591,7 @@ class Bus:
                 "model": None if lm is None else str(lm.source),
                 "model_error": None if err is None else str(err),
                 "dispatch": self.dispatcher.counters_of(ps.name).as_dict(),
+                "fast_lane": ps.fast_lane,
                 "learning": None if ps.learning is None else _learning_status(ps.learning),
                 "held": ("model demoted; waiting for a new model before collaboration"
                          if self._held(ps) else None),

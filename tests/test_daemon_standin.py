@@ -212,6 +212,9 @@ def test_the_fast_lane_answers_idle_telemetry_once_and_as_the_decoded_path_would
         for key in ("batches", "records", "inferences", "recs_sent", "clamped"):
             assert df[key] == dp[key], (key, df, dp)
         assert df["recs_sent"] == kf["recs-received"]  # answered once: not again in handle_all
+        # status shows how many batches took the lane
+        assert fast.bus.snapshot()["proxies"]["sample"]["fast_lane"] == sum(answered)
+        assert plain.bus.snapshot()["proxies"]["sample"]["fast_lane"] == 0
     finally:
         fast.bus.shutdown()
         if plain is not None:

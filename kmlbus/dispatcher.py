@@ -304,33 +304,31 @@ class Dispatcher:
     def _handle(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes,
                 c: ProxyCounters) -> npt.NDArray[np.void] | bytes:
         b = self.registry.binding(proxy)
+        rec_dt = _rec_dtype()
         if isinstance(records, (bytes, memoryview)):
             size = _sample_rows()[0].size
-            n = len(records) // size
             if len(records) % size:
                 c.errors += 1
                 raise RecordsError(proxy, f"proxy {proxy}: telemetry records: {len(records)} "
                                           f"bytes is not a whole number of {size}-byte samples")
-            conv = _conv(b)
-            if 0 < n <= SMALL_BATCH and conv.nonzero:
-                c.batches += 1
-                c.records += n
-                return self._handle_small(proxy, records, b, conv, c)
-            records = np.frombuffer(records, dtype=_sample_dtype())
-        rec_dt = _rec_dtype()
-        if not isinstance(records, np.ndarray) or (records.dtype is not _sample_dtype()
-                                                   and records.dtype != _sample_dtype()):
+            n = len(records) // size
+        elif isinstance(records, np.ndarray) and (records.dtype is _sample_dtype()
+                                                  or records.dtype == _sample_dtype()):
+            n = len(records)
+        else:
             c.errors += 1
             found = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
             raise RecordsError(proxy, f"proxy {proxy}: telemetry records: expected an array of "
                                       f"struct sample, found {found}")
         c.batches += 1
-        c.records += len(records)
-        if len(records) == 0:
+        c.records += n
+        if n == 0:
             return np.zeros(0, dtype=rec_dt)
         conv = _conv(b)
-        if len(records) <= SMALL_BATCH and conv.nonzero:
+        if n <= SMALL_BATCH and conv.nonzero:
             return self._handle_small(proxy, records, b, conv, c)
+        if not isinstance(records, np.ndarray):
+            records = np.frombuffer(records, dtype=_sample_dtype())
         if int(records["key"].max()) >= b.schema.nkeys:
             good = records["key"] < b.schema.nkeys
             c.bad_keys += int(len(records) - np.count_nonzero(good))

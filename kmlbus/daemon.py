@@ -326,7 +326,7 @@ class Bus:
         flush()
 
     def _guarded(self, ps: ProxyState, op: str,
-                 step: Callable[[ProxyState, str, np.ndarray], None], arr: np.ndarray) -> bool:
+                 step: Callable[[ProxyState, str, np.ndarray], object], arr: np.ndarray) -> bool:
         """Run one step on a batch; a malformed batch is counted and logged (False)."""
         try:
             step(ps, op, arr)
@@ -366,35 +366,47 @@ class Bus:
             self.stats["malformed"] += 1
             log.warning("proxy %s: malformed %s message ignored: %s", ps.name, m.op, e)
 
-    def _recommend(self, ps: ProxyState, _op: str, records: np.ndarray) -> None:
-        """Telemetry -> recommendations sent (the latency-critical part of a batch)."""
+    @staticmethod
+    def _exploring(ps: ProxyState) -> LearningLoop | None:
+        """The proxy's learning loop while it explores (in learning), else None."""
+        return ps.learning if ps.modes.mode == "learning" else None
+
+    def _recommend(self, ps: ProxyState, _op: str, records: np.ndarray | memoryview) -> bool:
+        """Telemetry -> recommendations sent (the latency-critical part of a batch);
+        False when the proxy's mode asks for none or there is nothing to make them with.
+
+        *records* may be the packed bytes of the samples only when the proxy is not
+        exploring (exploration needs the keys as an array; see :meth:`_answer_idle`).
+        """
         mode = ps.modes.mode
-        exploring = ps.learning if mode == "learning" else None
+        exploring = self._exploring(ps)
         has_model = self.registry.has_model(ps.name)
         if not duty(mode).recommend or not (has_model or exploring is not None):
-            return
+            return False
         recs: np.ndarray | bytes | None = None  # packed rec structs from the model
         if has_model:
             recs = self._model_recs(ps, records)
             if recs is None:
-                return
+                return True
         if exploring is not None:
+            assert isinstance(records, np.ndarray)
             # Learning: the kernel applies these only on its explore share; the rest are shadows.
             keys = np.unique(records["key"])
             recs = exploring.explore(keys[keys < ps.schema.nkeys],
                                      None if recs is None else _rec_array(recs))
         if recs is not None:
             self._send_recs(ps, recs)
+        return True
 
     def _answer_idle(self, data: bytes) -> bool:
         """The socket's idle-datagram hook: the bus's fast lane.
 
-        A telemetry batch that ended an idle wait, of a proxy whose
-        recommendations come from its model alone (not exploring), is
-        answered from the message's bytes, before it is decoded and before
-        any array is made; :meth:`handle_all` then does only its bookkeeping
-        (the message comes with ``answered`` set).  Anything else, or
-        anything unusual, is left to :meth:`handle_all` (False).
+        A telemetry batch that ended an idle wait, of a proxy that is not
+        exploring, is answered (:meth:`_recommend`) from the message's bytes,
+        before it is decoded and before any array is made; :meth:`handle_all`
+        then does only its bookkeeping (the message comes with ``answered``
+        set).  Anything else, or anything unusual, is left to
+        :meth:`handle_all` (False).
         """
         if self.conn is None:
             return False
@@ -403,16 +415,11 @@ class Bus:
             return False
         ps = self.proxies.get(m.attrs.get("id", -1))
         raw = m.attrs.get("records")
-        if ps is None or not isinstance(raw, memoryview):
+        if ps is None or not isinstance(raw, memoryview) or self._exploring(ps) is not None:
             return False
-        mode = ps.modes.mode
-        if (not duty(mode).recommend or not self.registry.has_model(ps.name)
-                or (mode == "learning" and ps.learning is not None)):
+        if not self._recommend(ps, m.op, raw):
             return False
         ps.fast_lane += 1
-        recs = self._model_recs(ps, raw)
-        if recs is not None:
-            self._send_recs(ps, recs)
         return True
 
     def _model_recs(self, ps: ProxyState, records: np.ndarray | memoryview) -> bytes | None:

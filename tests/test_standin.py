@@ -34,6 +34,7 @@ from kmlbus.standin import (
     StandinLink,
 )
 from modes import graph as mgraph
+from modes.machine import shortest_path
 
 SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
@@ -41,7 +42,6 @@ REASON = SPEC.enums["reason"]
 ARM = SPEC.enums["arm"]
 FLAGS = SPEC.enums["sample-flags"]
 ROOT = Path(__file__).resolve().parents[1]
-PATH = ["emergency", "learning", "collaboration", "recommendation"]
 
 
 @pytest.fixture
@@ -60,12 +60,8 @@ def sid(c: StandinLink) -> int:
 
 
 def to_mode(c: StandinLink, pid: int, mode: str) -> None:
-    """Walk the graph from emergency up to *mode* (as the VM tests do)."""
-    cur = MODE.name_of(c.proxy(pid)["mode"])
-    if PATH.index(cur) > PATH.index(mode):
-        c.set_mode(pid, "emergency")
-        cur = "emergency"
-    for m in PATH[PATH.index(cur) + 1:PATH.index(mode) + 1]:
+    """Walk the mode graph to *mode*, edge by edge (as the VM tests do)."""
+    for m in shortest_path(mgraph.load(), MODE.name_of(c.proxy(pid)["mode"]), mode):
         c.set_mode(pid, m)
 
 

@@ -28,6 +28,8 @@ from kmlbus.codec import pack_attr
 from kmlbus.netlink import Connection, GenlSocket, ModuleNotLoaded, NetlinkError
 from kmlbus.vm import project_root
 from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod
+from modes import graph as mgraph
+from modes.machine import shortest_path
 
 pytestmark = pytest.mark.vm
 
@@ -70,13 +72,8 @@ def collect(c: Connection, seconds: float, *, min_records: int = 0) -> tuple[np.
 
 
 def to_mode(c: Connection, pid: int, mode: str) -> None:
-    """Walk the graph from emergency up to *mode*."""
-    path = ["emergency", "learning", "collaboration", "recommendation"]
-    cur = MODE.name_of(c.proxy(pid)["mode"])
-    if path.index(cur) > path.index(mode):
-        c.set_mode(pid, "emergency")
-        cur = "emergency"
-    for m in path[path.index(cur) + 1:path.index(mode) + 1]:
+    """Walk the mode graph to *mode*, edge by edge."""
+    for m in shortest_path(mgraph.load(), MODE.name_of(c.proxy(pid)["mode"]), mode):
         c.set_mode(pid, m)
 
 

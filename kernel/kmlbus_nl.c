@@ -260,7 +260,7 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 				 false, GFP_KERNEL);
 	if (err)
 		NL_SET_ERR_MSG_ATTR(info->extack, mode,
-				    "mode change not allowed by the mode graph (modes/graph.yaml)");
+				    "mode change not allowed by the mode graph (kmlbus/contract/graph.yaml)");
 	put_proxy(p);
 	return err;
 }

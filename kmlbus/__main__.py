@@ -1,7 +1,7 @@
-"""``python -m kmlbus``: see :mod:`kmlbus.cli`."""
+"""``python -m kmlbus``: see :mod:`kmlbus.tools.cli`."""
 
 import sys
 
-from kmlbus.cli import main
+from kmlbus.tools.cli import main
 
 sys.exit(main())

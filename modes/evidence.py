@@ -1,7 +1,7 @@
 """Per-proxy evidence for mode moves, from the kernel's feedback and telemetry.
 
 Inputs are the batches the daemon receives, as numpy structured arrays of the
-spec's dtypes (``spec.structs["feedback"].dtype`` / ``["sample"].dtype``).
+dtypes of the spec's structs (``codec.struct_dtype("feedback")`` and ``"sample"``).
 Everything is vectorised: a batch costs a few numpy calls, never a Python loop
 per record.
 
@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import numpy.typing as npt
 
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
 
 if TYPE_CHECKING:
     from modes.machine import ProxyModes

@@ -2,7 +2,7 @@
 
 :class:`ProxyModes` is the model object of a per-proxy
 ``transitions.Machine`` whose states and triggers come from
-:func:`modes.graph.load` and nothing else, so a move the graph does not allow
+:func:`kmlbus.contract.graph.load` and nothing else, so a move the graph does not allow
 cannot happen here either (the kernel rejects the same moves with -EINVAL).
 
 It holds what ``kmlbus status`` shows for a proxy: the current mode, when it
@@ -67,7 +67,7 @@ from typing import Any, Callable, Literal, Protocol
 
 from transitions import EventData, Machine
 
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
 
 __all__ = [
     "ModeError",

@@ -57,8 +57,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from kmlbus import spec as kspec
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
 from modes.evidence import Evidence
 from modes.machine import ProxyModes
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kmlbus import cli, pins, statefile
+from kmlbus.bus import pins, statefile
+from kmlbus.tools import cli
 
 
 @pytest.mark.parametrize("argv", [
@@ -81,7 +82,7 @@ def test_pins_are_kept_per_proxy_and_unpin_is_idempotent(tmp_path: Path) -> None
 
 
 def test_atomic_write_replaces_and_leaves_no_temporary_file_on_failure(tmp_path: Path) -> None:
-    from kmlbus import atomic
+    from kmlbus.bus import atomic
 
     target = tmp_path / "f.bin"
     atomic.write_bytes(target, b"one")

@@ -1,8 +1,8 @@
-"""The bus daemon (kmlbus.daemon.Bus) driven against the user-space stand-in of the family.
+"""The bus daemon (kmlbus.bus.daemon.Bus) driven against the user-space stand-in of the family.
 
 ``Bus(cfg, clock=k.clock.now, opener=k.open)`` runs the real daemon code
 (policy, mode machine, dispatcher, ONNX models, reconnects) against
-:mod:`kmlbus.standin` in simulated time, so what takes minutes in the VM
+:mod:`tests.support.standin` in simulated time, so what takes minutes in the VM
 takes a second here.  These tests prove the daemon's logic; that the kernel
 behaves like the stand-in is what tests/vm proves (test_bus_daemon.py and
 test_modes_live.py check the same stories against the real module).
@@ -21,12 +21,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kmlbus import codec, models
-from kmlbus import spec as kspec
-from kmlbus.config import loads
-from kmlbus.daemon import Bus, Link, Opener
-from kmlbus.standin import SampleWorkload, StandinKernel, StandinLink
-from modes import graph as mgraph
+from kmlbus.bus import models
+from kmlbus.bus.config import loads
+from kmlbus.bus.daemon import Bus, Link, Opener
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from tests.support.standin import SampleWorkload, StandinKernel, StandinLink
 
 SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
@@ -136,7 +137,7 @@ def test_the_stand_in_offers_everything_the_daemon_uses_of_a_link() -> None:
     link: Link = opener(("events",))
     members = {n for n in dir(Link) if not n.startswith("_")} | set(Link.__annotations__)
     missing = sorted(n for n in members if not hasattr(link, n))
-    assert not missing, f"kmlbus.daemon.Link grew {missing}: add them to kmlbus/standin.py"
+    assert not missing, f"kmlbus.bus.daemon.Link grew {missing}: add them to tests/support/standin.py"
     link.close()
 
 
@@ -255,7 +256,7 @@ def test_corrupt_model_file_at_start_keeps_the_proxy_in_emergency(tmp_path: Path
 
 
 def test_corrupt_or_removed_model_file_while_serving_keeps_the_last_good_model(good: Rig) -> None:
-    # kmlbus.registry: "On any failure the previously installed model ... stays in use";
+    # kmlbus.bus.registry: "On any failure the previously installed model ... stays in use";
     # a vanished file is ignored.  So neither is a fault: the proxy stays in recommendation.
     assert good.run(30, good.at("recommendation"))
     tmp = good.model.with_suffix(".tmp")
@@ -417,7 +418,7 @@ def test_a_proxy_registered_later_does_not_disturb_the_attached_ones(tmp_path: P
 # ---- operator pins and kernel staleness --------------------------------------------------------
 
 def test_an_operator_pin_holds_the_proxy_where_pinned(good: Rig) -> None:
-    from kmlbus import pins
+    from kmlbus.bus import pins
 
     pins.pin("sample", "collaboration")
     assert good.run(10, good.at("collaboration")), good.events()

@@ -9,21 +9,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kmlbus import config as cfg
-from kmlbus import models, spec
-from kmlbus.config import FieldSchema, ProxySchema
-from kmlbus.dispatcher import (
+from kmlbus.bus import config as cfg
+from kmlbus.bus import models
+from kmlbus.bus.config import FieldSchema, ProxySchema
+from kmlbus.bus.dispatcher import (
     Dispatcher,
     InferenceError,
     RecordsError,
-    features_to_float,
     latest_per_key,
-    to_fixed,
 )
-from kmlbus.registry import ModelRegistry, ModelRuntimeError
+from kmlbus.bus.fixedpoint import features_to_float, to_fixed
+from kmlbus.bus.registry import ModelRegistry, ModelRuntimeError
+from kmlbus.wire import codec
 
-SAMPLE = spec.load().structs["sample"].dtype
-REC = spec.load().structs["rec"].dtype
+SAMPLE = codec.struct_dtype("sample")
+REC = codec.struct_dtype("rec")
 
 
 def sample_schema(nkeys: int = 64) -> ProxySchema:
@@ -211,7 +211,7 @@ def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
 
 
 def test_records_decoded_by_the_codec_are_accepted() -> None:
-    from kmlbus import codec
+    from kmlbus.wire import codec
 
     wire = codec.encode_attrs("proxy", {"id": 1, "records": samples([0, 1], [0, 1000])})
     decoded = codec.decode_attrs("proxy", wire)["records"]
@@ -230,7 +230,7 @@ _I32 = st.integers(-(2**31), 2**31 - 1)
                                                                "output_scale = 0.37\n"]))
 def test_the_small_batch_path_equals_the_general_one(
         rows: list[tuple[int, int, int, int, int]], w: list[float], bias: float, extra: str) -> None:
-    import kmlbus.dispatcher as dmod
+    import kmlbus.bus.dispatcher as dmod
 
     r = np.zeros(len(rows), dtype=SAMPLE)
     r["key"] = [x[0] for x in rows]

@@ -18,16 +18,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmlbus import config as cfg
-from kmlbus import models, spec
-from kmlbus.config import FieldSchema, ProxySchema
-from kmlbus.dispatcher import Dispatcher, features_to_float
-from kmlbus.learner import EfficiencyTable, Learner, perturb
-from kmlbus.registry import ModelRegistry
+from kmlbus.bus import config as cfg
+from kmlbus.bus import models
+from kmlbus.bus.config import FieldSchema, ProxySchema
+from kmlbus.bus.dispatcher import Dispatcher
+from kmlbus.bus.fixedpoint import features_to_float
+from kmlbus.bus.learner import EfficiencyTable, Learner, perturb
+from kmlbus.bus.registry import ModelRegistry
+from kmlbus.contract import spec
+from kmlbus.wire import codec
 
-SAMPLE = spec.load().structs["sample"].dtype
-FEEDBACK = spec.load().structs["feedback"].dtype
-REC = spec.load().structs["rec"].dtype
+SAMPLE = codec.struct_dtype("sample")
+FEEDBACK = codec.struct_dtype("feedback")
+REC = codec.struct_dtype("rec")
 ARM_DEFAULT = spec.load().enums["arm"].value("default")
 ARM_MODEL = spec.load().enums["arm"].value("model")
 
@@ -226,7 +229,7 @@ def test_efficiency_table_estimate_and_coverage() -> None:
 
 
 def test_learning_loop_paces_refits_and_swaps_the_model() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     reg = ModelRegistry()
     b = reg.bind(sample_schema())
@@ -255,7 +258,7 @@ def test_learning_loop_paces_refits_and_swaps_the_model() -> None:
 
 def _peaked_loop(tmp_path: object = None, **kw: object) -> tuple[object, ModelRegistry]:
     """A loop whose data has one feature bucket and an efficiency peak at decision 40."""
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     reg = ModelRegistry()
     b = reg.bind(sample_schema())
@@ -268,7 +271,7 @@ def _peaked_loop(tmp_path: object = None, **kw: object) -> tuple[object, ModelRe
 
 
 def test_a_refit_replaces_the_served_model_only_when_estimated_better() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     loop, reg = _peaked_loop()
     assert isinstance(loop, LearningLoop)
@@ -291,7 +294,7 @@ def test_a_refit_replaces_the_served_model_only_when_estimated_better() -> None:
 
 
 def test_the_loop_does_not_fit_before_the_model_arm_decided_enough() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     reg = ModelRegistry()
     loop = LearningLoop(Learner(reg.bind(sample_schema())), reg, min_samples=256, min_new=1)
@@ -308,7 +311,7 @@ def test_the_loop_does_not_fit_before_the_model_arm_decided_enough() -> None:
 
 
 def test_score_estimates_the_served_model_per_sample_and_says_nan_where_unexplored() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     loop, reg = _peaked_loop()
     assert isinstance(loop, LearningLoop)
@@ -327,7 +330,7 @@ def test_score_estimates_the_served_model_per_sample_and_says_nan_where_unexplor
 
 
 def test_explore_is_uniform_without_a_model_and_perturbed_with_one() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     reg = ModelRegistry()
     b = reg.bind(sample_schema())
@@ -345,7 +348,7 @@ def test_explore_is_uniform_without_a_model_and_perturbed_with_one() -> None:
 
 
 def test_explore_without_bounds_or_model_sends_nothing_and_perturbs_relatively() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     schema = ProxySchema("sample", tuple(FieldSchema(n, 1000) for n in models.SAMPLE_FEATURES),
                          FieldSchema("window", 1), 64)
@@ -361,7 +364,7 @@ def test_explore_without_bounds_or_model_sends_nothing_and_perturbs_relatively()
 def test_learned_models_are_saved_atomically(tmp_path: object) -> None:
     from pathlib import Path
 
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     target = Path(str(tmp_path)) / "learned.onnx"
     loop, reg = _peaked_loop(save_to=target)
@@ -377,7 +380,7 @@ def test_learned_models_are_saved_atomically(tmp_path: object) -> None:
 
 
 def test_a_background_refit_is_collected_by_a_later_tick() -> None:
-    from kmlbus.learner import LearningLoop
+    from kmlbus.bus.learner import LearningLoop
 
     loop, reg = _peaked_loop(background=True)
     assert isinstance(loop, LearningLoop)
@@ -389,8 +392,8 @@ def test_a_background_refit_is_collected_by_a_later_tick() -> None:
 
 
 def test_a_background_refit_failure_reaches_the_caller() -> None:
-    from kmlbus.learner import LearningLoop
-    from kmlbus.registry import UnknownProxyError
+    from kmlbus.bus.learner import LearningLoop
+    from kmlbus.bus.registry import UnknownProxyError
 
     loop, reg = _peaked_loop(background=True)
     assert isinstance(loop, LearningLoop)

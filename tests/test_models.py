@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmlbus import models
+from kmlbus.bus import models
 
 
 def run(m: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

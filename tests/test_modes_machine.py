@@ -13,8 +13,14 @@ from typing import Any
 
 import pytest
 
-from modes import graph as mgraph
-from modes.machine import ECHO_TIMEOUT_S, ModeError, ProxyModes, TransitionRecord, shortest_path
+from kmlbus.contract import graph as mgraph
+from modes.machine import (
+    ECHO_TIMEOUT_S,
+    ModeError,
+    ProxyModes,
+    TransitionRecord,
+    shortest_path,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,16 +12,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kmlbus import spec as kspec
-from modes import gate as mgate
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
 from modes.evidence import Evidence, Ring
 from modes.machine import ProxyModes
 from modes.policy import DUTIES, Decision, Fault, Policy, duty
+from tests.support import gate as mgate
 
 SPEC = kspec.load()
-FB = SPEC.structs["feedback"].dtype
-SAMPLE = SPEC.structs["sample"].dtype
+FB = codec.struct_dtype("feedback")
+SAMPLE = codec.struct_dtype("sample")
 STATES = mgraph.load().states
 
 

@@ -22,18 +22,25 @@ import numpy as np
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from kmlbus import spec as kspec
-from modes import gate as mgate
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
 from modes.evidence import Evidence
 from modes.machine import ModeError, ProxyModes, TransitionRecord
 from modes.policy import Fault, Policy
+from tests.support import gate as mgate
 
 SPEC = kspec.load()
-FB = SPEC.structs["feedback"].dtype
-SAMPLE = SPEC.structs["sample"].dtype
+FB = codec.struct_dtype("feedback")
+SAMPLE = codec.struct_dtype("sample")
 GRAPH = mgraph.load()
 STATES = GRAPH.states
 REASONS = SPEC.enums["reason"].entries

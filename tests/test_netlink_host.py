@@ -3,7 +3,7 @@
 The host kernel has generic netlink but cannot load modules, so these tests
 drive the same code paths through the kernel's own ``nlctrl`` family: family
 resolution, dumps, ACKs, errors with extended ACK, and the absent-family
-case that :class:`~kmlbus.netlink.Connection` turns into ModuleNotLoaded.
+case that :class:`~kmlbus.wire.netlink.Connection` turns into ModuleNotLoaded.
 Multicast-like traffic is injected by unicast from a second netlink socket
 (root only, like everything that talks to kmlbus's control ops).
 """
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kmlbus import codec
-from kmlbus import netlink as nl
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire import netlink as nl
 
 SPEC = kspec.load()
 FAKE_FAMILY = 0x7777
@@ -157,7 +157,7 @@ def pair() -> Iterator[tuple[nl.GenlSocket, nl.GenlSocket]]:
 
 
 def telemetry(n: int, first: int = 1) -> tuple[bytes, np.ndarray]:
-    recs = np.zeros(n, dtype=SPEC.structs["sample"].dtype)
+    recs = np.zeros(n, dtype=codec.struct_dtype("sample"))
     recs["seq"] = np.arange(first, first + n)
     return codec.encode_msg(FAKE_FAMILY, "telemetry", {"id": 1, "records": recs, "drops": 0}, seq=0, flags=0), recs
 
@@ -226,13 +226,13 @@ def test_recv_with_nothing_waiting_returns_empty_after_the_timeout(sock: nl.Genl
     assert sock.recv(0) == [] and sock.recv(0.05) == []
 
 
-# --- the pyroute2 control plane (kmlbus.control) ---------------------------------------
+# --- the pyroute2 control plane (kmlbus.wire.control) ---------------------------------------
 
 
 def test_pyroute2_resolution_agrees_with_the_raw_socket(sock: nl.GenlSocket) -> None:
     import asyncio
 
-    from kmlbus import control
+    from kmlbus.wire import control
 
     info = asyncio.run(control.resolve("nlctrl"))
     raw = sock.get_family("nlctrl")
@@ -244,7 +244,7 @@ def test_pyroute2_resolution_agrees_with_the_raw_socket(sock: nl.GenlSocket) -> 
 def test_async_control_without_the_module_raises_module_not_loaded() -> None:
     import asyncio
 
-    from kmlbus import control
+    from kmlbus.wire import control
 
     async def main() -> None:
         async with control.AsyncControl():

@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kmlbus import config as cfg
-from kmlbus import models
-from kmlbus.config import FieldSchema, ProxySchema
-from kmlbus.registry import (
+from kmlbus.bus import config as cfg
+from kmlbus.bus import models
+from kmlbus.bus.config import FieldSchema, ProxySchema
+from kmlbus.bus.registry import (
     ModelContractError,
     ModelLoadError,
     ModelRegistry,

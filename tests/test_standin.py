@@ -1,4 +1,4 @@
-"""The stand-in of kmlbus.ko + kmlbus_sample.ko (kmlbus/standin.py) holds to the kernel's semantics.
+"""The stand-in of kmlbus.ko + kmlbus_sample.ko (tests/support/standin.py) holds to the kernel's semantics.
 
 These tests check the stand-in, a user-space model, against what
 kernel/kmlbus_core.c, kernel/kmlbus_nl.c and kernel/samples/kmlbus_sample.c
@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmlbus import codec
-from kmlbus import spec as kspec
-from kmlbus.config import ProxySchema
-from kmlbus.netlink import KmlbusError, ModuleNotLoaded, NetlinkError
-from kmlbus.standin import (
+from kmlbus.bus.config import ProxySchema
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire.netlink import KmlbusError, ModuleNotLoaded, NetlinkError
+from modes.machine import shortest_path
+from tests.support.standin import (
     FLUSH_COUNT,
     FLUSH_MS,
     MSG_FEEDBACK,
@@ -33,8 +35,6 @@ from kmlbus.standin import (
     StandinKernel,
     StandinLink,
 )
-from modes import graph as mgraph
-from modes.machine import shortest_path
 
 SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
@@ -73,8 +73,8 @@ def collect(c: StandinLink, seconds: float) -> tuple[list[codec.Message], np.nda
         msgs += c.recv(timeout=end - c.kernel.clock.now())
     tel = [m.attrs["records"] for m in msgs if m.op == "telemetry"]
     fb = [m.attrs["feedback"] for m in msgs if m.op == "feedback"]
-    return (msgs, np.concatenate(tel) if tel else np.zeros(0, SPEC.structs["sample"].dtype),
-            np.concatenate(fb) if fb else np.zeros(0, SPEC.structs["feedback"].dtype))
+    return (msgs, np.concatenate(tel) if tel else np.zeros(0, codec.struct_dtype("sample")),
+            np.concatenate(fb) if fb else np.zeros(0, codec.struct_dtype("feedback")))
 
 
 def events(msgs: list[codec.Message]) -> list[tuple[str, str, str]]:
@@ -322,7 +322,7 @@ def test_closing_a_listener_after_a_quiet_spell_counts_what_it_heard_as_heard(
 
 
 def test_recv_takes_at_most_drain_max_datagrams_per_call(k: StandinKernel) -> None:
-    from kmlbus.netlink import DRAIN_MAX
+    from kmlbus.wire.netlink import DRAIN_MAX
 
     k.set_rate("sample", 100_000)
     with k.open() as ctl, k.open(("telemetry",), rcvbuf=64 << 20) as c:
@@ -342,7 +342,7 @@ def test_recommend_batch_is_all_or_nothing(c: StandinLink) -> None:
         with pytest.raises(NetlinkError) as ei:
             c.recommend(pid, recs)
         assert ei.value.errno == code and "[attribute recs[1]]" in ei.value.extack, ei.value
-    big = np.zeros(SPEC.consts["max-recs"] + 1, SPEC.structs["rec"].dtype)
+    big = np.zeros(SPEC.consts["max-recs"] + 1, codec.struct_dtype("rec"))
     big["ttl_ms"] = 100
     with pytest.raises(NetlinkError) as ei:
         c.request("recommend", {"id": pid, "recs": big})
@@ -368,7 +368,7 @@ def test_recommend_without_waiting_reports_refusals_later(c: StandinLink) -> Non
 
 def test_recommend_of_packed_bytes_is_the_same_request(c: StandinLink) -> None:
     pid = sid(c)
-    recs = np.zeros(SPEC.consts["max-recs"] + 1, SPEC.structs["rec"].dtype)
+    recs = np.zeros(SPEC.consts["max-recs"] + 1, codec.struct_dtype("rec"))
     recs["key"], recs["value"], recs["ttl_ms"] = np.arange(len(recs)) % 64, 3, 100
     c.recommend(pid, recs.tobytes(), wait=False)
     c.recommend(pid, recs[:1].tobytes())

@@ -13,14 +13,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kmlbus import models, spec, traces
-from kmlbus.config import FieldSchema, ProxySchema
-from kmlbus.traces import TraceError, TraceWriter
+from kmlbus.bus import models
+from kmlbus.bus import tracefile as traces
+from kmlbus.bus.config import FieldSchema, ProxySchema
+from kmlbus.bus.tracefile import TraceError, TraceWriter
+from kmlbus.contract import spec
+from kmlbus.tools import offline
+from kmlbus.wire import codec
 
 SP = spec.load()
-SAMPLE = SP.structs["sample"].dtype
-FEEDBACK = SP.structs["feedback"].dtype
-REC = SP.structs["rec"].dtype
+SAMPLE = codec.struct_dtype("sample")
+FEEDBACK = codec.struct_dtype("feedback")
+REC = codec.struct_dtype("rec")
 ARM_DEFAULT = SP.enums["arm"].value("default")
 ARM_MODEL = SP.enums["arm"].value("model")
 
@@ -121,7 +125,7 @@ def test_truncated_trace_names_the_offset(tmp_path: Path) -> None:
 def test_a_type_string_numpy_cannot_parse_is_a_malformed_header() -> None:
     """Found by the property below: a flipped bit made a field type "04", which numpy
     parses with ast.literal_eval and refuses with a SyntaxError."""
-    from kmlbus.traces import _dtype_from_descr
+    from kmlbus.bus.tracefile import _dtype_from_descr
 
     with pytest.raises(ValueError, match="unusable type"):
         _dtype_from_descr([["seq", "04"]])
@@ -215,8 +219,8 @@ def record_sample_run(p: Path, n: int, explore: float, seed: int = 11) -> None:
 def test_evaluate_ranks_good_above_default_above_bad(tmp_path: Path) -> None:
     p = tmp_path / "run.kmltrace"
     record_sample_run(p, 20000, explore=0.3)
-    good = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
-    bad = traces.evaluate(p, models.save(models.sample_bad_model(), tmp_path / "bad.onnx"))
+    good = offline.evaluate(p, models.to_bytes(models.sample_good_model()))
+    bad = offline.evaluate(p, models.save(models.sample_bad_model(), tmp_path / "bad.onnx"))
     assert good.proxy == "sample" and good.joined == 20000
     assert 0.55 < good.default_measured < 0.7  # the fixed window 8
     assert good.model.coverage > 0.8 and good.model.efficiency > 0.9
@@ -229,7 +233,7 @@ def test_evaluate_ranks_good_above_default_above_bad(tmp_path: Path) -> None:
 def test_evaluate_without_exploration_reports_low_coverage(tmp_path: Path) -> None:
     p = tmp_path / "run.kmltrace"
     record_sample_run(p, 5000, explore=0.0)
-    ev = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    ev = offline.evaluate(p, models.to_bytes(models.sample_good_model()))
     assert ev.model.coverage < 0.3  # only window-8 cells were ever measured
     assert ev.recorded_model_n == 0
 
@@ -237,9 +241,9 @@ def test_evaluate_without_exploration_reports_low_coverage(tmp_path: Path) -> No
 def test_evaluate_checks_the_model_contract(tmp_path: Path) -> None:
     p = tmp_path / "run.kmltrace"
     record_sample_run(p, 500, explore=0.1)
-    from kmlbus.registry import ModelContractError
+    from kmlbus.bus.registry import ModelContractError
     with pytest.raises(ModelContractError, match="proxy sample"):
-        traces.evaluate(p, models.to_bytes(models.mismatched_model("width")))
+        offline.evaluate(p, models.to_bytes(models.mismatched_model("width")))
 
 
 def test_evaluate_empty_trace(tmp_path: Path) -> None:
@@ -247,17 +251,17 @@ def test_evaluate_empty_trace(tmp_path: Path) -> None:
     with TraceWriter(p, [sample_schema()]):
         pass
     with pytest.raises(TraceError, match="no telemetry or feedback"):
-        traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+        offline.evaluate(p, models.to_bytes(models.sample_good_model()))
 
 
 def test_learn_offline_from_a_trace_then_evaluate(tmp_path: Path) -> None:
     p = tmp_path / "run.kmltrace"
     record_sample_run(p, 20000, explore=0.1)
-    learner = traces.learn(p)
+    learner = offline.learn(p)
     assert learner.n_samples == 20000
     fit = learner.fit()
     assert fit is not None
-    ev = traces.evaluate(p, fit.to_onnx(learner.binding))
+    ev = offline.evaluate(p, fit.to_onnx(learner.binding))
     assert ev.gain > 0.25
 
 
@@ -266,24 +270,24 @@ def test_cli_show_evaluate_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
     p = tmp_path / "run.kmltrace"
     record_sample_run(p, 5000, explore=0.3)
-    assert traces.main(["show", str(p)]) == 0
+    assert offline.main(["show", str(p)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["proxies"] == ["sample"]
     assert shown["batches"]["sample"]["telemetry"] == {"batches": 20, "rows": 5000}
 
     good = models.save(models.sample_good_model(), tmp_path / "good.onnx")
-    assert traces.main(["evaluate", str(p), str(good)]) == 0
+    assert offline.main(["evaluate", str(p), str(good)]) == 0
     assert "gain +" in capsys.readouterr().out
 
     out = tmp_path / "fitted.onnx"
     (tmp_path / "bus.toml").write_text('[proxy.sample]\nfeatures = ["seq_ratio"]\n')
-    assert traces.main(["fit", str(p), str(out), "--config", str(tmp_path / "bus.toml")]) == 0
+    assert offline.main(["fit", str(p), str(out), "--config", str(tmp_path / "bus.toml")]) == 0
     text = capsys.readouterr().out
     assert "('seq_ratio',)" in text and "gain +" in text
     assert out.exists()
 
     p.write_bytes(p.read_bytes()[:100])
-    assert traces.main(["evaluate", str(p), str(good)]) == 1
+    assert offline.main(["evaluate", str(p), str(good)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kmlbus traces: ") and "offset" in err
 
@@ -339,7 +343,7 @@ def test_evaluate_reads_an_older_layout_by_field_name(tmp_path: Path) -> None:
                            ("flags", "<u2"), ("features", "<i4", (8,))])
     p = tmp_path / "old.kmltrace"
     record_sample_run(p, 2000, explore=0.3)
-    before = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    before = offline.evaluate(p, models.to_bytes(models.sample_good_model()))
     evs = list(traces.replay(p))
     header = {"format": "kmlbus-trace", "version": 1, "spec_version": 1,
               "structs": {"sample": [list(x) for x in old_sample.descr],
@@ -356,5 +360,5 @@ def test_evaluate_reads_an_older_layout_by_field_name(tmp_path: Path) -> None:
                 data = conv
             f.write(msgpack.packb({"kind": e.kind, "ts": e.ts, "proxy": e.proxy,
                                    "data": data.tobytes()}, use_bin_type=True))
-    after = traces.evaluate(p, models.to_bytes(models.sample_good_model()))
+    after = offline.evaluate(p, models.to_bytes(models.sample_good_model()))
     assert after == before and after.joined == 2000

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from kmlbus.vm import EXIT_DMESG, EXIT_TIMEOUT, EXIT_NO_STATUS, VMResult, run
+from kmlbus.vm import EXIT_DMESG, EXIT_NO_STATUS, EXIT_TIMEOUT, VMResult, run
 from kmlbus.vm.__main__ import pytest_command
 from kmlbus.vm.dmesg import problems
 from kmlbus.vm.initramfs import Entry, cpio_newc, init_script, parse_show_depends
-from kmlbus.vm.kernels import _version_key, has_pvh_note, installed_kernels, newest_kernel
+from kmlbus.vm.kernels import (
+    _version_key,
+    has_pvh_note,
+    installed_kernels,
+    newest_kernel,
+)
 from kmlbus.vm.qemu import guest_env, job_script, qemu_argv
 
 

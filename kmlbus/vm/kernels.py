@@ -18,6 +18,8 @@ import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 __all__ = [
@@ -41,8 +43,48 @@ class VMError(RuntimeError):
 
 
 def project_root() -> Path:
-    """The project folder: the parent of the ``kmlbus`` package."""
-    return Path(__file__).resolve().parents[2]
+    """The folder the testbed works in: it holds ``kernel/`` (built there) and ``build/vm``.
+
+    ``KMLBUS_WORKDIR`` if set; else the source checkout this package runs
+    from; else, for an installed wheel, ``~/.cache/kmlbus/<version>``, where
+    the kernel sources shipped in the wheel (``kmlbus.kernel_src``) are copied
+    on first use.  The guest gets the same HOME and ``KMLBUS_*`` variables, so
+    it resolves the same folder.
+    """
+    env = os.environ.get("KMLBUS_WORKDIR")
+    if env:
+        return Path(env).resolve()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "kernel" / "Kbuild").is_file() and (checkout / "pyproject.toml").is_file():
+        return checkout
+    from kmlbus import __version__
+
+    work = Path.home() / ".cache" / "kmlbus" / __version__
+    _install_kernel_sources(work / "kernel")
+    return work
+
+
+def _install_kernel_sources(dest: Path) -> None:
+    """Copy the wheel's kernel sources to *dest* unless an identical copy is there."""
+    for rel, data in _walk(resources.files("kmlbus.kernel_src"), ""):
+        target = dest / rel
+        if target.is_file() and target.read_bytes() == data:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+
+
+def _walk(node: Traversable, prefix: str) -> Iterator[tuple[str, bytes]]:
+    """(relative path, bytes) of every file under *node*, Python files left out."""
+    for child in node.iterdir():
+        rel = f"{prefix}{child.name}"
+        if child.is_dir():
+            if child.name != "__pycache__":
+                yield from _walk(child, rel + "/")
+        elif not child.name.endswith((".py", ".pyc")):
+            yield rel, child.read_bytes()
 
 
 def _version_key(kver: str) -> tuple[tuple[int, str], ...]:

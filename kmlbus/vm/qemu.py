@@ -35,8 +35,15 @@ from typing import IO
 
 from . import dmesg as dmesg_mod
 from .initramfs import ensure_initramfs
+from .kernels import (
+    VMError,
+    boot_image,
+    build_modules,
+    newest_kernel,
+    project_root,
+    vmlinuz,
+)
 from .pyimage import ensure_python_image
-from .kernels import VMError, boot_image, build_modules, newest_kernel, project_root, vmlinuz
 
 __all__ = [
     "EXIT_DMESG",

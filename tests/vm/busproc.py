@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kmlbus import codec, models, netlink
+from kmlbus.bus import models
+from kmlbus.wire import codec, netlink
 
 __all__ = ["Daemon", "kernel_proxy", "wait_for"]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kmlbus import bench
-from kmlbus.netlink import Connection
+from kmlbus.tools import bench
+from kmlbus.wire.netlink import Connection
 
 
 @pytest.mark.sample_params(rate=500)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from kmlbus import codec
+from kmlbus.wire import codec
 
 from .busproc import Daemon, kernel_mode, kernel_proxy, wait_for
 from .conftest import KMLBUS_KO, SAMPLE_KO, LoadedModules, insmod, rmmod
@@ -110,7 +110,7 @@ def test_cli_without_privilege_says_eperm_in_one_line(daemon: Daemon) -> None:
     assert daemon.cli("mode", "sample", "emergency", "--pin").returncode == 0
     before = kernel_proxy()
     # import first (the interpreter's files may be root-only), then drop to nobody
-    code = ("import os, sys, locale, gettext; import kmlbus.cli, kmlbus.pins; from kmlbus.cli import main; "
+    code = ("import os, sys, locale, gettext; import kmlbus.tools.cli, kmlbus.bus.pins; from kmlbus.tools.cli import main; "
             "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
             "sys.exit(main(['mode', 'sample', 'learning']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,

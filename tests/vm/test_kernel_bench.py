@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from kmlbus import codec
-from kmlbus.bench_kernel import BENCH_KO, decide_ns, parse_result, telemetry_rate
-from kmlbus.netlink import Connection
+from kmlbus.tools.bench_kernel import BENCH_KO, decide_ns, parse_result, telemetry_rate
 from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
+from kmlbus.wire import codec
+from kmlbus.wire.netlink import Connection
 
 pytestmark = pytest.mark.vm
 

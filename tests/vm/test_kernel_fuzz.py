@@ -16,9 +16,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kmlbus import spec as kspec
-from kmlbus.codec import NLMSG_ERROR, pack_attr
-from kmlbus.netlink import Connection
+from kmlbus.contract import spec as kspec
+from kmlbus.wire.codec import NLMSG_ERROR, pack_attr
+from kmlbus.wire.netlink import Connection
 
 pytestmark = pytest.mark.vm
 

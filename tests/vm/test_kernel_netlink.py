@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kmlbus import spec as kspec
-from kmlbus.codec import pack_attr
-from kmlbus.netlink import Connection, GenlSocket, ModuleNotLoaded, NetlinkError
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
 from kmlbus.vm import project_root
 from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod
-from modes import graph as mgraph
+from kmlbus.wire import codec
+from kmlbus.wire.codec import pack_attr
+from kmlbus.wire.netlink import Connection, GenlSocket, ModuleNotLoaded, NetlinkError
 from modes.machine import shortest_path
 
 pytestmark = pytest.mark.vm
@@ -66,9 +67,8 @@ def collect(c: Connection, seconds: float, *, min_records: int = 0) -> tuple[np.
                 tel.append(np.array(m.attrs["records"]))
             elif m.op == "feedback":
                 fb.append(np.array(m.attrs["feedback"]))
-    st = SPEC.structs
-    return (np.concatenate(tel) if tel else np.empty(0, st["sample"].dtype),
-            np.concatenate(fb) if fb else np.empty(0, st["feedback"].dtype))
+    return (np.concatenate(tel) if tel else np.empty(0, codec.struct_dtype("sample")),
+            np.concatenate(fb) if fb else np.empty(0, codec.struct_dtype("feedback")))
 
 
 def to_mode(c: Connection, pid: int, mode: str) -> None:
@@ -243,7 +243,7 @@ def test_recommend_batch_is_all_or_nothing(modules: Any) -> None:
             with pytest.raises(NetlinkError) as ei:
                 c.recommend(pid, recs)
             assert ei.value.errno == code and "recs" in ei.value.extack, ei.value
-        rec_dt = SPEC.structs["rec"].dtype
+        rec_dt = codec.struct_dtype("rec")
         big = np.zeros(SPEC.consts["max-recs"] + 1, rec_dt)
         big["ttl_ms"] = 100
         with pytest.raises(NetlinkError) as ei:
@@ -264,7 +264,7 @@ def test_recommend_batch_is_all_or_nothing(modules: Any) -> None:
 _UNPRIV = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
-from kmlbus.netlink import Connection, NetlinkError
+from kmlbus.wire.netlink import Connection, NetlinkError
 # import first (the interpreter's files may be root-only), then drop to nobody: no capabilities
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 out = {}
@@ -306,7 +306,7 @@ def test_unprivileged_control_requests_get_eperm_and_change_nothing(modules: Any
 _ATTACHED_CHILD = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from kmlbus.netlink import Connection
+from kmlbus.wire.netlink import Connection
 c = Connection()
 pid = c.proxy("sample")["id"]
 c.attach(pid)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kmlbus import codec, netlink, spec
+from kmlbus.contract import spec
+from kmlbus.wire import codec, netlink
 
 from .busproc import Daemon, kernel_mode, wait_for
 from .conftest import LoadedModules

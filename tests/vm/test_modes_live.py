@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kmlbus import codec, models, netlink, spec
-from modes import graph as mgraph
+from kmlbus.bus import models
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec
+from kmlbus.wire import codec, netlink
 
 from .busproc import Daemon, kernel_mode, wait_for
 from .conftest import LoadedModules

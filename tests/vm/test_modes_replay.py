@@ -4,7 +4,7 @@ The same kinds of rules the host state machine (tests/test_modes_stateful.py)
 drives — operator mode requests, a bus attaching and dying, recommendations
 going stale — are sent to the real kmlbus.ko.  After every rule the kernel's
 reported mode and counters must agree with what the mode graph and the
-Python reference of the kernel's gate (modes.gate) predict.
+Python reference of the kernel's gate (tests.support.gate) predict.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kmlbus import codec, netlink, spec
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec
+from kmlbus.wire import codec, netlink
 
 from .conftest import LoadedModules
 
@@ -93,7 +94,7 @@ class KernelModes(RuleBasedStateMachine):
 
     @rule(ttl=st.integers(1, 30))
     def recommendations_go_stale(self, ttl: int) -> None:
-        recs = np.zeros(64, dtype=SPEC.structs["rec"].dtype)
+        recs = np.zeros(64, dtype=codec.struct_dtype("rec"))
         recs["key"] = np.arange(64)
         recs["value"] = 33
         recs["ttl_ms"] = ttl

@@ -1,4 +1,4 @@
-"""The asyncio control plane (kmlbus.control) against the real kmlbus.ko, in the guest."""
+"""The asyncio control plane (kmlbus.wire.control) against the real kmlbus.ko, in the guest."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from kmlbus import control
-from kmlbus import spec as kspec
-from kmlbus.netlink import Connection, NetlinkError
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import control
+from kmlbus.wire.netlink import Connection, NetlinkError
 
 pytestmark = pytest.mark.vm
 

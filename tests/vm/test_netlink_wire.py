@@ -1,4 +1,4 @@
-"""The Python wire layer (kmlbus.codec + kmlbus.netlink) against the real kmlbus.ko.
+"""The Python wire layer (kmlbus.wire.codec + kmlbus.wire.netlink) against the real kmlbus.ko.
 
 Runs inside the guest (``python -m kmlbus.vm test``) with kmlbus.ko and the
 sample workload loaded by the ``modules`` fixture.  The kernel semantics are
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kmlbus import bench_wire, codec
-from kmlbus import spec as kspec
-from kmlbus.netlink import Connection, KmlbusError, NetlinkError
+from kmlbus.contract import spec as kspec
+from kmlbus.tools import bench_wire
+from kmlbus.wire import codec
+from kmlbus.wire.netlink import Connection, KmlbusError, NetlinkError
 
 pytestmark = pytest.mark.vm
 
@@ -73,12 +74,12 @@ def test_telemetry_and_feedback_arrive_as_zero_copy_numpy_records(modules: Any) 
         fb = wait_for(c, "feedback")
     assert tel and fb
     recs = codec.records(tel[0].attrs)
-    assert recs.dtype == SPEC.structs["sample"].dtype and len(recs) >= 1
+    assert recs.dtype == codec.struct_dtype("sample") and len(recs) >= 1
     assert not recs.flags.owndata and not recs.flags.writeable  # a view of the received datagram
     assert recs is tel[0].attrs["records"] and isinstance(tel[0].attrs["drops"], int)
     assert np.all(recs["seq"] > 0) and np.all(recs["key"] < 64)
     f = codec.records(fb[0].attrs)
-    assert f.dtype == SPEC.structs["feedback"].dtype and np.all(f["seq"] > 0)
+    assert f.dtype == codec.struct_dtype("feedback") and np.all(f["seq"] > 0)
 
 
 def test_bad_requests_raise_netlink_error_with_extack(modules: Any) -> None:
@@ -136,7 +137,7 @@ def test_recommend_accepts_tuples_and_struct_arrays_and_splits_big_batches(modul
         c.attach(pid)
         before = c.proxy(pid)["counters"]["recs-received"]
         c.recommend(pid, [(k, 10, 1000) for k in range(64)])
-        arr = np.zeros(SPEC.consts["max-recs"] + 10, dtype=SPEC.structs["rec"].dtype)
+        arr = np.zeros(SPEC.consts["max-recs"] + 10, dtype=codec.struct_dtype("rec"))
         arr["key"] = np.arange(len(arr)) % 64
         arr["value"], arr["ttl_ms"] = 12, 1000
         c.recommend(pid, arr)  # more than max-recs: two requests
@@ -198,7 +199,7 @@ def test_recommend_of_packed_rec_bytes_splits_at_max_recs_and_is_applied(modules
     """The daemon's hot path sends the dispatcher's packed ``rec`` bytes as they are."""
     sp = kspec.load()
     n = sp.consts["max-recs"] + 3
-    recs = np.zeros(n, dtype=sp.structs["rec"].dtype)
+    recs = np.zeros(n, dtype=codec.struct_dtype("rec"))
     recs["key"], recs["value"], recs["ttl_ms"] = np.arange(n) % 64, 7, 1000
     with Connection() as c:
         pid = sample(c)["id"]

@@ -1,4 +1,4 @@
-"""The user-space stand-in (kmlbus/standin.py) held to the real module.
+"""The user-space stand-in (tests/support/standin.py) held to the real module.
 
 The host tests of the daemon run against the stand-in; this file checks,
 inside the guest, that the stand-in answers the same requests the way
@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kmlbus import codec
-from kmlbus import spec as kspec
-from kmlbus.netlink import Connection, ControlOps, NetlinkError
-from kmlbus.standin import StandinKernel
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire.netlink import Connection, ControlOps, NetlinkError
+from tests.support.standin import StandinKernel
 
 pytestmark = pytest.mark.vm
 
@@ -53,7 +53,7 @@ STEPS: list[tuple[str, Any]] = [
 def _recs(n: int) -> Any:
     import numpy as np
 
-    r = np.zeros(n, dtype=kspec.load().structs["rec"].dtype)
+    r = np.zeros(n, dtype=codec.struct_dtype("rec"))
     r["key"], r["value"], r["ttl_ms"] = np.arange(n) % 64, 8, 100
     return r
 

@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 from kmlbus.vm import installed_kernels, project_root
-from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
+from kmlbus.vm.guest import (
+    KMLBUS_KO,
+    SAMPLE_KO,
+    dmesg_mark,
+    dmesg_since,
+    insmod,
+    is_loaded,
+    rmmod,
+)
 
 pytestmark = pytest.mark.vm
 

@@ -18,14 +18,14 @@ The method is deliberately simple and honest about what it needs:
    cell); its mean decision is the bucket's target.
 3. **Regression.** Targets are regressed on the buckets' mean features by
    least squares weighted by bucket size; the line is exported as an ONNX
-   ``MatMul + Add`` model (:func:`kmlbus.models.linear_model`).
+   ``MatMul + Add`` model (:func:`kmlbus.bus.models.linear_model`).
 
 It can only learn what the data shows: if every decision was the default's,
 every bucket's best decision is the default and the fitted model reproduces
 it.  Exploration (the kernel's ``explore`` share in learning mode, fed with
 perturbed recommendations from :func:`perturb`) is what gives it decisions
 to compare.  The same table is the offline estimator used by
-:func:`kmlbus.traces.evaluate`.
+:func:`kmlbus.tools.offline.evaluate`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,12 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from kmlbus.contract import spec as _spec
+from kmlbus.wire import codec
+
 from . import atomic, models
-from . import spec as _spec
 from .config import Binding
-from .dispatcher import features_to_float, to_fixed
+from .fixedpoint import features_to_float, to_fixed
 from .registry import LoadedModel, ModelRegistry, ModelRuntimeError, NoModelError
 
 __all__ = [
@@ -229,7 +231,7 @@ class Learner:
         self._n = 0  # rows ever added
         self._tel_seq = np.zeros(0, dtype=np.uint64)
         self._tel_x = np.zeros((0, n), dtype=np.float32)
-        self._fb = np.zeros(0, dtype=_spec.load().structs["feedback"].dtype)
+        self._fb = np.zeros(0, dtype=codec.struct_dtype("feedback"))
         self.unmatched_dropped = 0
         #: the table the last :meth:`fit` used (None before the first)
         self.last_table: EfficiencyTable | None = None
@@ -445,7 +447,7 @@ class LearningLoop:
     def tick(self, now: float) -> LinearFit | None:
         """Refit and install if due and better; returns the installed fit, else None.
 
-        A failed install (:class:`~kmlbus.registry.ModelError`) propagates:
+        A failed install (:class:`~kmlbus.bus.registry.ModelError`) propagates:
         the daemon treats it like any other model error.
         """
         if self._job is not None:
@@ -560,8 +562,8 @@ class LearningLoop:
         if recs is not None:
             return perturb(recs, b, self.rng, self.spread)
         if not b.bounded:
-            return np.zeros(0, dtype=_spec.load().structs["rec"].dtype)
-        out = np.zeros(len(keys), dtype=_spec.load().structs["rec"].dtype)
+            return np.zeros(0, dtype=codec.struct_dtype("rec"))
+        out = np.zeros(len(keys), dtype=codec.struct_dtype("rec"))
         out["key"] = keys
         out["value"] = self.rng.integers(b.rec_min, b.rec_max, len(keys), endpoint=True)
         out["ttl_ms"] = b.ttl_ms

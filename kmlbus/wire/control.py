@@ -1,17 +1,17 @@
 """Asyncio control plane: family and group resolution through pyroute2.
 
 DESIGN.md puts the control plane on pyroute2 and the hot path on the raw
-socket of :mod:`kmlbus.netlink`.  This module is the pyroute2 half:
+socket of :mod:`kmlbus.wire.netlink`.  This module is the pyroute2 half:
 :func:`resolve` asks ``nlctrl`` for the ``kmlbus`` family with pyroute2's
 asyncio generic netlink socket and returns the same
-:class:`~kmlbus.netlink.FamilyInfo` the raw transport builds.
+:class:`~kmlbus.wire.netlink.FamilyInfo` the raw transport builds.
 
 Control *requests* (set-mode, attach, ...) in :class:`AsyncControl` go
-through a :class:`~kmlbus.netlink.Connection` in a worker thread instead of
+through a :class:`~kmlbus.wire.netlink.Connection` in a worker thread instead of
 pyroute2, on purpose: pyroute2 0.9 does not enable ``NETLINK_EXT_ACK`` and
 reports only the errno, and every rejected kmlbus request carries an extack
 message that operators need ("mode change not allowed by the graph", "no
-proxy with this id").  The bench (:mod:`kmlbus.bench_wire`) also shows
+proxy with this id").  The bench (:mod:`kmlbus.tools.bench_wire`) also shows
 pyroute2 several times slower per request.
 """
 
@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from kmlbus import netlink as nl
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import netlink as nl
 
 __all__ = ["AsyncControl", "resolve"]
 
@@ -32,11 +32,15 @@ __all__ = ["AsyncControl", "resolve"]
 async def resolve(family: str | None = None) -> nl.FamilyInfo:
     """Resolve a generic netlink family (default: the spec's ``kmlbus``) through pyroute2.
 
-    Raises :class:`~kmlbus.netlink.ModuleNotLoaded` when the kernel does not
-    have it, :class:`~kmlbus.netlink.NetlinkError` for other kernel errors.
+    Raises :class:`~kmlbus.wire.netlink.ModuleNotLoaded` when the kernel does not
+    have it, :class:`~kmlbus.wire.netlink.NetlinkError` for other kernel errors.
     """
     from pyroute2.netlink.exceptions import NetlinkError as Pr2NetlinkError
-    from pyroute2.netlink.generic import GENL_ID_CTRL, AsyncGenericNetlinkSocket, ctrlmsg
+    from pyroute2.netlink.generic import (
+        GENL_ID_CTRL,
+        AsyncGenericNetlinkSocket,
+        ctrlmsg,
+    )
 
     name = family or kspec.load().name
     sock = AsyncGenericNetlinkSocket()
@@ -72,7 +76,7 @@ class AsyncControl:
     """An asyncio control client for kmlbus.
 
     ``family`` comes from :func:`resolve` (pyroute2); requests run on one
-    private :class:`~kmlbus.netlink.Connection` in a worker thread,
+    private :class:`~kmlbus.wire.netlink.Connection` in a worker thread,
     serialized by a lock (a Connection is not thread-safe).  Note that the
     Connection's port becomes the proxy's bus on :meth:`attach`: closing
     this client releases it.
@@ -107,7 +111,7 @@ class AsyncControl:
 
     async def request(self, op: str, attrs: Mapping[str, Any] | None = None, *,
                       dump: bool = False) -> list[dict[str, Any]]:
-        """:meth:`kmlbus.netlink.Connection.request`, awaited."""
+        """:meth:`kmlbus.wire.netlink.Connection.request`, awaited."""
         if self._conn is None:
             raise nl.KmlbusError("AsyncControl is not open: use `async with AsyncControl() as ctl`")
         async with self._lock:
@@ -144,7 +148,7 @@ class AsyncControl:
         await self.request("detach", {"id": proxy_id})
 
     async def recommend(self, proxy_id: int, recs: Sequence[tuple[int, int, int]] | Any) -> None:
-        """:meth:`kmlbus.netlink.Connection.recommend`, awaited."""
+        """:meth:`kmlbus.wire.netlink.Connection.recommend`, awaited."""
         if self._conn is None:
             raise nl.KmlbusError("AsyncControl is not open: use `async with AsyncControl() as ctl`")
         async with self._lock:

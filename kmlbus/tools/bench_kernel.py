@@ -9,7 +9,7 @@
   ``flush_batch`` records per message (32 = batching, 1 = one per message),
   while ``kmlbus_sample.ko`` makes ``rate`` decisions per second.
 
-``python3 -m kmlbus.vm run -- python3 -m kmlbus.bench_kernel`` prints both as
+``python3 -m kmlbus.vm run -- python3 -m kmlbus.tools.bench_kernel`` prints both as
 a table with ratios against the baseline measured in the same run.  Modules
 that are not loaded are loaded for the measurement and unloaded afterwards.
 """
@@ -24,10 +24,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from kmlbus.netlink import Connection
-from kmlbus.rawtelemetry import TelemetryReader
-from kmlbus.vm.guest import KMLBUS_KO, SAMPLE_KO, insmod, is_loaded, rmmod, sample_param, set_sample_param
+from kmlbus.tools.rawtelemetry import TelemetryReader
+from kmlbus.vm.guest import (
+    KMLBUS_KO,
+    SAMPLE_KO,
+    insmod,
+    is_loaded,
+    rmmod,
+    sample_param,
+    set_sample_param,
+)
 from kmlbus.vm.kernels import project_root
+from kmlbus.wire.netlink import Connection
 
 __all__ = ["BENCH_KO", "decide_ns", "main", "parse_result", "telemetry_rate"]
 
@@ -178,7 +186,7 @@ def _ratio(x: float, base: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both benchmarks and print a table (``--json`` prints the raw numbers instead)."""
-    ap = argparse.ArgumentParser(prog="python -m kmlbus.bench_kernel", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m kmlbus.tools.bench_kernel", description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=200_000, help="calls per decide path (default 200000)")
     ap.add_argument("--seconds", type=float, default=3.0, help="seconds per telemetry run (default 3)")
     ap.add_argument("--rate", type=int, action="append",

@@ -7,11 +7,11 @@ learner can export what it fitted.  The opset and IR version are pinned low
 (opset 13, IR 8) so that any onnxruntime from 1.10 on loads them.
 
 The tensor contract every kmlbus model follows (checked by
-:mod:`kmlbus.registry`): input ``float32 [N, n_features]`` with features in
+:mod:`kmlbus.bus.registry`): input ``float32 [N, n_features]`` with features in
 real units (fixed point divided by the schema's scale), output
 ``float32 [N, 1]`` in the recommendation's real units.
 
-Run ``python -m kmlbus.models DIR`` to write the sample proxy's models into
+Run ``python -m kmlbus.bus.models DIR`` to write the sample proxy's models into
 DIR (used by ``examples/kmlbus.toml``).
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from kmlbus import atomic
+from kmlbus.bus import atomic
 
 __all__ = [
     "INPUT_NAME",
@@ -148,7 +148,7 @@ def mismatched_model(kind: Literal["width", "dtype", "output", "rank"],
 
 
 def to_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialized model, as :meth:`kmlbus.registry.ModelRegistry.install` takes it."""
+    """Serialized model, as :meth:`kmlbus.bus.registry.ModelRegistry.install` takes it."""
     return bytes(model.SerializeToString())
 
 
@@ -164,10 +164,10 @@ def save(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kmlbus.models DIR``: write the sample proxy's models to DIR."""
+    """``python -m kmlbus.bus.models DIR``: write the sample proxy's models to DIR."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
-        print("usage: python -m kmlbus.models DIR", file=sys.stderr)
+        print("usage: python -m kmlbus.bus.models DIR", file=sys.stderr)
         return 2
     out = Path(args[0])
     for name, m in (("sample_good.onnx", sample_good_model()),

@@ -19,7 +19,7 @@ after the send.  A telemetry batch that ends an idle wait takes a fast lane
 it, and the model's recommendations are made from the message's bytes and
 sent before any array exists; the decoded message then only updates the
 bookkeeping.  A proxy configured with ``learn = true`` also has a
-:class:`~kmlbus.learner.LearningLoop`: in learning the bus sends exploratory
+:class:`~kmlbus.bus.learner.LearningLoop`: in learning the bus sends exploratory
 values, refits in a background thread, and the learner's estimate of the
 served model takes part in maturity.  A model demoted for losing to the
 default is held in learning until it is replaced.
@@ -47,13 +47,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from kmlbus import codec, netlink, pins, spec, statefile
-from kmlbus.config import Config, ConfigError, ProxySchema, load
-from kmlbus.dispatcher import DispatchError, Dispatcher
-from kmlbus.learner import Learner, LearningLoop
-from kmlbus.registry import ModelError, ModelRegistry
-from kmlbus.traces import TraceWriter
-from modes import graph as mgraph
+from kmlbus.bus import pins, statefile
+from kmlbus.bus.config import Config, ConfigError, ProxySchema, load
+from kmlbus.bus.dispatcher import Dispatcher, DispatchError
+from kmlbus.bus.learner import Learner, LearningLoop
+from kmlbus.bus.registry import ModelError, ModelRegistry
+from kmlbus.bus.tracefile import TraceWriter
+from kmlbus.contract import graph as mgraph
+from kmlbus.wire import codec, netlink
 from modes.evidence import Evidence
 from modes.machine import ModeError, ProxyModes, TransitionRecord
 from modes.policy import Decision, Fault, Policy, duty
@@ -74,14 +75,14 @@ LATENCY_STRIKES = 3
 class Link(Protocol):
     """What the bus needs of a connection to the family.
 
-    :class:`kmlbus.netlink.Connection` is the real one; :mod:`kmlbus.standin`
+    :class:`kmlbus.wire.netlink.Connection` is the real one; :mod:`tests.support.standin`
     provides an in-process stand-in for fast host tests of the daemon.
     """
 
     portid: int
     family_id: int
     stats: dict[str, int]
-    #: see :attr:`kmlbus.netlink.GenlSocket.on_idle_datagram`
+    #: see :attr:`kmlbus.wire.netlink.GenlSocket.on_idle_datagram`
     on_idle_datagram: Callable[[bytes], bool] | None
 
     def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
@@ -99,7 +100,7 @@ class Link(Protocol):
 
 
 #: Opens a link joined to the given multicast groups; raises
-#: :class:`kmlbus.netlink.ModuleNotLoaded` when the family is absent.
+#: :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent.
 Opener = Callable[[Sequence[str]], Link]
 
 
@@ -671,7 +672,7 @@ def _rec_array(recs: np.ndarray | bytes) -> np.ndarray:
     """Recommendations as a ``rec`` struct array (the hot path has them packed)."""
     if isinstance(recs, np.ndarray):
         return recs
-    return np.frombuffer(recs, dtype=spec.load().structs["rec"].dtype)
+    return np.frombuffer(recs, dtype=codec.struct_dtype("rec"))
 
 
 def _learning_status(loop: LearningLoop) -> dict[str, Any]:

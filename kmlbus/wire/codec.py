@@ -1,7 +1,7 @@
 """Encode and decode kmlbus generic netlink messages, driven by the family spec.
 
 Everything family-specific (attribute numbers, types, nesting, packed struct
-layouts, operation numbers) comes from :func:`kmlbus.spec.load`; this module
+layouts, operation numbers) comes from :func:`kmlbus.contract.spec.load`; this module
 only knows netlink itself: the ``nlmsghdr``/``genlmsghdr`` headers, the
 ``nlattr`` TLV format with its 4-byte alignment, and ``NLMSG_ERROR``/
 ``NLMSG_DONE`` with extended-ack TLVs (``include/uapi/linux/netlink.h``).
@@ -12,7 +12,7 @@ spec struct's dtype), never as per-record Python objects.  Decoding any byte
 string raises nothing but :class:`CodecError`, so a malformed datagram costs
 the caller one counter, not a crash.
 
-The codec is pure: no sockets, no pyroute2.  :mod:`kmlbus.netlink` does I/O.
+The codec is pure: no sockets, no pyroute2.  :mod:`kmlbus.wire.netlink` does I/O.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
 
 __all__ = [
     "CodecError",
@@ -138,6 +138,32 @@ class Message:
     extack_missing: int = -1
     payload: bytes = field(default=b"", repr=False)
     answered: bool = False
+
+
+#: numpy codes for YNL scalar member types (host byte order).
+_NUMPY_SCALAR = {
+    "u8": "u1", "u16": "u2", "u32": "u4", "u64": "u8",
+    "s8": "i1", "s16": "i2", "s32": "i4", "s64": "i8",
+}
+
+
+@functools.cache
+def struct_dtype(name: str) -> np.dtype[np.void]:
+    """numpy structured dtype of spec struct *name*, with its exact C layout (host order)."""
+    sd = kspec.load().structs[name]
+    fields: list[Any] = []
+    for m in sd.members:
+        key = m.name.replace("-", "_")
+        if m.type in _NUMPY_SCALAR:
+            fields.append((key, "=" + _NUMPY_SCALAR[m.type]))
+        elif m.sub_type:
+            fields.append((key, "=" + _NUMPY_SCALAR[m.sub_type], (m.count,)))
+        else:
+            fields.append((key, "V%d" % m.len))
+    dt: np.dtype[np.void] = np.dtype(fields)
+    if dt.itemsize != sd.size:
+        raise kspec.SpecError(f"struct {name}: numpy size {dt.itemsize} != {sd.size}")
+    return dt
 
 
 def nla_align(n: int) -> int:
@@ -283,7 +309,7 @@ def _binary_codec(set_name: str, attr: kspec.Attr, structs: Mapping[str, kspec.S
 
         return dec_raw, enc_raw
 
-    dt = structs[attr.struct].dtype
+    dt = struct_dtype(attr.struct)
     size = dt.itemsize
 
     def dec(buf: bytes, a: int, b: int) -> Any:
@@ -584,7 +610,7 @@ def _event_tables() -> dict[int, tuple[str, dict[int, tuple[str, Any, int]]]]:
                 st = struct.Struct("=" + _INT_CODES[a.type])
                 table[a.value] = (a.name, st, st.size)
             elif a.type == "binary" and a.struct and not a.multi:
-                dt = sp.structs[a.struct].dtype
+                dt = struct_dtype(a.struct)
                 table[a.value] = (a.name, dt, dt.itemsize)
             else:
                 plain = False
@@ -706,6 +732,6 @@ def enum_name(enum: str, value: int) -> str:
 
 
 def clear_caches() -> None:
-    """Forget the tables built from the spec (for tests and tools that swap :func:`kmlbus.spec.load`)."""
+    """Forget the tables built from the spec (for tests and tools that swap :func:`kmlbus.contract.spec.load`)."""
     for f in (_tables, _pad_numbers, _by_name, _op_index, _unknown_op, _struct_attr_names):
         f.cache_clear()

@@ -40,7 +40,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
 
 __all__ = ["ARM_DEFAULT", "ARM_MODEL", "FLAG_CLAMPED", "FLAG_EXPLORED", "FLAG_HAS_SHADOW",
            "PERMILLE", "Fate", "GateResult", "clamp", "gate", "gate_batch"]

@@ -2,8 +2,8 @@
 
 It parses only what a benchmark needs (which proxy, how many records, the
 newest record's kernel timestamp) with ``struct`` and no codec, so that it
-costs as little as a reader can.  :mod:`kmlbus.bench` and
-:mod:`kmlbus.bench_kernel` both measure against it.
+costs as little as a reader can.  :mod:`kmlbus.tools.bench` and
+:mod:`kmlbus.tools.bench_kernel` both measure against it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from kmlbus import spec
+from kmlbus.contract import spec
+from kmlbus.wire import codec
 
 __all__ = ["Batch", "TelemetryReader"]
 
@@ -45,7 +46,7 @@ class TelemetryReader:
         self.attr_id = proxy["id"].value
         self.attr_records = proxy["records"].value
         self.rec_size = sample.size
-        self.ts_off = int(sample.dtype.fields["ts_ns"][1])  # type: ignore[index]
+        self.ts_off = int(codec.struct_dtype("sample").fields["ts_ns"][1])  # type: ignore[index]
         #: receive errors (ENOBUFS: the socket overflowed and messages were lost)
         self.enobufs = 0
         self.buf = bytearray(1 << 17)

@@ -1,4 +1,4 @@
-"""Load the mode graph (``modes/graph.yaml``): states, triggers, guards.
+"""Load the mode graph (``kmlbus/contract/graph.yaml``): states, triggers, guards.
 
 This is the single definition of which mode moves are allowed.  The kernel's
 allowed-transition table is generated from :func:`load` and the bus's
@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
 
 __all__ = ["Graph", "GraphError", "Guards", "Transition", "load"]
 

@@ -1,4 +1,4 @@
-"""Record the bus's batches to a msgpack file, replay them, evaluate a model offline.
+"""The trace file format: record the bus's batches to a msgpack file and replay them.
 
 A trace is a stream of msgpack objects::
 
@@ -35,30 +35,24 @@ import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from . import spec as _spec
-from .config import ProxyConfig, ProxySchema, bind
-from .dispatcher import features_to_float, to_fixed
-from .learner import EfficiencyTable, Estimate, Learner
-from .registry import ModelError, check_session, make_session
+from kmlbus.contract import spec as _spec
+from kmlbus.wire import codec
+
+from .config import ProxySchema
 
 __all__ = [
     "FORMAT",
     "KINDS",
     "MODE_EVENT_DTYPE",
-    "Evaluation",
     "TraceError",
     "TraceEvent",
     "TraceHeader",
     "TraceReader",
     "TraceWriter",
     "VERSION",
-    "evaluate",
-    "learn",
-    "main",
     "open_trace",
     "read_header",
     "replay",
-    "summary",
 ]
 
 FORMAT = "kmlbus-trace"
@@ -77,9 +71,8 @@ class TraceError(ValueError):
 
 
 def _struct_dtypes() -> dict[str, np.dtype[np.void]]:
-    sp = _spec.load()
     out: dict[str, np.dtype[np.void]] = {
-        KINDS[k]: sp.structs[KINDS[k]].dtype for k in ("telemetry", "feedback", "recs")}
+        KINDS[k]: codec.struct_dtype(KINDS[k]) for k in ("telemetry", "feedback", "recs")}
     out["mode-event"] = MODE_EVENT_DTYPE
     return out
 
@@ -394,259 +387,3 @@ def read_header(path: str | os.PathLike[str]) -> TraceHeader:
 def replay(path: str | os.PathLike[str]) -> Iterator[TraceEvent]:
     """Yield the recorded batches of *path* in order, as numpy arrays."""
     yield from open_trace(path)
-
-
-# --------------------------------------------------------------------------
-# Offline evaluation
-
-
-def _collect(path: str | os.PathLike[str], proxy: str | None
-             ) -> tuple[TraceReader, str, ProxySchema, npt.NDArray[np.void], npt.NDArray[np.void]]:
-    """All telemetry and feedback of one proxy (default: the first one recorded)."""
-    reader = open_trace(path)
-    tel: list[npt.NDArray[np.void]] = []
-    fb: list[npt.NDArray[np.void]] = []
-    for ev in reader:
-        if proxy is None and ev.kind in ("telemetry", "feedback"):
-            proxy = ev.proxy
-        if ev.proxy != proxy:
-            continue
-        if ev.kind == "telemetry":
-            tel.append(ev.data)
-        elif ev.kind == "feedback":
-            fb.append(ev.data)
-    if proxy is None:
-        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
-    schema = reader.schemas.get(proxy)
-    if schema is None:
-        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
-    sp = _spec.load()
-    sample_dt, fb_dt = sp.structs["sample"].dtype, sp.structs["feedback"].dtype
-    t = _by_name(reader.path, tel, sample_dt)
-    f = _by_name(reader.path, fb, fb_dt)
-    return reader, proxy, schema, t, f
-
-
-def _by_name(path: Path, parts: list[npt.NDArray[np.void]], dt: np.dtype[np.void]
-             ) -> npt.NDArray[np.void]:
-    """Concatenate recorded batches into this spec's layout, field by field name.
-
-    (numpy's structured ``astype`` matches fields by position, which would
-    silently mix fields if a later spec reordered them.)
-    """
-    if not parts:
-        return np.zeros(0, dt)
-    try:
-        src = np.concatenate(parts)
-    except (TypeError, ValueError) as e:
-        raise TraceError(f"{path}: recorded batches have differing layouts: {e}") from None
-    if src.dtype == dt:
-        return src
-    out = np.zeros(len(src), dt)
-    for name in dt.names or ():
-        if src.dtype.names is None or name not in src.dtype.names:
-            raise TraceError(f"{path}: recorded struct lacks field {name!r} that this kmlbus needs")
-        try:
-            out[name] = src[name]
-        except (TypeError, ValueError) as e:
-            raise TraceError(f"{path}: recorded field {name!r} does not convert: {e}") from None
-    return out
-
-
-def learn(path: str | os.PathLike[str], *, proxy: str | None = None,
-          config: ProxyConfig | None = None, **learner_options: Any) -> Learner:
-    """A :class:`~kmlbus.learner.Learner` fed with every decision of a recorded trace.
-
-    ``learn(path).fit()`` fits a model offline from a run recorded in
-    learning mode (with exploration); :func:`evaluate` then estimates it.
-    """
-    _, proxy, schema, t, f = _collect(path, proxy)
-    learner = Learner(bind(schema, config), **learner_options)
-    # join here rather than through observe_*: a whole trace exceeds the pending buffers
-    _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
-    fs = f[fi]
-    learner.add(features_to_float(t[ti], learner.binding), fs["decision"], fs["efficiency"],
-                fs["arm"])
-    return learner
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """A model's estimated efficiency on a trace, against the recorded default.
-
-    Efficiencies are in real units (fixed point / the proxy's efficiency scale).
-    """
-
-    proxy: str
-    telemetry_records: int
-    feedback_records: int
-    joined: int
-    #: the model, estimated by the cell-mean estimator over the joined samples
-    model: Estimate
-    #: measured mean efficiency of the default arm's decisions
-    default_measured: float
-    default_n: int
-    #: measured efficiency of the default arm on the samples the model's estimate
-    #: covers (the like-for-like comparison when coverage is partial)
-    default_on_covered: Estimate
-    #: measured mean efficiency of decisions the recorded model made, if any
-    recorded_model_measured: float
-    recorded_model_n: int
-
-    @property
-    def gain(self) -> float:
-        """Estimated model efficiency minus the default's measured efficiency."""
-        return self.model.efficiency - self.default_measured
-
-    def __str__(self) -> str:
-        return (f"proxy {self.proxy}: model {self.model.efficiency:.3f} (estimated, coverage "
-                f"{self.model.coverage:.0%} of {self.joined} decisions) vs default "
-                f"{self.default_measured:.3f} (measured over {self.default_n}); "
-                f"gain {self.gain:+.3f}")
-
-
-def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str], *,
-             proxy: str | None = None, config: ProxyConfig | None = None,
-             bins: int = 6, decision_bins: int = 16) -> Evaluation:
-    """Replay *path*'s telemetry through *model* offline and estimate its efficiency.
-
-    Estimator (direct method, see :class:`kmlbus.learner.EfficiencyTable`):
-    every decision with both a telemetry sample and a feedback record (joined
-    by ``seq``) goes into cells (feature bucket x decision bin) holding the
-    mean measured efficiency.  The model is run on each sample's features (via
-    the same binding, rounding and clamping as the dispatcher); its estimated
-    efficiency is the mean of the cells its decisions land in.  Decisions in
-    cells the trace never measured are left out and reported as coverage < 1:
-    a trace from a default-only run can only evaluate models that decide like
-    the default, which is why learning mode explores.  The default is reported
-    as measured (all default-arm feedback) and as measured on the covered samples.
-    """
-    reader, proxy, schema, t, f = _collect(path, proxy)
-    sp = _spec.load()
-    b = bind(schema, config)
-    _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
-    ts, fs = t[ti], f[fi]
-    escale = float(schema.efficiency_scale)
-    arm_default = sp.enums["arm"].value("default")
-    d_all = f["efficiency"].astype(np.float64) / escale
-    is_def = f["arm"] == arm_default
-    default_measured = float(d_all[is_def].mean()) if is_def.any() else float("nan")
-    rec_model = float(d_all[~is_def].mean()) if (~is_def).any() else float("nan")
-    nan_est = Estimate(float("nan"), 0.0, 0)
-    if len(ts) == 0:
-        return Evaluation(proxy, len(t), len(f), 0, nan_est, default_measured,
-                          int(is_def.sum()), nan_est, rec_model, int((~is_def).sum()))
-
-    session = make_session(proxy, model)
-    inp, out = check_session(proxy, session, b.n_features, input_name=b.input_name,
-                             output_name=b.output_name, source=str(model)[:80]
-                             if not isinstance(model, bytes) else "in-memory model")
-    x = features_to_float(ts, b)
-    try:
-        (y,) = session.run([out], {inp: x})
-    except Exception as e:
-        raise ModelError(proxy, f"proxy {proxy}: model failed on the trace's features: "
-                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from None
-    fixed, _, valid = to_fixed(np.asarray(y, dtype=np.float32).reshape(-1), b)
-    d_model = fixed.astype(np.float64) / b.out_scale
-    d_rec = fs["decision"].astype(np.float64) / b.out_scale
-    e_rec = fs["efficiency"].astype(np.float64) / escale
-    lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
-    if not b.bounded:
-        lo, hi = float(min(d_rec.min(), d_model.min())), float(max(d_rec.max(), d_model.max()))
-    table = EfficiencyTable(x, d_rec, e_rec, d_lo=lo, d_hi=hi, bins=bins,
-                            decision_bins=decision_bins)
-    model_est = table.estimate(x[valid], d_model[valid])
-    # the default's own decisions, on the samples where the model's cell was measured
-    means = table.cell_means()
-    covered = ~np.isnan(means[table.bucket(x) * table.decision_bins + table.dbin(d_model)])
-    covered &= valid
-    dmask = covered & (fs["arm"] == arm_default)
-    default_est = Estimate(float(e_rec[dmask].mean()) if dmask.any() else float("nan"),
-                           float(dmask.mean()), int(dmask.sum()))
-    return Evaluation(proxy, len(t), len(f), len(ts), model_est, default_measured,
-                      int(is_def.sum()), default_est, rec_model, int((~is_def).sum()))
-
-
-# --------------------------------------------------------------------------
-# Command line: python -m kmlbus.traces {show,evaluate,fit}
-
-
-def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Counts per proxy and kind, rows, and the time span of a trace."""
-    reader = open_trace(path)
-    per: dict[str, dict[str, list[int]]] = {}
-    first = last = None
-    for ev in reader:
-        c = per.setdefault(ev.proxy, {}).setdefault(ev.kind, [0, 0])
-        c[0] += 1
-        c[1] += len(ev.data)
-        first = ev.ts if first is None else first
-        last = ev.ts
-    return {
-        "path": str(reader.path), "version": reader.header.version,
-        "spec_version": reader.header.spec_version, "proxies": sorted(reader.schemas),
-        "batches": {p: {k: {"batches": v[0], "rows": v[1]} for k, v in kinds.items()}
-                    for p, kinds in per.items()},
-        "span_s": 0.0 if first is None or last is None else (last - first) / 1e9,
-    }
-
-
-def main(argv: Iterable[str] | None = None) -> int:
-    """``python -m kmlbus.traces``: show a trace, evaluate a model on it, fit one from it."""
-    import argparse
-    import json
-    import sys
-
-    from . import config as _config
-    from .registry import ModelError as _ModelError
-
-    ap = argparse.ArgumentParser(prog="python -m kmlbus.traces",
-                                 description="Inspect kmlbus traces, evaluate and fit models.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("show", help="counts per proxy and kind")
-    s.add_argument("trace")
-    for name, hlp in (("evaluate", "estimate a model's efficiency on the trace"),
-                      ("fit", "fit a linear model from the trace's feedback")):
-        s = sub.add_parser(name, help=hlp)
-        s.add_argument("trace")
-        s.add_argument("model", help="ONNX model to evaluate" if name == "evaluate"
-                       else "where to write the fitted ONNX model")
-        s.add_argument("--proxy", help="proxy name (default: the first recorded)")
-        s.add_argument("--config", help="bus TOML whose [proxy.<name>] binding to use")
-    args = ap.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.cmd == "show":
-            print(json.dumps(summary(args.trace), indent=2))
-            return 0
-        pc = None
-        if args.config:
-            c = _config.load(args.config)
-            pname = args.proxy or next(iter(c.proxies), None)
-            pc = c.proxies.get(pname) if pname else None
-        if args.cmd == "evaluate":
-            print(evaluate(args.trace, args.model, proxy=args.proxy, config=pc))
-            return 0
-        learner = learn(args.trace, proxy=args.proxy, config=pc)
-        fit = learner.fit()
-        if fit is None:
-            print(f"{args.trace}: only {learner.n_samples} joined decisions; need 256 to fit")
-            return 1
-        from . import models as _models
-        out = Path(args.model)
-        _models.save(_models.linear_model(
-            fit.weights, fit.bias, learner.binding.n_features,
-            input_name=learner.binding.input_name or _models.INPUT_NAME,
-            output_name=learner.binding.output_name or _models.OUTPUT_NAME), out)
-        print(f"{out}: weights {[round(w, 4) for w in fit.weights]} bias {fit.bias:.4f} "
-              f"({learner.binding.feature_names}) from {fit.n_samples} decisions")
-        print(evaluate(args.trace, out, proxy=learner.binding.proxy, config=pc))
-        return 0
-    except (TraceError, _ModelError, _config.ConfigError) as e:
-        print(f"kmlbus traces: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,15 +7,15 @@ ratios against the raw/numpy baseline, because absolute times differ a lot
 between the host and a TCG guest (ENVIRONMENT.md).
 
 - request/reply: ``CTRL_CMD_GETFAMILY("nlctrl")`` (a family every kernel
-  has) through :class:`kmlbus.netlink.GenlSocket` and through pyroute2's
+  has) through :class:`kmlbus.wire.netlink.GenlSocket` and through pyroute2's
   ``GenericNetlinkSocket``; both send, wait for reply + ACK and parse.
 - decode: one telemetry message of ``batch`` sample records through
-  :func:`kmlbus.codec.decode_msg` (numpy view), through a pyroute2 genlmsg
+  :func:`kmlbus.wire.codec.decode_msg` (numpy view), through a pyroute2 genlmsg
   class whose ``nla_map`` is built from the spec (records then viewed with
   numpy, pyroute2's best case), and record by record with
   ``struct.iter_unpack`` (what a pure-Python decoder would do).
 
-Run: ``python -m kmlbus.bench_wire``.
+Run: ``python -m kmlbus.tools.bench_wire``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from kmlbus import codec
-from kmlbus import netlink as nl
-from kmlbus import spec as kspec
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire import netlink as nl
 
 __all__ = ["run"]
 
@@ -121,7 +121,7 @@ def _kmlbus_requests(sp: kspec.Spec, requests: int, proxy: str) -> dict[str, flo
 
 def _telemetry_message(sp: kspec.Spec, batch: int) -> bytes:
     rng = np.random.default_rng(1)
-    recs = np.zeros(batch, dtype=sp.structs["sample"].dtype)
+    recs = np.zeros(batch, dtype=codec.struct_dtype("sample"))
     recs["seq"] = np.arange(1, batch + 1)
     recs["key"] = rng.integers(0, 64, batch)
     recs["features"][:, :3] = rng.integers(0, 64000, (batch, 3))
@@ -143,7 +143,12 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
 
     # --- request/reply against nlctrl -------------------------------------------
     from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-    from pyroute2.netlink.generic import CTRL_CMD_GETFAMILY, GENL_ID_CTRL, GenericNetlinkSocket, ctrlmsg
+    from pyroute2.netlink.generic import (
+        CTRL_CMD_GETFAMILY,
+        GENL_ID_CTRL,
+        GenericNetlinkSocket,
+        ctrlmsg,
+    )
 
     raw = nl.GenlSocket()
     pr2 = GenericNetlinkSocket()
@@ -167,7 +172,7 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
 
     # --- decoding one telemetry batch -------------------------------------------
     data = _telemetry_message(sp, batch)
-    dt = sp.structs["sample"].dtype
+    dt = codec.struct_dtype("sample")
 
     def numpy_view() -> Any:
         (m,) = codec.decode_msg(data)

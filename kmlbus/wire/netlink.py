@@ -9,7 +9,7 @@ groups.  Multicast messages that arrive while a request waits are queued,
 never dropped, for :meth:`GenlSocket.recv`.
 
 :class:`Connection` is that socket bound to the ``kmlbus`` family, with the
-messages encoded and decoded by :mod:`kmlbus.codec` from the family spec and
+messages encoded and decoded by :mod:`kmlbus.wire.codec` from the family spec and
 one method per control operation.
 
 The hot path is :meth:`Connection.recv`: one ``recv_into`` per datagram, one
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kmlbus import codec
-from kmlbus import spec as kspec
-from kmlbus.codec import CodecError, Message
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire.codec import CodecError, Message
 
 __all__ = [
     "Connection",
@@ -442,7 +442,7 @@ def _bad_attr_name(request: bytes, offset: int, set_name: str) -> str:
 class ControlOps:
     """One method per control operation, built on :meth:`request` and :meth:`send_nowait`.
 
-    :class:`Connection` speaks them to the kernel; :mod:`kmlbus.standin`'s
+    :class:`Connection` speaks them to the kernel; :mod:`tests.support.standin`'s
     link to its in-process model of the module, with the same semantics.
     """
 
@@ -455,7 +455,7 @@ class ControlOps:
 
     def _recommend_nowait(self, proxy_id: int, recs: bytes) -> None:
         """One ``recommend`` of packed ``rec`` structs, no ACK asked."""
-        dt = kspec.load().structs["rec"].dtype
+        dt = codec.struct_dtype("rec")
         self.send_nowait("recommend", {"id": proxy_id, "recs": np.frombuffer(recs, dtype=dt)})
 
     def proxies(self) -> list[dict[str, Any]]:
@@ -507,8 +507,8 @@ class ControlOps:
                 for i in range(0, len(recs), step * size):
                     self._recommend_nowait(proxy_id, recs[i:i + step * size])
                 return
-            recs = np.frombuffer(recs, dtype=kspec.load().structs["rec"].dtype)
-        dt = kspec.load().structs["rec"].dtype
+            recs = np.frombuffer(recs, dtype=codec.struct_dtype("rec"))
+        dt = codec.struct_dtype("rec")
         arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
         for i in range(0, len(arr), step):
             if wait:

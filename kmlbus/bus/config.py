@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import spec as _spec
+from kmlbus.contract import spec as _spec
 
 __all__ = [
     "Binding",
@@ -91,7 +91,7 @@ class ProxySchema:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ProxySchema:
-        """Build from a decoded ``get``/dump reply (``kmlbus.netlink`` dict).
+        """Build from a decoded ``get``/dump reply (``kmlbus.wire.netlink`` dict).
 
         Raises :class:`ConfigError` if an attribute the bus needs is absent,
         because a model cannot be checked against a schema it never saw.

@@ -1,8 +1,9 @@
-"""Load the kmlbus family spec (``kernel/kmlbus.yaml``) into typed tables.
+"""Load the kmlbus family spec (``kmlbus/contract/kmlbus.yaml``) into typed tables.
 
 The spec is the one wire contract shared by the kernel and the bus: the C
-generator (``kernel/tools/kmlbus_gen.py``) and the Python codec both read it
-through this module, so numbering rules live in exactly one place.
+generator (:mod:`kmlbus.contract.cgen`) and the Python codec both read it
+through this module, so numbering rules live in exactly one place.  It needs only
+PyYAML: the generator runs without numpy.
 
 Numbering follows YNL: attributes count from 1 in each set, operations count
 from 1 in list order, enum entries from 0, flag entries are bit positions.
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 
 __all__ = [
@@ -32,11 +32,7 @@ __all__ = [
     "spec_path",
 ]
 
-#: numpy/struct codes for YNL scalar member types (host byte order).
-_SCALAR = {
-    "u8": "u1", "u16": "u2", "u32": "u4", "u64": "u8",
-    "s8": "i1", "s16": "i2", "s32": "i4", "s64": "i8",
-}
+#: ``struct`` module codes for YNL scalar member types (host byte order).
 _STRUCT_FMT = {
     "u8": "B", "u16": "H", "u32": "I", "u64": "Q",
     "s8": "b", "s16": "h", "s32": "i", "s64": "q",
@@ -84,13 +80,13 @@ class Member:
         """Size in bytes."""
         if self.type == "binary":
             return self.len
-        return int(_SCALAR[self.type][1])
+        return struct.calcsize(_STRUCT_FMT[self.type])
 
     @property
     def count(self) -> int:
         """Elements in an array member (``sub-type``), else 0."""
         if self.sub_type:
-            return self.len // int(_SCALAR[self.sub_type][1])
+            return self.len // struct.calcsize(_STRUCT_FMT[self.sub_type])
         return 0
 
 
@@ -106,23 +102,6 @@ class StructDef:
     def size(self) -> int:
         """sizeof() of the packed struct."""
         return sum(m.size for m in self.members)
-
-    @functools.cached_property
-    def dtype(self) -> np.dtype[Any]:
-        """numpy structured dtype with the exact C layout (host order)."""
-        fields: list[Any] = []
-        for m in self.members:
-            key = m.name.replace("-", "_")
-            if m.type in _SCALAR:
-                fields.append((key, "=" + _SCALAR[m.type]))
-            elif m.sub_type:
-                fields.append((key, "=" + _SCALAR[m.sub_type], (m.count,)))
-            else:
-                fields.append((key, "V%d" % m.len))
-        dt = np.dtype(fields)
-        if dt.itemsize != self.size:
-            raise SpecError(f"struct {self.name}: numpy size {dt.itemsize} != {self.size}")
-        return dt
 
 
 @dataclass(frozen=True)
@@ -215,12 +194,11 @@ class Spec:
 
 
 def spec_path() -> Path:
-    """Where the family spec is: the source tree's ``kernel/`` or the packaged copy."""
-    here = Path(__file__).resolve().parent
-    for cand in (here.parent / "kernel" / "kmlbus.yaml", here / "data" / "kmlbus.yaml"):
-        if cand.is_file():
-            return cand
-    raise SpecError(f"kmlbus.yaml not found next to {here}; reinstall the package")
+    """Where the family spec is: beside this module, in the source tree and in the wheel alike."""
+    path = Path(__file__).resolve().parent / "kmlbus.yaml"
+    if not path.is_file():
+        raise SpecError(f"{path} is missing; the kmlbus package is incomplete: reinstall it")
+    return path
 
 
 def _names(block: dict[str, Any] | None) -> tuple[str, ...] | None:
@@ -248,7 +226,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Spec:
             for m in members:
                 if m.type == "binary" and m.len <= 0:
                     raise SpecError(f"struct {d['name']}.{m.name}: binary member needs len")
-                if m.type not in _SCALAR and m.type != "binary":
+                if m.type not in _STRUCT_FMT and m.type != "binary":
                     raise SpecError(f"struct {d['name']}.{m.name}: unsupported type {m.type}")
             structs[d["name"]] = StructDef(d["name"], members, d.get("doc", ""))
         else:

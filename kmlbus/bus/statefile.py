@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kmlbus import atomic
+from kmlbus.bus import atomic
 
 __all__ = ["default_path", "read", "write"]
 

@@ -28,8 +28,18 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from . import spec as _spec
+from kmlbus.contract import spec as _spec
+from kmlbus.wire import codec
+
 from .config import Binding, ProxySchema
+from .fixedpoint import (
+    SMALL_BATCH,
+    Conversion,
+    conversion,
+    features_to_float,
+    sample_rows,
+    to_fixed_lazy,
+)
 from .registry import ModelRegistry, ModelRuntimeError, NoModelError
 
 __all__ = [
@@ -38,9 +48,7 @@ __all__ = [
     "InferenceError",
     "ProxyCounters",
     "RecordsError",
-    "features_to_float",
     "latest_per_key",
-    "to_fixed",
 ]
 
 log = logging.getLogger(__name__)
@@ -86,11 +94,11 @@ class ProxyCounters:
 
 
 def _sample_dtype() -> np.dtype[np.void]:
-    return _spec.load().structs["sample"].dtype
+    return codec.struct_dtype("sample")
 
 
 def _rec_dtype() -> np.dtype[np.void]:
-    return _spec.load().structs["rec"].dtype
+    return codec.struct_dtype("rec")
 
 
 _INF = float("inf")
@@ -101,26 +109,6 @@ def _rec_pack(n: int) -> struct.Struct:
     """``struct`` layout of *n* consecutive ``rec`` records (from the spec)."""
     fmt = _spec.load().struct_format("rec")
     return struct.Struct(fmt[0] + fmt[1:] * n)
-
-@functools.lru_cache(maxsize=None)
-def _sample_rows() -> tuple[struct.Struct, int, int, int]:
-    """``struct`` of one ``sample`` (from the spec) and the positions of ``seq``, ``key``
-    and the first feature in the tuple it unpacks to."""
-    sp = _spec.load()
-    at: dict[str, int] = {}
-    pos = 0
-    for m in sp.structs["sample"].members:
-        at[m.name] = pos
-        pos += m.count if m.sub_type else 1
-    return struct.Struct(sp.struct_format("sample")), at["seq"], at["key"], at["features"]
-
-
-#: Batches up to this many records take the pure-Python path (:meth:`Dispatcher._handle_small`):
-#: a kernel batch is at most 32 records, and a few dict operations per record cost
-#: less than the numpy calls of the general path (each tens of microseconds under
-#: emulation, hundreds once their code has gone cold between two batches).
-SMALL_BATCH = 64
-
 
 def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
     """Indices into *records* of the highest-``seq`` sample of each distinct key, by key.
@@ -138,98 +126,6 @@ def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
     last = np.ones(len(order), dtype=bool)
     last[:-1] = keys[1:] != keys[:-1]
     return order[last].astype(np.intp)
-
-
-@dataclass(frozen=True)
-class _Conv:
-    """A binding's conversion constants as arrays, built once per binding."""
-
-    binding: Binding
-    cols: npt.NDArray[np.intp] | slice  # a slice when the columns are 0..n-1 in order
-    div: npt.NDArray[np.float64]
-    #: a divisor so small that a feature / divisor may overflow float32 (then the
-    #: overflow warning is silenced: the model sees inf)
-    tiny: bool
-    #: (position in an unpacked ``sample`` tuple, divisor) of each model input, in order
-    pairs: tuple[tuple[int, float], ...]
-    #: every divisor is non-zero: plain Python division gives what numpy's does
-    nonzero: bool
-
-
-_CONV: dict[int, _Conv] = {}
-
-
-def _conv(binding: Binding) -> _Conv:
-    c = _CONV.get(id(binding))
-    if c is None or c.binding is not binding:
-        n = len(binding.columns)
-        cols: npt.NDArray[np.intp] | slice = (
-            slice(0, n) if binding.columns == tuple(range(n))
-            else np.asarray(binding.columns, dtype=np.intp))
-        div = np.asarray(binding.divisors, dtype=np.float64)
-        f0 = _sample_rows()[3]
-        c = _Conv(binding, cols, div, bool((np.abs(div) < 1e-28).any()),
-                  tuple((f0 + col, float(d)) for col, d in zip(binding.columns, binding.divisors)),
-                  all(d != 0 for d in binding.divisors))
-        if len(_CONV) > 256:  # bindings are few; forget them all rather than grow
-            _CONV.clear()
-        _CONV[id(binding)] = c
-    return c
-
-
-def features_to_float(records: npt.NDArray[np.void], binding: Binding) -> npt.NDArray[np.float32]:
-    """``records.features[:, columns] / divisors`` as float32 [N, n_features].
-
-    The division is done in float64 and rounded once to float32.  One ufunc
-    call per batch: under emulation every numpy call costs tens of
-    microseconds, so the hot path counts them.
-    """
-    c = _conv(binding)
-    return _divide(records["features"][:, c.cols], c)
-
-
-def _divide(raw: npt.NDArray[np.int32], c: _Conv) -> npt.NDArray[np.float32]:
-    out = np.empty(raw.shape, dtype=np.float32)
-    if c.tiny:
-        with np.errstate(over="ignore"):  # a silly divisor gives inf; the model sees it
-            np.divide(raw, c.div, out=out, dtype=np.float64, casting="unsafe")
-    else:  # |int32| / 1e-28 < 3.4e38: no overflow possible, and errstate costs a few us
-        np.divide(raw, c.div, out=out, dtype=np.float64, casting="unsafe")
-    return out
-
-
-def to_fixed(values: npt.NDArray[np.floating], binding: Binding
-             ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Model output (real units) -> clamped fixed point.
-
-    Returns ``(fixed int32, clamped mask, valid mask)``; NaN rows are invalid
-    (their fixed value is meaningless).  Rounding is half-to-even (``np.rint``).
-    """
-    fixed, clamped, valid = _to_fixed(values, binding)
-    return fixed, clamped, np.ones(len(fixed), dtype=bool) if valid is None else valid
-
-
-def _to_fixed(values: npt.NDArray[np.floating], binding: Binding
-              ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_], npt.NDArray[np.bool_] | None]:
-    """:func:`to_fixed` with ``valid`` None when every row is valid (the usual case)."""
-    v = np.multiply(values, binding.out_scale, dtype=np.float64)
-    np.rint(v, out=v)
-    if 0 < len(v) <= SMALL_BATCH:
-        lo, hi = binding.rec_min, binding.rec_max
-        # the usual case, all in range (a NaN compares False), checked without a reduction
-        if all(lo <= x <= hi for x in v.tolist()):
-            return v.astype(np.int32), np.zeros(len(v), dtype=bool), None
-    valid: npt.NDArray[np.bool_] | None = None
-    nan = np.isnan(v)
-    if nan.any():
-        valid = ~nan
-        v[nan] = float(binding.rec_min)
-    c = np.minimum(v, float(binding.rec_max))
-    np.maximum(c, float(binding.rec_min), out=c)
-    clamped = c != v
-    if valid is not None:
-        clamped &= valid
-    return c.astype(np.int32), clamped, valid
 
 
 class Dispatcher:
@@ -282,7 +178,7 @@ class Dispatcher:
         it makes any array of them.
 
         *records* may also be the samples' packed bytes, as a telemetry message
-        carries them (:func:`kmlbus.codec.peek_event`); a kernel-sized batch is
+        carries them (:func:`kmlbus.wire.codec.peek_event`); a kernel-sized batch is
         then answered without any array of it at all.
         """
         out = self._timed(proxy, records)
@@ -306,7 +202,7 @@ class Dispatcher:
         b = self.registry.binding(proxy)
         rec_dt = _rec_dtype()
         if isinstance(records, (bytes, memoryview)):
-            size = _sample_rows()[0].size
+            size = sample_rows()[0].size
             if len(records) % size:
                 c.errors += 1
                 raise RecordsError(proxy, f"proxy {proxy}: telemetry records: {len(records)} "
@@ -324,7 +220,7 @@ class Dispatcher:
         c.records += n
         if n == 0:
             return np.zeros(0, dtype=rec_dt)
-        conv = _conv(b)
+        conv = conversion(b)
         if n <= SMALL_BATCH and conv.nonzero:
             return self._handle_small(proxy, records, b, conv, c)
         if not isinstance(records, np.ndarray):
@@ -339,7 +235,7 @@ class Dispatcher:
         latest = records[idx]
         x = features_to_float(latest, b)
         y = self._infer(proxy, len(x), c, lambda: self.registry.predict(proxy, x))
-        fixed, clamped, valid = _to_fixed(y, b)
+        fixed, clamped, valid = to_fixed_lazy(y, b)
         c.clamped += int(np.count_nonzero(clamped))
         keys = latest["key"]
         if valid is not None:
@@ -369,7 +265,7 @@ class Dispatcher:
         return y
 
     def _handle_small(self, proxy: str, records: npt.NDArray[np.void] | memoryview | bytes,
-                      b: Binding, conv: _Conv, c: ProxyCounters) -> bytes:
+                      b: Binding, conv: Conversion, c: ProxyCounters) -> bytes:
         """:meth:`_handle` for a kernel-sized batch: packed ``rec`` bytes, computed in plain
         Python around one array for the inference.
 
@@ -380,7 +276,7 @@ class Dispatcher:
         division rounded once to float32, half-to-even rounding, clamping); a
         property test holds the two paths to identical bytes and counters.
         """
-        unpack, i_seq, i_key, _ = _sample_rows()
+        unpack, i_seq, i_key, _ = sample_rows()
         try:
             rows = unpack.iter_unpack(cast(Any, records))  # the array's own bytes, no copy
         except (ValueError, TypeError, BufferError):  # a non-contiguous view

@@ -10,26 +10,26 @@ tests the daemon (or this model), never the kernel.
 
 What it models
     * :class:`StandinKernel` holds proxies; :func:`StandinKernel.open` is a
-      drop-in ``opener`` for :class:`kmlbus.daemon.Bus` and returns a
-      :class:`StandinLink` with the methods of :class:`kmlbus.netlink.Connection`
+      drop-in ``opener`` for :class:`kmlbus.bus.daemon.Bus` and returns a
+      :class:`StandinLink` with the methods of :class:`kmlbus.wire.netlink.Connection`
       the bus uses (plus ``proxy``, ``request``, ``join``/``leave``).  Every
-      request and every multicast message goes through :mod:`kmlbus.codec`
+      request and every multicast message goes through :mod:`kmlbus.wire.codec`
       (encoded to wire bytes and decoded again), so dump replies are the same
       dicts and telemetry/feedback the same read-only numpy views of the spec
       structs that ``Connection`` returns.
     * Requests as ``kmlbus_nl.c`` handles them: admin ops refused with EPERM for
       a link opened without ``cap_net_admin``; the generated policy's range
       checks (ERANGE, "integer out of range"); set-mode checked against
-      :func:`modes.graph.load` (EINVAL + extack); set-params (stale-ms bound,
+      :func:`kmlbus.contract.graph.load` (EINVAL + extack); set-params (stale-ms bound,
       ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
       without a bus; otherwise emergency, reason detach); recommend checked
       all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT, key).
-      Errors are raised as :class:`kmlbus.netlink.NetlinkError` with the extack
+      Errors are raised as :class:`kmlbus.wire.netlink.NetlinkError` with the extack
       text formatted as ``Connection`` formats it (``[attribute x]``,
       ``: missing attribute x``).
     * The decision path (``kml_proxy_decide``): slots with expiry, a stale slot
       counted expired once and cleared, clamping to the recommendation's bounds,
-      and the per-mode gate of :func:`modes.gate.gate_batch` (not re-implemented).
+      and the per-mode gate of :func:`tests.support.gate.gate_batch` (not re-implemented).
       Counters as the kernel's ``counters`` nest.
     * Buffering: rings of 1024 samples / 1024 feedback records, a flush when 32
       samples are buffered or every 20 ms, telemetry in messages of at most 32
@@ -49,7 +49,7 @@ What it models
     * ``unload()``/``load()`` as rmmod/insmod of both modules: open links are
       dead afterwards (requests raise ``NetlinkError`` ENOENT, as for a family
       id the kernel no longer knows; ``recv`` returns what was queued, then
-      nothing), the opener raises :class:`~kmlbus.netlink.ModuleNotLoaded`
+      nothing), the opener raises :class:`~kmlbus.wire.netlink.ModuleNotLoaded`
       while unloaded, and a new family id and fresh proxies come with load.
 
 What it does not model
@@ -90,12 +90,18 @@ from typing import Any, Protocol, Self
 import numpy as np
 import numpy.typing as npt
 
-from kmlbus import codec
-from kmlbus import spec as kspec
-from kmlbus.codec import Message
-from kmlbus.netlink import DRAIN_MAX, ControlOps, KmlbusError, ModuleNotLoaded, NetlinkError
-from modes import gate as mgate
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
+from kmlbus.wire import codec
+from kmlbus.wire.codec import Message
+from kmlbus.wire.netlink import (
+    DRAIN_MAX,
+    ControlOps,
+    KmlbusError,
+    ModuleNotLoaded,
+    NetlinkError,
+)
+from tests.support import gate as mgate
 
 __all__ = [
     "FieldDesc",
@@ -137,8 +143,8 @@ _SPEC = kspec.load()
 _MODES = _SPEC.enums["mode"]
 _REASONS = _SPEC.enums["reason"]
 _LIFECYCLE = _SPEC.enums["lifecycle"]
-_SAMPLE_DT = _SPEC.structs["sample"].dtype
-_FEEDBACK_DT = _SPEC.structs["feedback"].dtype
+_SAMPLE_DT = codec.struct_dtype("sample")
+_FEEDBACK_DT = codec.struct_dtype("feedback")
 _COUNTERS = tuple(a.name for a in _SPEC.attr_sets["counters"].attrs if a.type != "pad")
 _MAX_TTL_MS = int(_SPEC.consts["max-ttl-ms"])
 _MAX_RECS = int(_SPEC.consts["max-recs"])
@@ -773,7 +779,7 @@ class StandinKernel:
             err = p.change_mode(int(a["mode"]), _REASONS.value("operator") if reason is None else int(reason),
                                 force=False)
             if err:
-                raise _Refused(err, "mode change not allowed by the mode graph (modes/graph.yaml)", "mode")
+                raise _Refused(err, "mode change not allowed by the mode graph (kmlbus/contract/graph.yaml)", "mode")
         elif op == "set-params":
             stale = a.get("stale-ms")
             if stale is not None and stale > _MAX_TTL_MS * 1000:
@@ -861,7 +867,7 @@ class StandinKernel:
 
 class StandinLink(ControlOps):
     """A socket on the stand-in family: the ``Connection`` methods the bus uses (see
-    :class:`kmlbus.daemon.Link`); the per-operation methods come from :class:`ControlOps`."""
+    :class:`kmlbus.bus.daemon.Link`); the per-operation methods come from :class:`ControlOps`."""
 
     def __init__(self, kernel: StandinKernel, portid: int, *, cap_net_admin: bool, rcvbuf: int) -> None:
         self.kernel = kernel
@@ -875,7 +881,7 @@ class StandinLink(ControlOps):
         self.async_errors: deque[NetlinkError] = deque(maxlen=256)
         self.closed = False
         self._queue: deque[bytes] = deque()
-        #: see :attr:`kmlbus.netlink.GenlSocket.on_idle_datagram`
+        #: see :attr:`kmlbus.wire.netlink.GenlSocket.on_idle_datagram`
         self.on_idle_datagram: Callable[[bytes], bool] | None = None
         self._queued = 0
         self._overran = False
@@ -993,7 +999,7 @@ class StandinLink(ControlOps):
 
     def request(self, op: str, attrs: Mapping[str, Any] | None = None, *, dump: bool = False
                 ) -> list[dict[str, Any]]:
-        """As :meth:`kmlbus.netlink.Connection.request`: reply attribute dicts, or NetlinkError."""
+        """As :meth:`kmlbus.wire.netlink.Connection.request`: reply attribute dicts, or NetlinkError."""
         self._check_open()
         o = _SPEC.op_by_name.get(op)
         if o is None:

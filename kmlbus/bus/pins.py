@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kmlbus import atomic, statefile
+from kmlbus.bus import atomic, statefile
 
 __all__ = ["load", "pin", "pins_path", "unpin"]
 

@@ -42,8 +42,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kmlbus import atomic, codec, models, netlink
+from kmlbus.bus import atomic, models
 from kmlbus.vm import guest
+from kmlbus.wire import codec, netlink
 
 __all__ = ["main"]
 

@@ -23,7 +23,7 @@ Two measurements against the real module and the sample proxy:
     as the ``--rate`` asks; the kernel's own production rate and drops are
     printed beside them.
 
-(c) the kernel side (:mod:`kmlbus.bench_kernel`): nanoseconds per
+(c) the kernel side (:mod:`kmlbus.tools.bench_kernel`): nanoseconds per
     ``kml_proxy_decide`` with and without a fresh recommendation against an
     empty callback, and telemetry delivered with 32 records per message versus
     one.
@@ -47,10 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kmlbus import codec, models, netlink, spec
-from kmlbus.config import loads
-from kmlbus.daemon import Bus
-from kmlbus.rawtelemetry import TelemetryReader
+from kmlbus.bus import models
+from kmlbus.bus.config import loads
+from kmlbus.bus.daemon import Bus
+from kmlbus.tools.rawtelemetry import TelemetryReader
+from kmlbus.wire import codec, netlink
 
 __all__ = ["main"]
 
@@ -74,7 +75,7 @@ def _set_rate(rate: int) -> None:
 
 
 def _echo_request(family_id: int, proxy_id: int) -> bytearray:
-    recs = np.zeros(1, dtype=spec.load().structs["rec"].dtype)
+    recs = np.zeros(1, dtype=codec.struct_dtype("rec"))
     recs["value"], recs["ttl_ms"] = 8, 100
     return bytearray(codec.encode_msg(family_id, "recommend", {"id": proxy_id, "recs": recs}, seq=1,
                                       flags=codec.NLM_F_REQUEST))
@@ -179,7 +180,7 @@ def _throughput(loop: Callable[[float], int], conn: netlink.Connection, proxy_id
 
 def main(args: argparse.Namespace) -> int:
     """``kmlbus bench``: here where the module loads, else inside the VM."""
-    from kmlbus import demo
+    from kmlbus.tools import demo
 
     if not (getattr(args, "here", False) or demo.can_load_modules()):
         from kmlbus import vm
@@ -260,6 +261,6 @@ def _run(seconds: float, rate: int) -> int:
           f"{bus_tp[0] / raw_tp[0] if raw_tp[0] else float('nan'):8.2f}")
     print("\n(x floor: bus / floor for latency, bus / floor for throughput; targets: <= 3x on (a), >= 0.5x on (b))")
     print("\n(c) the kernel side: kmlbus_bench.ko and the telemetry batching knob\n")
-    from kmlbus import bench_kernel
+    from kmlbus.tools import bench_kernel
 
     return bench_kernel.main(["--seconds", f"{min(seconds, 3.0):g}"])

@@ -247,13 +247,13 @@ class ModelRegistry:
     def bind(self, schema: ProxySchema, *, load: bool = True) -> Binding:
         """Register *schema* with its ``[proxy.<name>]`` config and load its model.
 
-        Returns the :class:`~kmlbus.config.Binding`.  A proxy without a
+        Returns the :class:`~kmlbus.bus.config.Binding`.  A proxy without a
         configured model is bound without one (no error).  If loading fails
         the binding is kept, the proxy has no model, and the
         :class:`ModelError` is raised for the caller to report.
         Re-binding with a changed schema re-checks the installed model; a
         schema the configuration does not fit raises
-        :class:`~kmlbus.config.ConfigError` and unbinds the proxy.
+        :class:`~kmlbus.bus.config.ConfigError` and unbinds the proxy.
         """
         try:
             b = bind(schema, self.config.proxies.get(schema.name), self.config.bus,

@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from kmlbus import codec, netlink, spec, statefile
+from kmlbus.bus import statefile
+from kmlbus.contract import spec
+from kmlbus.wire import codec, netlink
 
 __all__ = ["main"]
 
@@ -120,7 +122,7 @@ def _resolve_id(conn: netlink.Connection, proxy: str) -> int:
 
 def cmd_mode(args: argparse.Namespace) -> int:
     """Ask the kernel for a mode change; pin/unpin go to the daemon's control file."""
-    from kmlbus import pins
+    from kmlbus.bus import pins
 
     if args.unpin:
         pins.unpin(args.proxy)
@@ -157,7 +159,7 @@ def cmd_mode(args: argparse.Namespace) -> int:
 
 def _refusal(conn: netlink.Connection, pid: int, want: str, extack: str) -> str:
     """The kernel's reason plus where the proxy is and where it may go from there."""
-    from modes import graph as mgraph
+    from kmlbus.contract import graph as mgraph
 
     try:
         cur = codec.enum_name("mode", int(conn.proxy(pid)["mode"]))
@@ -210,30 +212,30 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: attach to configured proxies, dispatch, drive modes."""
-    from kmlbus import daemon
+    from kmlbus.bus import daemon
 
     return daemon.main(args.config, duration=args.duration)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks against a raw-socket floor measured in the same run."""
-    from kmlbus import bench
+    from kmlbus.tools import bench
 
     return int(bench.main(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Sample proxy driven through its modes by a good, then a bad model."""
-    from kmlbus import demo
+    from kmlbus.tools import demo
 
     return int(demo.main(args))
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
     """Inspect a recorded trace, evaluate a model on it offline, or fit one from it."""
-    from kmlbus import traces
+    from kmlbus.tools import offline
 
-    return traces.main(args.rest)
+    return offline.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("trace", help="recorded traces: show, evaluate MODEL, fit (offline, no kernel)",
                        add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m kmlbus.traces")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m kmlbus.tools.offline")
     s.set_defaults(func=cmd_trace)
 
     s = sub.add_parser("demo", help="drive the sample proxy through its modes (boots the VM if needed)")
@@ -286,9 +288,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, turn known failures into one-line messages."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trace"]:  # its own parser takes every remaining argument, --help included
-        from kmlbus import traces
+        from kmlbus.tools import offline
 
-        return traces.main(argv[1:])
+        return offline.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -1,0 +1,1 @@
+"""Tools around the bus: the command line, the demo, benchmarks, offline trace evaluation."""

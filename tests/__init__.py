@@ -1,0 +1,1 @@
+"""kmlbus test suites: host tests here, VM tests in vm/, test doubles in support/."""

@@ -253,6 +253,11 @@ class ProxyModes:
         """Seconds (clock units) since the current mode was entered."""
         return self.clock() - self.entered_at
 
+    @property
+    def duty(self) -> mgraph.Duty:
+        """What the bus does for this proxy in its current mode (the graph's duty)."""
+        return self.graph.duty(self.mode)
+
     def status(self) -> dict[str, Any]:
         """What ``kmlbus status`` shows for the mode (evidence comes from the policy)."""
         return {
@@ -434,7 +439,8 @@ class ProxyModes:
         self._history.append(rec)
         if rec.mirror:
             self._unacked.append((rec.source, rec.dest, rec.at))
-        log.info("proxy %s: %s -> %s by %s (%s, %s: %s) evidence=%s",
+        # The daemon logs each move in one line at INFO; this one carries the evidence.
+        log.debug("proxy %s: %s -> %s by %s (%s, %s: %s) evidence=%s",
                  self.proxy, rec.source, rec.dest, rec.trigger, rec.origin, rec.reason,
                  rec.detail, rec.evidence)
         for listener in self._listeners:

@@ -6,7 +6,8 @@ the daemon applies with ``ProxyModes.apply`` and mirrors to the kernel.  The
 thresholds are the graph's ``guards``; the triggers are looked up in the graph
 (``Graph.trigger_for``), never restated.
 
-Rules (issue 4), with ``g = graph.guards``:
+Rules, with ``g = graph.guards`` (the guard of trigger ``mature``, ``promote``,
+``degrade``, ``recover``; the rows name the moves of the shipped graph):
 
 =================  ==============================================================
 move               when
@@ -43,11 +44,10 @@ returns None.  Evidence windows start empty after every mode change (see
 :mod:`modes.evidence`), so each move is judged on evidence from the mode it
 leaves.
 
-What the bus does per mode (:data:`DUTIES`): in emergency it sends no
-recommendations (the kernel would ignore them; not sending saves inference
-and netlink work) but keeps the model loaded and may keep learning from
-telemetry; in learning, collaboration and recommendation it sends
-recommendations (in learning they become the kernel's shadows).
+What the bus does per mode (recommend, learn, explore) is each state's
+``duty`` in the graph; the reason sent with each move is its edge's
+``reason``.  The guards above are keyed by trigger name (``_GUARDS``); the
+graph's unguarded edges are the fault edges.
 """
 
 from __future__ import annotations
@@ -62,30 +62,7 @@ from kmlbus.contract import spec as kspec
 from modes.evidence import Evidence
 from modes.machine import ProxyModes
 
-__all__ = ["DUTIES", "Check", "Decision", "Duty", "Fault", "Policy", "duty"]
-
-
-@dataclass(frozen=True)
-class Duty:
-    """What the bus does for a proxy in one mode."""
-
-    recommend: bool  # run inference and send recommendations
-    learn: bool  # train / correct the model from telemetry and feedback
-    compare_arms: bool  # arm efficiencies decide the next move
-
-
-#: The bus's duties per mode (keys are exactly the graph's states; a test checks).
-DUTIES: dict[str, Duty] = {
-    "emergency": Duty(recommend=False, learn=True, compare_arms=False),
-    "learning": Duty(recommend=True, learn=True, compare_arms=False),
-    "collaboration": Duty(recommend=True, learn=True, compare_arms=True),
-    "recommendation": Duty(recommend=True, learn=False, compare_arms=True),
-}
-
-
-def duty(mode: str) -> Duty:
-    """The bus's :class:`Duty` in *mode*."""
-    return DUTIES[mode]
+__all__ = ["Check", "Decision", "Fault", "Policy"]
 
 
 class Fault(enum.Enum):
@@ -113,13 +90,13 @@ _FAULT_REASON = {
     Fault.OPERATOR: "operator",
 }
 
-#: Spec ``reason`` entry for each automatic trigger's destination.
-_MOVE_REASON = {
-    "learning->collaboration": "promotion",
-    "collaboration->recommendation": "promotion",
-    "collaboration->learning": "demotion",
-    "recommendation->learning": "demotion",
-    "emergency->learning": "recovery",
+#: The guard method of each automatic trigger of the graph.  A trigger without
+#: a guard (the graph's ``fault`` edges) is taken only through :meth:`Policy.fault`.
+_GUARDS = {
+    "recover": "_cooldown",
+    "mature": "_maturity",
+    "promote": "_promotion",
+    "degrade": "_demotion",
 }
 
 
@@ -150,10 +127,15 @@ class Check:
     """One guard measured now: the move it allows, whether it is met, and the numbers."""
 
     name: str
-    target: str
+    transition: mgraph.Transition
     met: bool
     detail: str
     values: dict[str, Any]
+
+    @property
+    def target(self) -> str:
+        """The mode the move leads to."""
+        return self.transition.dest
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``met``, ``target`` and the values against their thresholds."""
@@ -181,15 +163,16 @@ class Policy:
         self.guards = self.graph.guards
         self.clock = clock
         reasons = kspec.load().enums["reason"].entries
-        for r in (*_FAULT_REASON.values(), *_MOVE_REASON.values()):
+        for r in _FAULT_REASON.values():
             if r not in reasons:
                 raise mgraph.GraphError(f"policy reason {r!r} is not in the spec's reason enum {list(reasons)}")
-        for move in _MOVE_REASON:
-            src, dst = move.split("->")
-            if not self.graph.is_allowed(src, dst):
-                raise mgraph.GraphError(f"policy rule {move} is not an edge of the mode graph")
-        if set(DUTIES) != set(self.graph.states):
-            raise mgraph.GraphError(f"DUTIES covers {sorted(DUTIES)}, graph has {sorted(self.graph.states)}")
+        triggers = {t.trigger for t in self.graph.transitions}
+        missing = set(_GUARDS) - triggers
+        if missing:
+            raise mgraph.GraphError(f"policy guards {sorted(missing)} name no trigger of the mode graph")
+        #: source mode -> the unguarded (fault) transition out of it
+        self._fault_edges = {s: t for t in self.graph.transitions if t.trigger not in _GUARDS
+                             for s in t.sources}
 
     # -- automatic moves --------------------------------------------------------
 
@@ -205,7 +188,7 @@ class Policy:
             return None
         for check in self.checks(modes, evidence, healthy=healthy):
             if check.met:
-                return self._move(modes, evidence, check.target, check.detail)
+                return self._move(modes, evidence, check)
         return None
 
     def checks(self, modes: ProxyModes, evidence: Evidence, *,
@@ -214,16 +197,12 @@ class Policy:
 
         :meth:`evaluate` takes the first one met; ``status`` shows them all.
         """
-        mode = modes.mode
-        if mode == "emergency":
-            return [self._cooldown(modes, healthy)]
-        if mode == "learning":
-            return [self._maturity(evidence)]
-        if mode == "collaboration":
-            return [self._promotion(evidence), self._demotion(evidence, collaboration=True)]
-        if mode == "recommendation":
-            return [self._demotion(evidence, collaboration=False)]
-        raise mgraph.GraphError(f"policy has no rule for mode {mode!r}")
+        out = []
+        for t in self.graph.out_of(modes.mode):
+            guard = _GUARDS.get(t.trigger)
+            if guard is not None:
+                out.append(getattr(self, guard)(t, modes, evidence, healthy))
+        return out
 
     def reference(self, evidence: Evidence) -> float | None:
         """Default-arm efficiency the model is held against in recommendation."""
@@ -243,12 +222,10 @@ class Policy:
         """
         what = f"{fault.value}: {detail}" if detail else fault.value
         modes.note_fault(what)
-        if modes.mode == "emergency":
+        edge = self._fault_edges.get(modes.mode)
+        if edge is None:  # already where faults lead
             return None
-        trigger = self.graph.trigger_for(modes.mode, "emergency")
-        if trigger is None:
-            raise mgraph.GraphError(f"the mode graph has no fault edge {modes.mode} -> emergency")
-        return Decision(modes.mode, "emergency", trigger, fault.reason, what, True,
+        return Decision(modes.mode, edge.dest, edge.trigger, fault.reason, what, True,
                         self.report(modes, evidence) if evidence is not None else {})
 
     def observe_latency(self, modes: ProxyModes, latency_ms: float,
@@ -273,7 +250,7 @@ class Policy:
         reason and its evidence, and the live evidence against the thresholds."""
         st = modes.status()
         st["now"] = self.report(modes, evidence, healthy=healthy)
-        st["duty"] = asdict(duty(modes.mode))
+        st["duty"] = asdict(self.graph.duty(modes.mode))
         return st
 
     # -- guards --------------------------------------------------------------------------
@@ -282,14 +259,16 @@ class Policy:
         since = max(modes.entered_at, modes.last_fault_at or modes.entered_at)
         return self.clock() - since
 
-    def _cooldown(self, modes: ProxyModes, healthy: bool) -> Check:
+    def _cooldown(self, t: mgraph.Transition, modes: ProxyModes, _evidence: Evidence,
+                  healthy: bool) -> Check:
         g = self.guards
         quiet = self._quiet(modes)
-        return Check("cooldown", "learning", healthy and quiet >= g.cooldown_s,
+        return Check("cooldown", t, healthy and quiet >= g.cooldown_s,
                      f"healthy for {quiet:.1f}s >= cool-down {g.cooldown_s}s",
                      {"quiet_s": round(quiet, 3), "threshold_s": g.cooldown_s, "healthy": healthy})
 
-    def _maturity(self, evidence: Evidence) -> Check:
+    def _maturity(self, t: mgraph.Transition, _modes: ProxyModes, evidence: Evidence,
+                  _healthy: bool) -> Check:
         g = self.guards
         m = evidence.maturity()
         met = m.quality >= g.maturity and m.valid >= g.min_decisions
@@ -313,25 +292,30 @@ class Policy:
                 floor = _lowered(d.mean, g.demotion_margin)
                 values.update(explored_mean=mdl.mean, explored_floor=floor)
                 met = met and mdl.mean >= floor
-        return Check("maturity", "collaboration", met,
+        return Check("maturity", t, met,
                      f"shadow quality {m.quality:.3f} >= {g.maturity} over {m.decisions} "
                      f"decisions ({m.valid} valid shadows)", values)
 
-    def _promotion(self, evidence: Evidence) -> Check:
+    def _promotion(self, t: mgraph.Transition, _modes: ProxyModes, evidence: Evidence,
+                   _healthy: bool) -> Check:
         g = self.guards
         d, m = evidence.arm("default"), evidence.arm("model")
         thr = None if d.mean is None else _raised(d.mean, g.promotion_margin)
         enough = d.count >= g.min_decisions and m.count >= g.min_decisions
         met = enough and thr is not None and m.mean is not None and m.mean >= thr
-        return Check("promotion", "recommendation", met,
+        return Check("promotion", t, met,
                      f"model {m.mean or 0:.1f} >= default {d.mean or 0:.1f} +{g.promotion_margin:.0%} "
                      f"over {m.count}/{d.count} decisions",
                      {"model": m.mean, "default": d.mean, "threshold": thr,
                       "counts": {"model": m.count, "default": d.count}, "min_decisions": g.min_decisions})
 
-    def _demotion(self, evidence: Evidence, *, collaboration: bool) -> Check:
+    def _demotion(self, t: mgraph.Transition, modes: ProxyModes, evidence: Evidence,
+                  _healthy: bool) -> Check:
         g = self.guards
         d, m = evidence.arm("default"), evidence.arm("model")
+        # Where the kernel splits decisions between the arms, the model is held against
+        # the default side by side; elsewhere against the default measured before.
+        collaboration = self.graph.duty(modes.mode).split
         if collaboration:
             ref, label = d.mean, "default"
             enough = d.count >= g.min_decisions and m.count >= g.min_decisions
@@ -340,16 +324,14 @@ class Policy:
             enough = m.count >= g.min_decisions
         thr = None if ref is None else _lowered(ref, g.demotion_margin)
         met = enough and thr is not None and m.mean is not None and m.mean < thr
-        return Check("demotion", "learning", met,
+        return Check("demotion", t, met,
                      f"model {m.mean or 0:.1f} < {label} {ref or 0:.1f} -{g.demotion_margin:.0%} "
                      f"over {m.count} model decisions",
                      {"model": m.mean, "reference_default" if not collaboration else "default": ref,
                       "threshold": thr, "counts": {"model": m.count, "default": d.count},
                       "min_decisions": g.min_decisions})
 
-    def _move(self, modes: ProxyModes, evidence: Evidence, target: str, detail: str) -> Decision:
-        trigger = self.graph.trigger_for(modes.mode, target)
-        if trigger is None:  # checked in __init__; the graph may not change under us
-            raise mgraph.GraphError(f"the mode graph has no edge {modes.mode} -> {target}")
-        return Decision(modes.mode, target, trigger, _MOVE_REASON[f"{modes.mode}->{target}"],
-                        detail, False, self.report(modes, evidence))
+    def _move(self, modes: ProxyModes, evidence: Evidence, check: Check) -> Decision:
+        t = check.transition
+        return Decision(modes.mode, t.dest, t.trigger, t.reason, check.detail, False,
+                        self.report(modes, evidence))

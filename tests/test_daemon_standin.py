@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kmlbus.bus import models
+from kmlbus.bus import fastlane, models
 from kmlbus.bus.config import loads
 from kmlbus.bus.daemon import Bus, Link, Opener
 from kmlbus.contract import graph as mgraph
@@ -98,7 +99,16 @@ class Rig:
         return np.concatenate(tel), np.concatenate(fb)
 
 
-def make_rig(tmp_path: Path, model: onnx.ModelProto | bytes, names: tuple[str, ...] = ("sample",)) -> Rig:
+class DecodedOnlyBus(Bus):
+    """The reference the fast lane is held to: every batch decoded before it is answered."""
+
+    def receive(self, timeout: float) -> None:
+        assert self.conn is not None
+        self.handle_all(self.conn.recv(timeout=timeout))
+
+
+def make_rig(tmp_path: Path, model: onnx.ModelProto | bytes, names: tuple[str, ...] = ("sample",),
+             bus_class: type[Bus] = Bus) -> Rig:
     path = tmp_path / "model.onnx"
     if isinstance(model, bytes):
         path.write_bytes(model)
@@ -108,7 +118,7 @@ def make_rig(tmp_path: Path, model: onnx.ModelProto | bytes, names: tuple[str, .
     cfg = loads("[bus]\nttl_ms = 300\nlatency_budget_ms = 500\n"
                 + "".join(f'\n[proxy.{n}]\nmodel = "model.onnx"\n' for n in names), tmp_path / "bus.toml")
     k = StandinKernel(seed=1)
-    bus = Bus(cfg, clock=k.clock.now, opener=k.open, state_path=tmp_path / "state.json")
+    bus = bus_class(cfg, clock=k.clock.now, opener=k.open, state_path=tmp_path / "state.json")
     rig = Rig(k, bus, path, k.open(("telemetry", "events")))
     assert bus.connect()
     return rig
@@ -182,25 +192,22 @@ def test_a_demoted_model_is_not_promoted_back_to_recommendation(good: Rig) -> No
 # ---- the fast lane -------------------------------------------------------------------------
 
 def test_the_fast_lane_answers_idle_telemetry_once_and_as_the_decoded_path_would(
-        tmp_path: Path) -> None:
-    """Telemetry that ends an idle wait is answered from its bytes (Bus._answer_idle) before
-    it is decoded; handle_all then only does its bookkeeping.  Against a twin bus whose
-    socket has no hook, on identical stand-in kernels: the same climb, the same
-    recommendations applied, one inference per batch."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Telemetry that ends an idle wait is answered from its bytes (fastlane.answer) before
+    it is decoded; handle_all then only does its bookkeeping.  Against a twin bus that
+    takes every batch the decoded way, on identical stand-in kernels: the same climb, the
+    same recommendations applied, one inference per batch."""
+    answered: list[bool] = []
+    lane = fastlane.answer
+
+    def counting(data: bytes, family_id: int, proxies: Any) -> bool:
+        answered.append(lane(data, family_id, proxies))
+        return answered[-1]
+
+    monkeypatch.setattr(fastlane, "answer", counting)
     fast, plain = make_rig(tmp_path / "a", models.sample_good_model()), None
     try:
-        plain = make_rig(tmp_path / "b", models.sample_good_model())
-        assert plain.bus.conn is not None and fast.bus.conn is not None
-        plain.bus.conn.on_idle_datagram = None  # every batch through handle_all's _recommend
-        hook = fast.bus.conn.on_idle_datagram
-        assert hook is not None
-        answered: list[bool] = []
-
-        def counting(data: bytes) -> bool:
-            answered.append(hook(data))
-            return answered[-1]
-
-        fast.bus.conn.on_idle_datagram = counting
+        plain = make_rig(tmp_path / "b", models.sample_good_model(), bus_class=DecodedOnlyBus)
         for rig in (fast, plain):
             assert rig.run(30, rig.at("recommendation")), rig.events()
             rig.run(2.0)

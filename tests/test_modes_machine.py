@@ -256,8 +256,9 @@ def test_history_is_bounded() -> None:
 
 
 def test_every_transition_is_logged_with_reason_and_evidence(caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, with the whole evidence (the daemon logs each move in one line at INFO)."""
     p = ProxyModes("sample", initial="learning")
-    with caplog.at_level(logging.INFO, logger="modes.machine"):
+    with caplog.at_level(logging.DEBUG, logger="modes.machine"):
         p.apply(Req("learning", "collaboration", reason="promotion", detail="quality 0.9",
                     evidence={"quality": 0.9}))
     msg = "\n".join(r.getMessage() for r in caplog.records if r.name == "modes.machine")

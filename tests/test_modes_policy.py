@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from kmlbus.contract import spec as kspec
 from kmlbus.wire import codec
 from modes.evidence import Evidence, Ring
 from modes.machine import ProxyModes
-from modes.policy import DUTIES, Decision, Fault, Policy, duty
+from modes.policy import Decision, Fault, Policy
 from tests.support import gate as mgate
 
 SPEC = kspec.load()
@@ -348,9 +349,35 @@ def test_decisions_and_reports_are_json_ready(mode: str) -> None:
 
 
 def test_duties_cover_every_mode_and_emergency_sends_nothing() -> None:
-    assert set(DUTIES) == set(STATES)
-    assert not duty("emergency").recommend
-    assert all(duty(m).recommend for m in STATES if m != "emergency")
+    g = mgraph.load()
+    assert set(g.duties) == set(STATES)
+    assert not g.duty("emergency").recommend
+    assert all(g.duty(m).recommend for m in STATES if m != "emergency")
+    assert [m for m in STATES if g.duty(m).explore] == ["learning"]
+    assert [m for m in STATES if g.duty(m).split] == ["collaboration"]
+
+
+def test_each_move_is_announced_with_its_edges_reason() -> None:
+    g = mgraph.load()
+    reasons = {(s, t.dest): t.reason for t in g.transitions for s in t.sources}
+    assert reasons[("learning", "collaboration")] == reasons[("collaboration", "recommendation")] \
+        == "promotion"
+    assert reasons[("recommendation", "learning")] == reasons[("collaboration", "learning")] == "demotion"
+    assert reasons[("emergency", "learning")] == "recovery"
+
+
+def test_a_graph_edge_without_a_spec_reason_is_refused(tmp_path: Path) -> None:
+    text = mgraph.GRAPH_PATH.read_text().replace("reason: recovery", "reason: comeback")
+    (tmp_path / "g.yaml").write_text(text)
+    with pytest.raises(mgraph.GraphError, match="transition recover: reason 'comeback' is not in"):
+        mgraph.load(tmp_path / "g.yaml")
+
+
+def test_a_state_with_an_unknown_duty_is_refused(tmp_path: Path) -> None:
+    text = mgraph.GRAPH_PATH.read_text().replace("learn: false,", "learn: false, sing: true,")
+    (tmp_path / "g.yaml").write_text(text)
+    with pytest.raises(mgraph.GraphError, match="state recommendation: .*sing"):
+        mgraph.load(tmp_path / "g.yaml")
 
 
 def test_fault_and_move_reasons_are_spec_reason_entries() -> None:

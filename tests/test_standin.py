@@ -585,28 +585,19 @@ def test_recv_runs_simulated_time_until_a_message_or_the_timeout(k: StandinKerne
     assert c.recv(timeout=0) == [] and k.clock.now() == t2
 
 
-def test_the_idle_datagram_hook_sees_the_datagram_that_ends_a_wait_and_loses_nothing(
+def test_wait_datagram_hands_out_the_datagram_that_ends_a_wait_undecoded(
         k: StandinKernel, c: StandinLink) -> None:
     c.recv(timeout=0.1)
     c.recv(timeout=0)
-    seen: list[bytes] = []
-
-    def hook(data: bytes) -> bool:
-        seen.append(data)
-        if len(seen) == 1:
-            raise RuntimeError("hook failed")
-        return True
-
-    c.on_idle_datagram = hook
-    with pytest.raises(RuntimeError):
-        c.recv(timeout=1.0)
-    again = c.recv(timeout=1.0)  # kept, and not waited for: no hook, not answered
-    assert len(seen) == 1 and again[0].op == "telemetry" and not any(m.answered for m in again)
-    assert codec.decode_msg(seen[0], family_id=c.family_id)[0].attrs["records"].tobytes() == \
-        again[0].attrs["records"].tobytes()
-    c.recv(timeout=0)
-    got = c.recv(timeout=1.0)
-    assert len(seen) == 2 and [(m.op, m.answered) for m in got] == [("telemetry", True)]
+    data = c.wait_datagram(timeout=1.0)
+    assert data is not None
+    msgs = c.accept(data)
+    assert [m.op for m in msgs] == ["telemetry"]
+    peeked = codec.peek_event(data, c.family_id)
+    assert peeked is not None and bytes(peeked.attrs["records"]) == msgs[0].attrs["records"].tobytes()
+    k.clock.advance(0.5)  # more arrives while nobody reads: queued, so no wait and no datagram
+    assert c.wait_datagram(timeout=1.0) is None
+    assert c.recv(timeout=0)
 
 
 def test_sim_clock() -> None:

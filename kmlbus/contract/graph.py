@@ -16,7 +16,7 @@ import yaml
 
 from kmlbus.contract import spec as kspec
 
-__all__ = ["Graph", "GraphError", "Guards", "Transition", "load"]
+__all__ = ["Duty", "Graph", "GraphError", "Guards", "Transition", "load"]
 
 GRAPH_PATH = Path(__file__).resolve().parent / "graph.yaml"
 
@@ -27,12 +27,24 @@ class GraphError(ValueError):
 
 @dataclass(frozen=True)
 class Transition:
-    """One edge set: *trigger* moves any of *sources* to *dest*."""
+    """One edge set: *trigger* moves any of *sources* to *dest*, announced with *reason*
+    (an entry of the spec's ``reason`` enum)."""
 
     trigger: str
     sources: tuple[str, ...]
     dest: str
+    reason: str
     doc: str = ""
+
+
+@dataclass(frozen=True)
+class Duty:
+    """What the bus does for a proxy in one mode (see graph.yaml)."""
+
+    recommend: bool  # run inference and send recommendations
+    learn: bool  # train / correct the model from telemetry and feedback
+    explore: bool  # the kernel applies the bus's values on its explore share
+    split: bool  # the kernel splits decisions between the arms: compare them side by side
 
 
 @dataclass(frozen=True)
@@ -53,12 +65,21 @@ class Guards:
 
 @dataclass(frozen=True)
 class Graph:
-    """States (in wire order), the initial state, transitions and guards."""
+    """States (in wire order) with their duties, the initial state, transitions and guards."""
 
     states: tuple[str, ...]
     initial: str
     transitions: tuple[Transition, ...]
     guards: Guards
+    duties: dict[str, Duty]
+
+    def duty(self, mode: str) -> Duty:
+        """The bus's duty in *mode*."""
+        return self.duties[mode]
+
+    def out_of(self, source: str) -> tuple[Transition, ...]:
+        """The transitions that can leave *source*, in graph order."""
+        return tuple(t for t in self.transitions if source in t.sources)
 
     @functools.cached_property
     def allowed(self) -> frozenset[tuple[str, str]]:
@@ -78,8 +99,13 @@ class Graph:
 
 
 def _parse(raw: dict[str, Any]) -> Graph:
-    wire = kspec.load().enums["mode"].entries
-    states = tuple(raw["states"])
+    sp = kspec.load()
+    wire = sp.enums["mode"].entries
+    reasons = sp.enums["reason"].entries
+    raw_states = raw["states"]
+    if not isinstance(raw_states, dict):
+        raise GraphError("states: expected a mapping of mode name -> duty")
+    states = tuple(raw_states)
     if states != wire:
         raise GraphError(f"graph states {list(states)} differ from the spec's mode enum {list(wire)}")
     if raw["initial"] not in states:
@@ -91,13 +117,23 @@ def _parse(raw: dict[str, Any]) -> Graph:
         for s in (*sources, t["dest"]):
             if s not in states:
                 raise GraphError(f"transition {t['trigger']}: unknown state {s!r}")
-        trans.append(Transition(t["trigger"], sources, t["dest"], t.get("doc", "")))
+        if t.get("reason") not in reasons:
+            raise GraphError(f"transition {t['trigger']}: reason {t.get('reason')!r} is not in the "
+                             f"spec's reason enum {list(reasons)}")
+        trans.append(Transition(t["trigger"], sources, t["dest"], t["reason"], t.get("doc", "")))
+    duties = {}
+    for name, d in raw_states.items():
+        fields = {k: v for k, v in (d or {}).items() if k != "doc"}
+        try:
+            duties[name] = Duty(**fields)
+        except TypeError as e:
+            raise GraphError(f"state {name}: {e}") from None
     g = raw["guards"]
     try:
         guards = Guards(**g)
     except TypeError as e:
         raise GraphError(f"guards: {e}") from None
-    return Graph(states, raw["initial"], tuple(trans), guards)
+    return Graph(states, raw["initial"], tuple(trans), guards, duties)
 
 
 @functools.lru_cache(maxsize=None)

@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -104,34 +105,63 @@ def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> 
     return out
 
 
+class TimedConnection(netlink.Connection):
+    """The bus's connection, noting the instants (a) measures: when the datagram that ended
+    an idle wait was read, when a ``recommend`` returned (the kernel had run it), and the
+    messages the last receive took (for their kernel timestamps, read after the send)."""
+
+    read_ns = 0
+    sent_ns = 0
+    taken: list[codec.Message] = []
+
+    def wait_datagram(self, timeout: float | None = None) -> bytes | None:
+        data = super().wait_datagram(timeout)
+        if data is not None:
+            self.read_ns = time.monotonic_ns()
+        return data
+
+    def accept(self, data: bytes) -> list[codec.Message]:
+        self.taken = super().accept(data)
+        return self.taken
+
+    def recv(self, timeout: float | None = None) -> list[codec.Message]:
+        self.taken = super().recv(timeout)
+        return self.taken
+
+    def recommend(self, proxy_id: int, recs: Any, *, wait: bool = True) -> None:
+        super().recommend(proxy_id, recs, wait=wait)
+        self.sent_ns = time.monotonic_ns()
+
+
 def _bus(workdir: Path) -> Bus:
     (workdir / "good.onnx").write_bytes(models.to_bytes(models.sample_good_model()))
     cfg = loads("[bus]\nttl_ms = 300\nlatency_budget_ms = 1000\n[proxy.sample]\nmodel = \"good.onnx\"\n",
                 workdir / "bench.toml")
-    bus = Bus(cfg, state_path=workdir / "state.json")
+    bus = Bus(cfg, state_path=workdir / "state.json",
+              opener=lambda groups: TimedConnection(groups=groups))
     if not bus.connect():
         raise netlink.ModuleNotLoaded()
-    for ps in bus.proxies.values():
-        ps.modes.pin("learning")  # recommending, and held there whatever the evidence
+    for p in bus.proxies.values():
+        p.modes.pin("learning")  # recommending, and held there whatever the evidence
     return bus
 
 
 def bus_roundtrip(bus: Bus, seconds: float) -> Lat:
-    """The whole bus per batch: decode, evidence, model, recommend (applied when sent)."""
+    """The whole bus per batch: fast lane, decode, evidence, model, recommend (applied when sent)."""
     out = Lat([], [])
     end = time.monotonic() + seconds
-    conn = bus.conn
-    assert isinstance(conn, netlink.Connection)
+    conn, ctl = bus.conn, bus.ctl
+    assert isinstance(conn, TimedConnection) and isinstance(ctl, TimedConnection)
     while time.monotonic() < end:
-        sent_before, read_before = bus.last_send_ns, conn.idle_read_ns
-        msgs = conn.recv(timeout=0.2)  # a batch that ends an idle wait is answered in here
-        t_read = conn.idle_read_ns if conn.idle_read_ns != read_before else time.monotonic_ns()
-        bus.handle_all(msgs)
+        sent_before, read_before = ctl.sent_ns, conn.read_ns
+        conn.taken = []
+        bus.receive(0.2)
+        t_read = conn.read_ns if conn.read_ns != read_before else time.monotonic_ns()
         # the newest sample's timestamp is read after the send: measuring is not the bus's cost
-        ts = [int(m.attrs["records"]["ts_ns"].max()) for m in msgs
+        ts = [int(m.attrs["records"]["ts_ns"].max()) for m in conn.taken
               if m.op == "telemetry" and len(m.attrs.get("records", ()))]
-        if ts and bus.last_send_ns != sent_before:
-            t_done = bus.last_send_ns  # the kernel had them then; bookkeeping follows
+        if ts and ctl.sent_ns != sent_before:
+            t_done = ctl.sent_ns  # the kernel had them then; bookkeeping follows
             out.e2e.append(t_done - max(ts))
             out.user.append(t_done - t_read)
     return out

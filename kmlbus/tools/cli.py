@@ -115,9 +115,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _resolve_id(conn: netlink.Connection, proxy: str) -> int:
+def _lookup(conn: netlink.Connection, proxy: str) -> dict[str, Any]:
+    """The kernel's ``get`` reply for a proxy given by name or id (one request)."""
     key: int | str = int(proxy) if proxy.isdigit() else proxy
-    return int(conn.proxy(key)["id"])
+    return conn.proxy(key)
 
 
 def cmd_mode(args: argparse.Namespace) -> int:
@@ -132,8 +133,8 @@ def cmd_mode(args: argparse.Namespace) -> int:
         print("kmlbus mode: give a MODE (or --unpin)", file=sys.stderr)
         return 2
     with netlink.Connection() as conn:
-        pid = _resolve_id(conn, args.proxy)
-        name = str(conn.proxy(pid)["name"])
+        attrs = _lookup(conn, args.proxy)
+        pid, name = int(attrs["id"]), str(attrs["name"])
         previous = pins.load().get(name)
         if args.pin:
             # Pin first, so a running bus does not move the proxy between our

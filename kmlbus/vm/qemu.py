@@ -158,6 +158,22 @@ def guest_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: Host folders the guest covers with its own tmpfs (see the initramfs's /init)
+HIDDEN_IN_GUEST = (Path("/tmp"), Path("/run"))
+
+
+def _check_visible(prefix: Path, project: Path) -> None:
+    """Refuse a Python environment the guest cannot see (a venv under /tmp or /run)."""
+    where = prefix.resolve()
+    if where.is_relative_to(project):
+        return
+    for hidden in HIDDEN_IN_GUEST:
+        if where.is_relative_to(hidden):
+            raise VMError(f"the Python environment {where} is under {hidden}, which the guest "
+                          f"mounts its own {hidden} over; create the venv elsewhere "
+                          "(e.g. /var/tmp or your home) to run kmlbus in the VM")
+
+
 def job_script(cmd: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
     """The shell script the guest runs in its chroot: cd, clean env, exec."""
     assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
@@ -325,6 +341,7 @@ def boot(
     if not cmd:
         raise VMError("no command given: expected e.g. `python -m kmlbus.vm run -- true`")
     project = project_root()
+    _check_visible(Path(sys.prefix), project)
     if re.search(r"[\s,]", str(project)):
         raise VMError(f"project path {project!r} contains a space or comma, which 9p/QEMU options cannot carry")
     kver = kver or newest_kernel()

@@ -120,9 +120,7 @@ class Message:
     ``extack`` is the kernel's extended-ack message.  ``extack_missing`` is the
     number of a required attribute the kernel says is missing (-1 if none).
     ``payload`` keeps the raw attribute bytes of genl messages that were not
-    decoded as kmlbus (other families, e.g. nlctrl).  ``answered`` is set by a
-    socket whose idle-datagram hook already answered the message (a telemetry
-    batch whose recommendations the bus sent before decoding it).
+    decoded as kmlbus (other families, e.g. nlctrl).
     """
 
     type: int
@@ -137,7 +135,6 @@ class Message:
     extack_offset: int = -1
     extack_missing: int = -1
     payload: bytes = field(default=b"", repr=False)
-    answered: bool = False
 
 
 #: numpy codes for YNL scalar member types (host byte order).
@@ -664,17 +661,18 @@ def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: 
     return Message(mtype, mflags, seq, portid, buf[a], op, attrs)
 
 
-def peek_event(data: bytes, family_id: int) -> Message | None:
+def peek_event(data: bytes, family_id: int, *, views: bool = True) -> Message | None:
     """A datagram that is exactly one telemetry or feedback message of *family_id*,
-    decoded with its struct arrays as ``memoryview`` slices (see :func:`decode_event`);
-    None for anything else, which the generic decoder then handles."""
+    decoded by :func:`decode_event` (struct arrays as ``memoryview`` slices with
+    *views*, as numpy arrays without); None for anything else, which the generic
+    decoder then handles."""
     n = len(data)
     if n < _NLMSGHDR.size:
         return None
     mlen, mtype, mflags, seq, portid = _NLMSGHDR.unpack_from(data, 0)
     if mlen != n or mtype != family_id:
         return None
-    return decode_event(data, mtype, mflags, seq, portid, _NLMSGHDR.size, n, views=True)
+    return decode_event(data, mtype, mflags, seq, portid, _NLMSGHDR.size, n, views=views)
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,7 +32,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -84,7 +84,6 @@ CTRL_ATTR_MCAST_GRP_ID = 2
 _RECV_BUF = 64 << 10  # kernel dumps fill at most 32 KiB per skb (netlink_recvmsg caps max_recvmsg_len)
 DRAIN_MAX = 256  # datagrams read per recv() call before returning to the caller
 _UNACKED_MAX = 1024  # no-ACK requests remembered for explaining a late error
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 
@@ -185,13 +184,6 @@ class GenlSocket:
         self.family_name = ""
         self.stats: dict[str, int] = {"malformed": 0, "overruns": 0, "dropped": 0}
         self._queue: collections.deque[Message] = collections.deque()
-        #: Called by :meth:`recv` with the datagram that ended an idle wait, before
-        #: it is decoded: the latency-critical case, nothing queued ahead of it.  It
-        #: returns True when it has answered the datagram's one message, which then
-        #: comes out of recv() with ``answered`` set (the daemon's telemetry fast lane).
-        self.on_idle_datagram: Callable[[bytes], bool] | None = None
-        #: CLOCK_MONOTONIC ns when that datagram was read (for ``kmlbus bench``)
-        self.idle_read_ns = 0
         self._seq = itertools.count(int(time.monotonic_ns()) & 0x3FFFFFFF | 1)
         self._buf = bytearray(_RECV_BUF)
         self._view = memoryview(self._buf)
@@ -289,20 +281,6 @@ class GenlSocket:
             self.stats["dropped"] += 1
             log.debug("unexpected netlink message dropped: type %d seq %d", m.type, m.seq)
 
-    def _take_first(self) -> None:
-        """Read the datagram that ended an idle wait: the hook sees it before it is decoded."""
-        data = self._recv_datagram()
-        if data is None:
-            return
-        self.idle_read_ns = time.monotonic_ns()
-        answered = False
-        try:
-            answered = self.on_idle_datagram is not None and self.on_idle_datagram(data)
-        finally:  # whatever the hook raised, the datagram is kept for the next recv()
-            for m in self._decode(data):
-                m.answered = answered
-                self._park(m)
-
     def _drain(self, limit: int) -> None:
         """Read and park up to *limit* waiting datagrams, without blocking."""
         for _ in range(limit):
@@ -311,6 +289,43 @@ class GenlSocket:
                 break
             for m in self._decode(data):
                 self._park(m)
+
+    def _take_queue(self) -> list[Message]:
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def wait_datagram(self, timeout: float | None = None) -> bytes | None:
+        """The next datagram, undecoded, when nothing is queued or waiting.
+
+        Waits up to *timeout* seconds (None: until one arrives) and returns the
+        first datagram that arrives, as bytes; the caller may read it before it
+        is decoded (the kernel sends a proxy's telemetry before its feedback, so
+        that datagram is the one whose answer is most urgent), then hands it to
+        :meth:`accept`.  Returns None on timeout, and at once when messages are
+        already queued or waiting (take those with :meth:`recv`).
+        """
+        if self._queue:
+            return None
+        self._drain(DRAIN_MAX)
+        if self._queue:
+            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._wait(left):
+                return None
+            data = self._recv_datagram()
+            if data is not None:
+                return data
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def accept(self, data: bytes) -> list[Message]:
+        """Decode a datagram from :meth:`wait_datagram`: its messages as :meth:`recv` gives them."""
+        for m in self._decode(data):
+            self._park(m)
+        return self._take_queue()
 
     def recv(self, timeout: float | None = None) -> list[Message]:
         """Multicast messages of the family: queued ones first, else wait up to *timeout*.
@@ -321,26 +336,22 @@ class GenlSocket:
         Latency first, batches when behind: whatever is already waiting (up
         to a bound) is taken in one go, so a bus that fell behind catches up
         with few large batches.  When the socket was idle and this call had
-        to wait, the first datagram is returned alone, at once, after
-        :attr:`on_idle_datagram` has seen it: the kernel sends a proxy's
-        telemetry before its feedback, so the caller can answer the telemetry
-        before it reads and decodes the rest (the next call takes that
-        without waiting).
+        to wait, the first datagram is returned alone, at once (see
+        :meth:`wait_datagram`); the next call takes the rest without waiting.
         """
         if not self._queue:
             self._drain(DRAIN_MAX)
-        if not self._queue and timeout != 0:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not self._wait(left):
-                    return []
-                self._take_first()
-                if self._queue or (deadline is not None and time.monotonic() >= deadline):
-                    break
-        out = list(self._queue)
-        self._queue.clear()
-        return out
+        if self._queue or timeout == 0:
+            return self._take_queue()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            data = self.wait_datagram(left)
+            if data is None:
+                return self._take_queue()
+            out = self.accept(data)
+            if out or (deadline is not None and time.monotonic() >= deadline):
+                return out
 
     # --- requests -----------------------------------------------------------
     def next_seq(self) -> int:
@@ -577,15 +588,9 @@ class Connection(GenlSocket, ControlOps):
 
     def _decode(self, data: bytes) -> list[Message]:
         # The kernel sends each telemetry/feedback batch as a datagram of one message:
-        # decode those the short way (codec.decode_event), everything else generically.
-        n = len(data)
-        if n >= 20:
-            mlen, mtype, mflags, seq, portid = _NLMSGHDR.unpack_from(data, 0)
-            if mlen == n and mtype == self.family_id:
-                m = codec.decode_event(data, mtype, mflags, seq, portid, 16, n)
-                if m is not None:
-                    return [m]
-        return super()._decode(data)
+        # decode those the short way (codec.peek_event), everything else generically.
+        m = codec.peek_event(data, self.family_id, views=False)
+        return [m] if m is not None else super()._decode(data)
 
     def _park(self, m: Message) -> None:
         if m.type == codec.NLMSG_ERROR and m.seq in self._unacked:

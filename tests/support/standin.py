@@ -881,8 +881,6 @@ class StandinLink(ControlOps):
         self.async_errors: deque[NetlinkError] = deque(maxlen=256)
         self.closed = False
         self._queue: deque[bytes] = deque()
-        #: see :attr:`kmlbus.wire.netlink.GenlSocket.on_idle_datagram`
-        self.on_idle_datagram: Callable[[bytes], bool] | None = None
         self._queued = 0
         self._overran = False
         self._congested = False
@@ -945,54 +943,59 @@ class StandinLink(ControlOps):
         self._queue.append(data)
         self._queued += len(data)
 
-    def recv(self, timeout: float | None = None) -> list[Message]:
-        """Multicast messages: the queued ones, else simulated time runs until one arrives
-        or *timeout* simulated seconds pass (``None``: until one arrives).
-
-        As on the real socket, a datagram that ends a wait comes alone, after
-        :attr:`on_idle_datagram` has seen it; the rest stays for the next call."""
-        self._check_open()
-        k = self.kernel
-        k._sync()
-        waited = not self._queue and timeout != 0
-        if waited:
-            if timeout is None:
-                end = k.clock.now_ns() + 3600 * NS
-            else:
-                end = k.clock.now_ns() + max(0, math.ceil(timeout * NS))
-            k._run_until(end, stop=lambda: bool(self._queue))
-            if timeout is None and not self._queue:
-                raise KmlbusError("stand-in recv(timeout=None): nothing arrived in an hour of "
-                                  "simulated time; the real socket would block forever")
+    def _take(self) -> bytes:
+        data = self._queue.popleft()
+        self._queued -= len(data)
         if self._overran:
             self._overran = False
             self.stats["overruns"] += 1
-        out: list[Message] = []
-        first_only = waited and bool(self._queue)
-        # as the socket's recv: the datagram that ended a wait alone, else at most DRAIN_MAX
-        for _ in range(1 if first_only else DRAIN_MAX):
-            if not self._queue:
-                break
-            data = self._queue.popleft()
-            self._queued -= len(data)
-            hook = self.on_idle_datagram if first_only else None
-            answered = False
-            try:
-                answered = hook is not None and hook(data)
-            except BaseException:
-                self._queue.appendleft(data)  # as the socket keeps it for the next recv()
-                self._queued += len(data)
-                raise
-            try:
-                msgs = codec.decode_msg(data, family_id=self.family_id)
-            except codec.CodecError:
-                self.stats["malformed"] += 1
-                msgs = []
-            for m in msgs:
-                m.answered = answered
-            out.extend(msgs)
         if not self._queue:
             self._congested = False
+        return data
+
+    def wait_datagram(self, timeout: float | None = None) -> bytes | None:
+        """As the socket's: None at once when datagrams are queued; else simulated time
+        runs until one arrives (returned undecoded) or *timeout* simulated seconds pass."""
+        self._check_open()
+        k = self.kernel
+        k._sync()
+        if self._queue:
+            return None
+        if timeout is None:
+            end = k.clock.now_ns() + 3600 * NS
+        else:
+            end = k.clock.now_ns() + max(0, math.ceil(timeout * NS))
+        k._run_until(end, stop=lambda: bool(self._queue))
+        if not self._queue:
+            if timeout is None:
+                raise KmlbusError("stand-in wait(timeout=None): nothing arrived in an hour of "
+                                  "simulated time; the real socket would block forever")
+            return None
+        return self._take()
+
+    def accept(self, data: bytes) -> list[Message]:
+        """The messages of a datagram from :meth:`wait_datagram`, decoded."""
+        try:
+            return codec.decode_msg(data, family_id=self.family_id)
+        except codec.CodecError:
+            self.stats["malformed"] += 1
+            return []
+
+    def recv(self, timeout: float | None = None) -> list[Message]:
+        """Multicast messages: the queued ones (at most DRAIN_MAX datagrams), else the first
+        datagram that arrives within *timeout* simulated seconds, alone, as on the socket."""
+        self._check_open()
+        self.kernel._sync()
+        if not self._queue:
+            if timeout == 0:
+                return []
+            data = self.wait_datagram(timeout)
+            return [] if data is None else self.accept(data)
+        out: list[Message] = []
+        for _ in range(DRAIN_MAX):
+            if not self._queue:
+                break
+            out.extend(self.accept(self._take()))
         return out
 
     # -- requests ----------------------------------------------------------------------

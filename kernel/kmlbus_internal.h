@@ -16,14 +16,13 @@
 
 #include <kmlbus/kmlbus.h>
 
-/* Buffering: bounded rings, flushed by count or by time. */
-#define KMLBUS_RING_SAMPLES	1024
-#define KMLBUS_RING_FEEDBACK	1024
-#define KMLBUS_FLUSH_COUNT	32	/* records that trigger an immediate flush */
-#define KMLBUS_FLUSH_MS		20	/* otherwise flushed this often */
-/* Records per multicast message: 32 * 64 B samples keep a message < 4 KiB. */
-#define KMLBUS_MSG_SAMPLES	32
-#define KMLBUS_MSG_FEEDBACK	128
+/*
+ * Buffering: bounded rings, flushed by count or by time.  The sizes
+ * (KMLBUS_RING_*, KMLBUS_FLUSH_*, KMLBUS_MSG_*) are constants of the family
+ * spec, in the uapi header: the bus sizes its buffers from the same numbers.
+ * 32 * 64 B samples per message keep a message under 4 KiB.
+ */
+static_assert(KMLBUS_MSG_SAMPLES * sizeof(struct kmlbus_sample) <= 4096);
 
 /* A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock. */
 struct kml_ring {

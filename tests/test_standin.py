@@ -26,10 +26,7 @@ from modes.machine import shortest_path
 from tests.support.standin import (
     FLUSH_COUNT,
     FLUSH_MS,
-    MSG_FEEDBACK,
     MSG_SAMPLES,
-    RING_FEEDBACK,
-    RING_SAMPLES,
     SampleWorkload,
     SimClock,
     StandinKernel,
@@ -88,11 +85,8 @@ def _defines(path: Path) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"#define\s+(\w+)\s+(\d+)\b", path.read_text())}
 
 
-def test_buffering_constants_are_the_kernels() -> None:
-    d = _defines(ROOT / "kernel" / "kmlbus_internal.h")
-    assert (RING_SAMPLES, RING_FEEDBACK, FLUSH_COUNT, FLUSH_MS, MSG_SAMPLES, MSG_FEEDBACK) == (
-        d["KMLBUS_RING_SAMPLES"], d["KMLBUS_RING_FEEDBACK"], d["KMLBUS_FLUSH_COUNT"],
-        d["KMLBUS_FLUSH_MS"], d["KMLBUS_MSG_SAMPLES"], d["KMLBUS_MSG_FEEDBACK"])
+def test_sample_constants_are_the_kernels() -> None:
+    """(The buffering constants are the spec's: the kernel reads them from the generated uapi.)"""
     s = _defines(ROOT / "kernel" / "samples" / "kmlbus_sample.c")
     desc = SampleWorkload.desc
     assert desc.nkeys == s["SAMPLE_STREAMS"]

@@ -178,6 +178,13 @@ class Spec:
     def op_by_value(self) -> dict[int, Op]:
         return {o.value: o for o in self.ops}
 
+    def op(self, name: str) -> Op:
+        """The operation *name*, or a :class:`SpecError` naming the ones there are."""
+        o = self.op_by_name.get(name)
+        if o is None:
+            raise SpecError(f"no operation {name!r}; the spec has {[x.name for x in self.ops]}")
+        return o
+
     def struct_format(self, name: str) -> str:
         """``struct`` module format of a spec struct (native order, no padding)."""
         out = "="

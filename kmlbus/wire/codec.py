@@ -483,9 +483,10 @@ def decode_attrs(set_name: str, data: bytes) -> dict[str, Any]:
 def encode_msg(family_id: int, op: str, attrs: Mapping[str, Any], *, seq: int, flags: int) -> bytes:
     """A complete request for *op* (a spec operation name) to family *family_id*."""
     sp = kspec.load()
-    o = sp.op_by_name.get(op)
-    if o is None:
-        raise CodecError(f"no operation {op!r}; the spec has {[x.name for x in sp.ops]}")
+    try:
+        o = sp.op(op)
+    except kspec.SpecError as e:
+        raise CodecError(str(e)) from None
     return pack_genlmsg(family_id, o.value, sp.version, encode_attrs(o.attr_set, attrs), seq=seq, flags=flags)
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "ModuleNotLoaded",
     "NetlinkError",
     "GENL_ID_CTRL",
+    "refusal_text",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,17 @@ class ModuleNotLoaded(KmlbusError):
             f"the {family} kernel module is not loaded: load it with `insmod kernel/{family}.ko` "
             f"(or `modprobe {family}`)"
         )
+
+
+def refusal_text(extack: str, missing: str | None = None, bad: str | None = None) -> str:
+    """The reason shown for a refused request: the kernel's extack message, then the
+    attribute it reports missing, then the attribute its offset points at (each optional)."""
+    text = extack
+    if missing:
+        text = f"{text}: missing attribute {missing}" if text else f"missing attribute {missing}"
+    if bad:
+        text = f"{text} [attribute {bad}]" if text else f"bad attribute {bad}"
+    return text
 
 
 class NetlinkError(KmlbusError):
@@ -617,10 +629,10 @@ class Connection(GenlSocket, ControlOps):
 
     def _op(self, op: str) -> kspec.Op:
         """The spec's operation *op*, or a clear error naming the ones there are."""
-        o = self.spec.op_by_name.get(op)
-        if o is None:
-            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in self.spec.ops]}")
-        return o
+        try:
+            return self.spec.op(op)
+        except kspec.SpecError as e:
+            raise KmlbusError(str(e)) from None
 
     def _send_unacked(self, seq: int, op: str, req: bytes) -> None:
         self._unacked[seq] = (op, self.spec.op_by_name[op].attr_set, req)
@@ -674,16 +686,13 @@ class Connection(GenlSocket, ControlOps):
         return out
 
     def _error(self, m: Message, op: str, set_name: str, req: bytes) -> NetlinkError:
-        text = m.extack
+        missing = None
         if m.extack_missing > 0:
             a = self.spec.attr_sets[set_name].by_value.get(m.extack_missing)
-            miss = f"missing attribute {a.name if a else m.extack_missing}"
-            text = f"{text}: {miss}" if text else miss
-        if m.extack_offset >= 0:
-            bad = _bad_attr_name(req, m.extack_offset, set_name)
-            if bad:
-                text = f"{text} [attribute {bad}]" if text else f"bad attribute {bad}"
-        return NetlinkError(-m.error, text, op, self.family_name or self.spec.name)
+            missing = a.name if a else str(m.extack_missing)
+        bad = _bad_attr_name(req, m.extack_offset, set_name) if m.extack_offset >= 0 else None
+        return NetlinkError(-m.error, refusal_text(m.extack, missing, bad), op,
+                            self.family_name or self.spec.name)
 
     def request_raw(self, cmd: int, payload: bytes, *, flags: int = codec.NLM_F_REQUEST | codec.NLM_F_ACK,
                     timeout: float | None = None) -> list[Message]:

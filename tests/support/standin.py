@@ -100,6 +100,7 @@ from kmlbus.wire.netlink import (
     KmlbusError,
     ModuleNotLoaded,
     NetlinkError,
+    refusal_text,
 )
 from tests.support import gate as mgate
 
@@ -120,13 +121,6 @@ log.addHandler(logging.NullHandler())
 NS = 1_000_000_000
 MS = 1_000_000
 
-# kernel/kmlbus_internal.h (not part of the spec; tests/test_standin.py checks these against it)
-RING_SAMPLES = 1024
-RING_FEEDBACK = 1024
-FLUSH_COUNT = 32
-FLUSH_MS = 20
-MSG_SAMPLES = 32
-MSG_FEEDBACK = 128
 
 # kernel/samples/kmlbus_sample.c
 SAMPLE_STREAMS = 64
@@ -150,6 +144,12 @@ _MAX_TTL_MS = int(_SPEC.consts["max-ttl-ms"])
 _MAX_RECS = int(_SPEC.consts["max-recs"])
 _MAX_KEYS = int(_SPEC.consts["max-keys"])
 _MAX_FEATURES = int(_SPEC.consts["max-features"])
+RING_SAMPLES = int(_SPEC.consts["ring-samples"])
+RING_FEEDBACK = int(_SPEC.consts["ring-feedback"])
+FLUSH_COUNT = int(_SPEC.consts["flush-count"])
+FLUSH_MS = int(_SPEC.consts["flush-ms"])
+MSG_SAMPLES = int(_SPEC.consts["msg-samples"])
+MSG_FEEDBACK = int(_SPEC.consts["msg-feedback"])
 _EMERGENCY = _MODES.value("emergency")
 
 
@@ -1004,9 +1004,10 @@ class StandinLink(ControlOps):
                 ) -> list[dict[str, Any]]:
         """As :meth:`kmlbus.wire.netlink.Connection.request`: reply attribute dicts, or NetlinkError."""
         self._check_open()
-        o = _SPEC.op_by_name.get(op)
-        if o is None:
-            raise KmlbusError(f"no operation {op!r}; the spec has {[x.name for x in _SPEC.ops]}")
+        try:
+            o = _SPEC.op(op)
+        except kspec.SpecError as e:
+            raise KmlbusError(str(e)) from None
         flags = codec.NLM_F_REQUEST | codec.NLM_F_ACK | (codec.NLM_F_DUMP if dump else 0)
         wire = codec.encode_msg(self.family_id, op, attrs or {}, seq=next(self._seq), flags=flags)
         k = self.kernel
@@ -1017,12 +1018,7 @@ class StandinLink(ControlOps):
         try:
             replies = k._handle(self, op, msg.attrs, dump)
         except _Refused as e:
-            text = e.msg
-            if e.missing:
-                text = f"{text}: missing attribute {e.missing}" if text else f"missing attribute {e.missing}"
-            if e.attr:
-                text = f"{text} [attribute {e.attr}]" if text else f"bad attribute {e.attr}"
-            raise NetlinkError(-e.err, text, op, _SPEC.name) from None
+            raise NetlinkError(-e.err, refusal_text(e.msg, e.missing, e.attr), op, _SPEC.name) from None
         reply_set = o.attr_set
         return [codec.decode_attrs(reply_set, codec.encode_attrs(reply_set, r)) for r in replies]
 

@@ -144,3 +144,31 @@ def test_boot_fails_when_the_guest_kernel_logs_a_warning(
     err = capsys.readouterr().err
     assert "WARNING: test" in err
     assert "WARNING: test" in (tmp_path / "console.dmesg.log").read_text()
+
+
+def test_a_work_folder_gets_the_kernel_sources_and_no_build_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an installed wheel relies on: KMLBUS_WORKDIR (or ~/.cache/kmlbus) is given the
+    kernel sources to build; a changed source is refreshed; kbuild output is never copied."""
+    from kmlbus.vm.kernels import project_root
+
+    monkeypatch.setenv("KMLBUS_WORKDIR", str(tmp_path))
+    assert project_root() == tmp_path
+    src = Path(__file__).resolve().parents[1] / "kernel"
+    for rel in ("Kbuild", "Makefile", "kmlbus_core.c", "include/uapi/linux/kmlbus.h",
+                "samples/kmlbus_sample.c"):
+        assert (tmp_path / "kernel" / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert not list((tmp_path / "kernel").rglob("*.o")) and not list((tmp_path / "kernel").rglob("*.mod.c"))
+    (tmp_path / "kernel" / "kmlbus_core.c").write_text("stale\n")
+    project_root()
+    assert (tmp_path / "kernel" / "kmlbus_core.c").read_bytes() == (src / "kmlbus_core.c").read_bytes()
+
+
+def test_the_vm_refuses_a_python_environment_the_guest_cannot_see(tmp_path: Path) -> None:
+    from kmlbus.vm.kernels import VMError
+    from kmlbus.vm.qemu import _check_visible
+
+    with pytest.raises(VMError, match=r"/tmp/venv is under /tmp, .* create the venv elsewhere"):
+        _check_visible(Path("/tmp/venv"), Path("/work/project"))
+    _check_visible(Path("/var/tmp/venv"), Path("/work/project"))
+    _check_visible(Path("/tmp/ci/project/.venv"), Path("/tmp/ci/project"))

@@ -46,27 +46,31 @@ def project_root() -> Path:
     """The folder the testbed works in: it holds ``kernel/`` (built there) and ``build/vm``.
 
     ``KMLBUS_WORKDIR`` if set; else the source checkout this package runs
-    from; else, for an installed wheel, ``~/.cache/kmlbus/<version>``, where
-    the kernel sources shipped in the wheel (``kmlbus.kernel_src``) are copied
-    on first use.  The guest gets the same HOME and ``KMLBUS_*`` variables, so
-    it resolves the same folder.
+    from; else, for an installed wheel, ``~/.cache/kmlbus/<version>``.  A
+    folder without kernel sources gets the ones shipped in the wheel
+    (``kmlbus.kernel_src``), copied on first use.  The guest gets the same
+    HOME and ``KMLBUS_*`` variables, so it resolves the same folder.
     """
     env = os.environ.get("KMLBUS_WORKDIR")
-    if env:
-        return Path(env).resolve()
     checkout = Path(__file__).resolve().parents[2]
-    if (checkout / "kernel" / "Kbuild").is_file() and (checkout / "pyproject.toml").is_file():
+    in_checkout = (checkout / "kernel" / "Kbuild").is_file() and (checkout / "pyproject.toml").is_file()
+    if env:
+        work = Path(env).resolve()
+    elif in_checkout:
         return checkout
-    from kmlbus import __version__
+    else:
+        from kmlbus import __version__
 
-    work = Path.home() / ".cache" / "kmlbus" / __version__
-    _install_kernel_sources(work / "kernel")
+        work = Path.home() / ".cache" / "kmlbus" / __version__
+    if work != checkout:
+        _install_kernel_sources(checkout / "kernel" if in_checkout
+                                else resources.files("kmlbus.kernel_src"), work / "kernel")
     return work
 
 
-def _install_kernel_sources(dest: Path) -> None:
-    """Copy the wheel's kernel sources to *dest* unless an identical copy is there."""
-    for rel, data in _walk(resources.files("kmlbus.kernel_src"), ""):
+def _install_kernel_sources(src: Traversable, dest: Path) -> None:
+    """Copy the kernel sources under *src* to *dest*, file by file, where they differ."""
+    for rel, data in _walk(src, ""):
         target = dest / rel
         if target.is_file() and target.read_bytes() == data:
             continue
@@ -77,13 +81,14 @@ def _install_kernel_sources(dest: Path) -> None:
 
 
 def _walk(node: Traversable, prefix: str) -> Iterator[tuple[str, bytes]]:
-    """(relative path, bytes) of every file under *node*, Python files left out."""
+    """(relative path, bytes) of every kernel source file under *node* (no build output)."""
     for child in node.iterdir():
         rel = f"{prefix}{child.name}"
         if child.is_dir():
             if child.name != "__pycache__":
                 yield from _walk(child, rel + "/")
-        elif not child.name.endswith((".py", ".pyc")):
+        elif child.name.endswith((".c", ".h")) and not child.name.endswith(".mod.c") \
+                or child.name in ("Kbuild", "Makefile", "README.md"):
             yield rel, child.read_bytes()
 
 

@@ -32,16 +32,29 @@ def test_proxy_view_names_enums_and_merges_the_daemons_evidence() -> None:
     kernel = {"id": 1, "name": "sample", "mode": 2, "lifecycle": 4, "mode-ms": 1500, "reason": 5,
               "bus-portid": 77, "feature": [{"name": "a"}, {"name": "b"}],
               "counters": {"decisions-model": 3}}
-    bus = {"proxies": {"sample": {"evidence": {"model_mean": 900.0}}}}
+    bus = {"portid": 77, "proxies": {"sample": {"evidence": {"model_mean": 900.0}}}}
     v = cli.proxy_view(kernel, bus)
     assert (v["mode"], v["lifecycle"], v["reason"]) == ("collaboration", "running", "promotion")
     assert v["mode_s"] == 1.5 and v["features"] == ["a", "b"] and v["bus"]["evidence"]["model_mean"] == 900.0
+    assert "stale" not in v["bus"]
     assert "bus" not in cli.proxy_view(kernel, {})
+
+
+def test_the_view_of_a_bus_that_is_not_attached_is_marked_stale(capsys: pytest.CaptureFixture[str]) -> None:
+    """A killed daemon leaves its state file behind; the kernel's bus-portid says who is attached."""
+    state = {"pid": 4242, "portid": 77, "proxies": {"sample": {
+        "mode": "recommendation", "evidence": {"default_mean": 500.0, "model_mean": 900.0}}}}
+    v = cli.proxy_view({"id": 1, "name": "sample", "mode": 0, "bus-portid": 0}, state)
+    assert "pid 4242" in v["bus"]["stale"] and "not attached" in v["bus"]["stale"]
+    cli.print_status_table([v])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[2] == "emergency" and out[1].split()[-2:] == ["-/-", "-"]
+    assert "the bus's view below is stale: written by bus pid 4242" in out[2]
 
 
 def test_status_table_shows_each_proxy_and_its_last_move(capsys: pytest.CaptureFixture[str]) -> None:
     v = cli.proxy_view({"id": 1, "name": "sample", "mode": 3, "counters": {"recs-applied": 9}},
-                       {"proxies": {"sample": {"last": {"from": "collaboration", "to": "recommendation",
+                       {"portid": 0, "proxies": {"sample": {"last": {"from": "collaboration", "to": "recommendation",
                                                         "trigger": "promote", "reason": "promotion: x"}}}})
     cli.print_status_table([v])
     out = capsys.readouterr().out.splitlines()
@@ -55,7 +68,7 @@ def test_status_table_shows_the_learning_loop(capsys: pytest.CaptureFixture[str]
         "weights": [62.5, 0.01, -0.2], "bias": 1.25, "samples": 5000, "estimated": 0.951,
         "coverage": 0.9, "observed": 0.61}}
     v = cli.proxy_view({"id": 1, "name": "sample", "mode": 1},
-                       {"proxies": {"sample": {"learning": learning}}})
+                       {"portid": 0, "proxies": {"sample": {"learning": learning}}})
     cli.print_status_table([v])
     line = capsys.readouterr().out.splitlines()[-1]
     assert "2 fit(s) installed, 1 kept back, 5000 samples" in line

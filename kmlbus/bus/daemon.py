@@ -393,7 +393,12 @@ class Bus:
 
     def snapshot(self) -> dict[str, Any]:
         """The daemon's view for ``kmlbus status``: mode, reason, evidence vs thresholds."""
-        out: dict[str, Any] = {"pid": os.getpid(), "at": time.time(), "stats": dict(self.stats),
+        stats = dict(self.stats)
+        if self.conn is not None:
+            # multicast lost because our receive buffer was full (ENOBUFS on the socket)
+            stats["socket_overruns"] = self.conn.stats.get("overruns", 0)
+        out: dict[str, Any] = {"pid": os.getpid(), "at": time.time(), "stats": stats,
+                               "portid": 0 if self.ctl is None else self.ctl.portid,
                                "proxies": {}}
         for p in self.proxies.values():
             out["proxies"][p.name] = p.status()

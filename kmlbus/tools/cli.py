@@ -48,7 +48,11 @@ def proxy_view(p: dict[str, Any], bus_state: dict[str, Any]) -> dict[str, Any]:
     }
     bus = bus_state.get("proxies", {}).get(view["name"])
     if bus:
-        view["bus"] = bus
+        view["bus"] = dict(bus)
+        if bus_state.get("portid") != view["bus_portid"]:
+            # the daemon that wrote this is not the one attached (it died, or detached)
+            view["bus"]["stale"] = (f"written by bus pid {bus_state.get('pid')} (port "
+                                    f"{bus_state.get('portid')}), which is not attached to this proxy")
     return view
 
 
@@ -64,7 +68,7 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
     for v in views:
         c = v["counters"]
         bus = v.get("bus", {})
-        ev = bus.get("evidence", {})
+        ev = {} if bus.get("stale") else bus.get("evidence", {})
         rows.append((
             str(v["id"]), str(v["name"]), v["mode"], f"{v['mode_s']}s", v["reason"], v["lifecycle"],
             str(v["bus_portid"] or "-"),
@@ -80,6 +84,8 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     for v in views:
         bus = v.get("bus")
+        if bus and bus.get("stale"):
+            print(f"  {v['name']}: the bus's view below is stale: {bus['stale']}")
         if bus and bus.get("last"):
             last = bus["last"]
             print(f"  {v['name']}: last move {last.get('from')} -> {last.get('to')} "

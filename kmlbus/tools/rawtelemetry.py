@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from kmlbus.contract import spec
 from kmlbus.wire import codec
 
-__all__ = ["Batch", "TelemetryReader"]
+__all__ = ["Batch", "TelemetryParser", "TelemetryReader"]
 
 _SOL_NETLINK = 270
 _NETLINK_ADD_MEMBERSHIP = 1
@@ -34,19 +34,55 @@ class Batch:
     read_ns: int
 
 
-class TelemetryReader:
-    """A raw ``NETLINK_GENERIC`` socket joined to the family's telemetry group."""
+class TelemetryParser:
+    """The bare parse of telemetry datagrams: headers walked with ``struct``, records counted."""
 
-    def __init__(self, family_id: int, group_id: int, *, timeout: float = 0.05) -> None:
+    def __init__(self, family_id: int) -> None:
         sp = spec.load()
         proxy = sp.attr_sets["proxy"].by_name
-        sample = sp.structs["sample"]
         self.family_id = family_id
         self.cmd = sp.op_by_name["telemetry"].value
         self.attr_id = proxy["id"].value
         self.attr_records = proxy["records"].value
-        self.rec_size = sample.size
+        self.rec_size = sp.structs["sample"].size
         self.ts_off = int(codec.struct_dtype("sample").fields["ts_ns"][1])  # type: ignore[index]
+
+    def parse(self, buf: bytes | bytearray, n: int, t: int) -> list[Batch]:
+        """The telemetry messages in ``buf[:n]`` (one datagram), read at *t*."""
+        out: list[Batch] = []
+        off = 0
+        while off + _HDR <= n:
+            mlen, mtype = struct.unpack_from("=IH", buf, off)
+            if mlen < 16 or off + mlen > n:
+                break
+            if mtype == self.family_id and buf[off + 16] == self.cmd:
+                out.append(self._message(buf, off + _HDR, off + mlen, t))
+            off += (mlen + 3) & ~3
+        return out
+
+    def _message(self, buf: bytes | bytearray, pos: int, end: int, t: int) -> Batch:
+        pid, nrec, ts = -1, 0, 0
+        while pos + 4 <= end:
+            alen, atype = struct.unpack_from("=HH", buf, pos)
+            if alen < 4:
+                break
+            atype &= 0x3FFF
+            if atype == self.attr_id and alen >= 8:
+                pid = struct.unpack_from("=I", buf, pos + 4)[0]
+            elif atype == self.attr_records:
+                nrec = (alen - 4) // self.rec_size
+                if nrec:
+                    ts = struct.unpack_from("=Q", buf, pos + 4 + (nrec - 1) * self.rec_size + self.ts_off)[0]
+            pos += (alen + 3) & ~3
+        return Batch(pid, nrec, ts, t)
+
+
+class TelemetryReader:
+    """A raw ``NETLINK_GENERIC`` socket joined to the family's telemetry group."""
+
+    def __init__(self, family_id: int, group_id: int, *, timeout: float = 0.05) -> None:
+        self.parser = TelemetryParser(family_id)
+        self.family_id = family_id
         #: receive errors (ENOBUFS: the socket overflowed and messages were lost)
         self.enobufs = 0
         self.buf = bytearray(1 << 17)
@@ -73,30 +109,4 @@ class TelemetryReader:
         except OSError:
             self.enobufs += 1
             return []
-        t = time.monotonic_ns()
-        out: list[Batch] = []
-        off = 0
-        while off + _HDR <= n:
-            mlen, mtype = struct.unpack_from("=IH", self.buf, off)
-            if mlen < 16 or off + mlen > n:
-                break
-            if mtype == self.family_id and self.buf[off + 16] == self.cmd:
-                out.append(self._message(off + _HDR, off + mlen, t))
-            off += (mlen + 3) & ~3
-        return out
-
-    def _message(self, pos: int, end: int, t: int) -> Batch:
-        pid, nrec, ts = -1, 0, 0
-        while pos + 4 <= end:
-            alen, atype = struct.unpack_from("=HH", self.buf, pos)
-            if alen < 4:
-                break
-            atype &= 0x3FFF
-            if atype == self.attr_id and alen >= 8:
-                pid = struct.unpack_from("=I", self.buf, pos + 4)[0]
-            elif atype == self.attr_records:
-                nrec = (alen - 4) // self.rec_size
-                if nrec:
-                    ts = struct.unpack_from("=Q", self.buf, pos + 4 + (nrec - 1) * self.rec_size + self.ts_off)[0]
-            pos += (alen + 3) & ~3
-        return Batch(pid, nrec, ts, t)
+        return self.parser.parse(self.buf, n, time.monotonic_ns())

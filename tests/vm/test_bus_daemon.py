@@ -56,6 +56,7 @@ def test_status_json_agrees_with_the_kernel(daemon: Daemon) -> None:
     assert v["id"] == k["id"]
     assert v["mode"] == codec.enum_name("mode", int(k["mode"]))
     assert v["bus_portid"] == int(k["bus-portid"]) != 0
+    assert "stale" not in v.get("bus", {})
     assert [f for f in v["features"]] == [f["name"] for f in k["feature"]]
     # counters only grow: the CLI's snapshot lies between two kernel reads
     later = kernel_proxy()["counters"]
@@ -79,11 +80,17 @@ def test_mode_refusal_prints_the_kernels_reason_and_changes_nothing(daemon: Daem
 def test_killing_the_daemon_puts_the_proxy_in_emergency(daemon: Daemon) -> None:
     assert daemon.cli("mode", "sample", "learning", "--pin").returncode == 0
     assert kernel_mode() == "learning"
+    state = Path(daemon.env["KMLBUS_STATE"])
+    wait_for("the daemon's state file", state.exists, 30)
     daemon.signal(signal.SIGKILL)
     p = kernel_proxy()
     assert codec.enum_name("mode", int(p["mode"])) == "emergency"
     assert int(p.get("bus-portid", 0)) == 0
     assert codec.enum_name("reason", int(p["reason"])) == "bus-gone"
+    # the dead daemon's state file is still there, and status says it is stale
+    r = daemon.cli("status", "--json")
+    (v,) = [v for v in json.loads(r.stdout) if v["name"] == "sample"]
+    assert v["mode"] == "emergency" and "not attached" in v["bus"]["stale"], v.get("bus")
 
 
 def test_sigterm_detaches_and_exits_zero(daemon: Daemon) -> None:

@@ -106,9 +106,10 @@ def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> 
 
 
 class TimedConnection(netlink.Connection):
-    """The bus's connection, noting the instants (a) measures: when the datagram that ended
-    an idle wait was read, when a ``recommend`` returned (the kernel had run it), and the
-    messages the last receive took (for their kernel timestamps, read after the send)."""
+    """The bus's connection, noting the instants (a) measures: when what the bus answers
+    was read (the datagram that ended an idle wait, or a backlog), when a ``recommend``
+    returned (the kernel had run it), and the messages the last receive took (for their
+    kernel timestamps, read after the send)."""
 
     read_ns = 0
     sent_ns = 0
@@ -126,6 +127,8 @@ class TimedConnection(netlink.Connection):
 
     def recv(self, timeout: float | None = None) -> list[codec.Message]:
         self.taken = super().recv(timeout)
+        if self.taken:
+            self.read_ns = time.monotonic_ns()
         return self.taken
 
     def recommend(self, proxy_id: int, recs: Any, *, wait: bool = True) -> None:
@@ -156,11 +159,11 @@ def bus_roundtrip(bus: Bus, seconds: float) -> Lat:
         sent_before, read_before = ctl.sent_ns, conn.read_ns
         conn.taken = []
         bus.receive(0.2)
-        t_read = conn.read_ns if conn.read_ns != read_before else time.monotonic_ns()
+        t_read = conn.read_ns
         # the newest sample's timestamp is read after the send: measuring is not the bus's cost
         ts = [int(m.attrs["records"]["ts_ns"].max()) for m in conn.taken
               if m.op == "telemetry" and len(m.attrs.get("records", ()))]
-        if ts and ctl.sent_ns != sent_before:
+        if ts and ctl.sent_ns != sent_before and t_read != read_before:
             t_done = ctl.sent_ns  # the kernel had them then; bookkeeping follows
             out.e2e.append(t_done - max(ts))
             out.user.append(t_done - t_read)

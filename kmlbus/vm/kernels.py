@@ -28,6 +28,7 @@ __all__ = [
     "build_lock",
     "has_pvh_note",
     "build_modules",
+    "install_kernel_sources",
     "installed_kernels",
     "newest_kernel",
     "project_root",
@@ -63,12 +64,12 @@ def project_root() -> Path:
 
         work = Path.home() / ".cache" / "kmlbus" / __version__
     if work != checkout:
-        _install_kernel_sources(checkout / "kernel" if in_checkout
+        install_kernel_sources(checkout / "kernel" if in_checkout
                                 else resources.files("kmlbus.kernel_src"), work / "kernel")
     return work
 
 
-def _install_kernel_sources(src: Traversable, dest: Path) -> None:
+def install_kernel_sources(src: Traversable, dest: Path) -> None:
     """Copy the kernel sources under *src* to *dest*, file by file, where they differ."""
     for rel, data in _walk(src, ""):
         target = dest / rel
@@ -88,7 +89,7 @@ def _walk(node: Traversable, prefix: str) -> Iterator[tuple[str, bytes]]:
             if child.name != "__pycache__":
                 yield from _walk(child, rel + "/")
         elif child.name.endswith((".c", ".h")) and not child.name.endswith(".mod.c") \
-                or child.name in ("Kbuild", "Makefile", "README.md"):
+                or child.name in ("Kbuild", "Makefile", "README.md", "dkms.conf"):
             yield rel, child.read_bytes()
 
 

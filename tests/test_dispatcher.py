@@ -210,6 +210,23 @@ def test_latest_per_key_picks_max_seq(pairs: list[tuple[int, int]]) -> None:
     assert {int(r["key"][i]): int(r["seq"][i]) for i in idx} == want
 
 
+@settings(deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 2, 63, 1023, 65535, 65536, 70000]),
+                          st.integers(0, 3)), min_size=1, max_size=60))
+def test_latest_per_key_in_ring_order_is_the_last_row_of_each_key(
+        pairs: list[tuple[int, int]]) -> None:
+    """Samples in ring order (seq never decreasing, ties included): the latest of a key
+    is its last row, on the radix path (keys < 2^16) and the general one alike."""
+    seq = np.cumsum([step for _, step in pairs])  # non-decreasing, with repeats
+    r = np.zeros(len(pairs), dtype=SAMPLE)
+    r["key"] = [k for k, _ in pairs]
+    r["seq"] = seq
+    want = {k: i for i, (k, _) in enumerate(pairs)}  # the last row of each key
+    idx = latest_per_key(r)
+    assert {int(r["key"][i]): int(i) for i in idx} == want
+    assert list(r["key"][idx]) == sorted(want)
+
+
 def test_records_decoded_by_the_codec_are_accepted() -> None:
     from kmlbus.wire import codec
 

@@ -119,12 +119,18 @@ def latest_per_key(records: npt.NDArray[np.void]) -> npt.NDArray[np.intp]:
     """
     if len(records) == 0:
         return np.zeros(0, dtype=np.intp)
-    # lexsort: last key is primary -> sorted by key, then seq (stable: then row order);
-    # the last row of each key wins
-    order = np.lexsort((records["seq"], records["key"]))
-    keys = records["key"][order]
+    seq, keys = records["seq"], records["key"]
+    if bool((seq[1:] >= seq[:-1]).all()) and int(keys.max()) <= 0xFFFF:
+        # The usual backlog: one proxy's samples in ring order.  The last row of each
+        # key is then its latest; a stable sort of 16-bit keys is numpy's radix sort,
+        # several times cheaper than the two-key lexsort on a receive's worth (8192).
+        order = np.argsort(keys.astype(np.uint16), kind="stable")
+    else:
+        # lexsort: last key is primary -> sorted by key, then seq (stable: then row order)
+        order = np.lexsort((seq, keys))
+    k = keys[order]
     last = np.ones(len(order), dtype=bool)
-    last[:-1] = keys[1:] != keys[:-1]
+    last[:-1] = k[1:] != k[:-1]
     return order[last].astype(np.intp)
 
 

@@ -11,6 +11,8 @@ import argparse
 import errno
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -292,7 +294,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run, turn known failures into one-line messages."""
+    """Entry point: run one command; a reader that went away ends it quietly.
+
+    Every command may write into a pipe whose reader stops early
+    (``kmlbus status --json | head -c 600``).  Like Unix tools, the command then
+    ends without a word: the rest of its output goes to /dev/null (so Python's
+    final flush cannot complain either) and the exit status is 128 + SIGPIPE,
+    what a shell reports for a tool the signal ended.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:  # output still buffered must reach the pipe now, where we can catch the error
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so nothing more can fail on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse, run, turn known failures into one-line messages."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trace"]:  # its own parser takes every remaining argument, --help included
         from kmlbus.tools import offline

@@ -20,6 +20,7 @@ from typing import Any
 
 from kmlbus.bus import statefile
 from kmlbus.contract import spec
+from kmlbus.tools import plot
 from kmlbus.wire import codec, netlink
 
 __all__ = ["main"]
@@ -247,6 +248,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return offline.main(args.rest)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a recorded trace as a PNG (mode bands, per-arm efficiency, rates, transitions)."""
+    return plot.run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so tests can inspect it)."""
     ap = argparse.ArgumentParser(prog="kmlbus", description=__doc__.split("\n")[0])
@@ -286,9 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m kmlbus.tools.offline")
     s.set_defaults(func=cmd_trace)
 
+    s = sub.add_parser("plot", help="draw a recorded trace as a PNG: modes, per-arm efficiency, rates")
+    plot.add_arguments(s)
+    s.set_defaults(func=cmd_plot)
+
     s = sub.add_parser("demo", help="drive the sample proxy through its modes (boots the VM if needed)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.add_argument("--seconds", type=float, default=90.0, help="time limit per phase")
+    s.add_argument("--plot", metavar="PNG", help="picture of the run (default: vm-out/demo.png in "
+                   "the work folder; its trace is written beside it)")
+    s.add_argument("--no-picture", action="store_true", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_demo)
     return ap
 

@@ -57,7 +57,7 @@ from kmlbus.wire import codec, netlink
 from modes.machine import ModeError, ProxyModes
 from modes.policy import Fault, Policy
 
-__all__ = ["Bus", "Link", "Opener", "main"]
+__all__ = ["Bus", "Link", "Opener", "Published", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,23 @@ def _open_netlink(groups: Sequence[str]) -> Link:
     return netlink.Connection(groups=groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """What the loop last published for readers in other threads (the metrics endpoint).
+
+    Built by :meth:`Bus.housekeeping` and replaced whole, never changed in
+    place, so a reader that takes :attr:`Bus.published` once sees one
+    consistent moment: the kernel's dump and the daemon's snapshot of it.
+    """
+
+    #: the bus's clock when it was taken
+    at: float
+    #: the kernel's ``get`` dump, one reply per proxy name (every proxy, attached or not)
+    kernel: dict[str, dict[str, Any]]
+    #: :meth:`Bus.snapshot` at the same moment (what the state file holds)
+    snapshot: dict[str, Any]
+
+
 class Bus:
     """The daemon's state: connection, models, and one machine per proxy."""
 
@@ -144,6 +161,8 @@ class Bus:
         self._pins_dirty = True
         #: learning loops by proxy name: they outlive a module reload (same binding)
         self._loops: dict[str, LearningLoop] = {}
+        #: the last housekeeping's kernel dump and snapshot (None before the first)
+        self.published: Published | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -354,7 +373,9 @@ class Bus:
                     log.warning("proxy %s: not adopted (will retry): %s", a.get("name"), e)
         for r in self.registry.poll():
             log.info("model reload: %s", r)
-        self.write_state()
+        snap = self.snapshot()
+        self.published = Published(self.clock(), {str(a.get("name")): a for a in seen.values()}, snap)
+        self.write_state(snap)
 
     def _collect_errors(self) -> None:
         """Count and log the kernel's refusals of recommendations sent without an ACK."""
@@ -404,10 +425,10 @@ class Bus:
             out["proxies"][p.name] = p.status()
         return out
 
-    def write_state(self) -> None:
-        """Publish :meth:`snapshot` to the state file (errors only logged)."""
+    def write_state(self, snap: dict[str, Any] | None = None) -> None:
+        """Publish *snap* (default: :meth:`snapshot`) to the state file (errors only logged)."""
         try:
-            statefile.write(self.snapshot(), self.state_path)
+            statefile.write(self.snapshot() if snap is None else snap, self.state_path)
         except OSError as e:
             log.debug("state file not written: %s", e)
 
@@ -470,14 +491,26 @@ class _Reconnect(Exception):
     """Internal: the attachments are gone; reconnect from scratch."""
 
 
-def main(config_path: str, *, duration: float | None = None) -> int:
-    """``kmlbus run``: load the config, serve until SIGTERM/SIGINT, detach, exit 0."""
+def main(config_path: str, *, duration: float | None = None, metrics: str | None = None) -> int:
+    """``kmlbus run``: load the config, serve until SIGTERM/SIGINT, detach, exit 0.
+
+    *metrics* (``HOST:PORT``) also serves Prometheus metrics (:mod:`kmlbus.bus.metrics`).
+    """
     try:
         cfg = load(config_path)
     except ConfigError as e:
         print(f"kmlbus run: {e}")
         return 2
     bus = Bus(cfg)
+    endpoint = None
+    if metrics is not None:
+        from kmlbus.bus import metrics as metrics_mod
+
+        try:
+            endpoint = metrics_mod.serve(bus, metrics)
+        except metrics_mod.MetricsError as e:
+            print(f"kmlbus run: {e}")
+            return 2
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("signal %d: detaching and exiting", signum)
@@ -485,10 +518,14 @@ def main(config_path: str, *, duration: float | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    if not bus.connect():
-        raise netlink.ModuleNotLoaded()
     try:
-        bus.run(duration)
+        if not bus.connect():
+            raise netlink.ModuleNotLoaded()
+        try:
+            bus.run(duration)
+        finally:
+            bus.shutdown()
     finally:
-        bus.shutdown()
+        if endpoint is not None:
+            endpoint.close()
     return 0

@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: attach to configured proxies, dispatch, drive modes."""
     from kmlbus.bus import daemon
 
-    return daemon.main(args.config, duration=args.duration)
+    return daemon.main(args.config, duration=args.duration, metrics=args.metrics)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the bus daemon")
     s.add_argument("--config", required=True, help="TOML file mapping proxies to ONNX models")
     s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on "
+                   "http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("mode", help="ask the kernel for a mode change")

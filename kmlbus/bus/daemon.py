@@ -27,6 +27,10 @@ kernel accepts it, so both always agree.  Once a second the daemon checks that
 the family and its attachments are still there (module reloaded -> it
 reconnects and re-attaches), hot-swaps changed model files, follows operator
 pins, and writes its state file for ``kmlbus status``.
+
+Run by systemd (``packaging/systemd/kmlbus.service``, ``Type=notify``), the
+daemon says READY once its proxies are attached and pings the watchdog from
+the loop itself (:mod:`kmlbus.bus.sdnotify`), so a hung loop is restarted too.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ from kmlbus.bus import fastlane
 from kmlbus.bus.learner import Learner, LearningLoop
 from kmlbus.bus.proxy import Proxy
 from kmlbus.bus.registry import ModelError, ModelRegistry
+from kmlbus.bus.sdnotify import Notifier
 from kmlbus.bus.tracefile import TraceWriter
 from kmlbus.contract import graph as mgraph
 from kmlbus.wire import codec, netlink
 from modes.machine import ModeError, ProxyModes
 from modes.policy import Fault, Policy
 
-__all__ = ["Bus", "Link", "Opener", "Published", "main"]
+__all__ = ["Bus", "Link", "Opener", "Published", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +131,11 @@ class Bus:
     def __init__(self, config: Config, *, graph: mgraph.Graph | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  state_path: Path | None = None, opener: Opener = _open_netlink,
-                 idle: Callable[[float], object] | None = None) -> None:
+                 idle: Callable[[float], object] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        #: systemd's notify socket (READY, WATCHDOG from :meth:`step`), if run by systemd
+        self.notifier = notifier
         self.opener = opener
         #: waits between attempts to find the family (simulated time may replace it)
         self.idle: Callable[[float], object] = (
@@ -436,6 +444,8 @@ class Bus:
 
     def step(self, timeout: float = 0.05) -> None:
         """Receive and handle what arrived within *timeout*, then run due periodic work."""
+        if self.notifier is not None:
+            self.notifier.keepalive()  # from the loop itself: a hung loop stops the pings
         if self.conn is None:
             if not self.connect():
                 self.idle(0.5)
@@ -501,7 +511,8 @@ def main(config_path: str, *, duration: float | None = None, metrics: str | None
     except ConfigError as e:
         print(f"kmlbus run: {e}")
         return 2
-    bus = Bus(cfg)
+    notifier = Notifier()
+    bus = Bus(cfg, notifier=notifier)
     endpoint = None
     if metrics is not None:
         from kmlbus.bus import metrics as metrics_mod
@@ -519,13 +530,28 @@ def main(config_path: str, *, duration: float | None = None, metrics: str | None
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        if not bus.connect():
-            raise netlink.ModuleNotLoaded()
-        try:
-            bus.run(duration)
-        finally:
-            bus.shutdown()
+        serve(bus, duration)
     finally:
         if endpoint is not None:
             endpoint.close()
+        notifier.close()
     return 0
+
+
+def serve(bus: Bus, duration: float | None = None) -> None:
+    """Attach, tell systemd we are ready, run the loop, detach (telling systemd we stop).
+
+    Raises :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent
+    at start: a supervisor then sees the failure (and may restart us later).
+    """
+    if not bus.connect():
+        raise netlink.ModuleNotLoaded()
+    if bus.notifier is not None:
+        names = sorted(p.name for p in bus.proxies.values())
+        bus.notifier.ready(f"attached to {len(names)} proxies: {', '.join(names) or 'none yet'}")
+    try:
+        bus.run(duration)
+    finally:
+        if bus.notifier is not None:
+            bus.notifier.stopping()
+        bus.shutdown()

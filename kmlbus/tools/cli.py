@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -182,42 +181,12 @@ def _refusal(conn: netlink.Connection, pid: int, want: str, extack: str) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Print mode events as they come and telemetry rates once a second."""
+    """Every proxy live: a refreshing table on a terminal, plain lines in a pipe."""
+    from kmlbus.tools import watch
+
     with netlink.Connection(groups=("events", "telemetry")) as conn:
-        names = {int(p["id"]): str(p["name"]) for p in conn.proxies()}
-        want = None
-        if args.proxy:
-            want = int(args.proxy) if args.proxy.isdigit() else next(
-                (i for i, n in names.items() if n == args.proxy), -1)
-        samples: dict[int, int] = {}
-        feedback: dict[int, int] = {}
-        t0 = time.monotonic()
-        end = t0 + args.seconds if args.seconds else None
-        while end is None or time.monotonic() < end:
-            for m in conn.recv(timeout=0.2):
-                pid = int(m.attrs.get("id", 0))
-                if want is not None and pid != want:
-                    continue
-                if m.op == "mode-event":
-                    names[pid] = str(m.attrs.get("name", names.get(pid, pid)))
-                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
-                          f"{codec.enum_name('mode', int(m.attrs.get('old-mode', 0)))} -> "
-                          f"{codec.enum_name('mode', int(m.attrs['mode']))} "
-                          f"({codec.enum_name('reason', int(m.attrs.get('reason', 0)))})", flush=True)
-                elif m.op == "telemetry":
-                    samples[pid] = samples.get(pid, 0) + len(m.attrs.get("records", ()))
-                elif m.op == "feedback":
-                    feedback[pid] = feedback.get(pid, 0) + len(m.attrs.get("feedback", ()))
-            now = time.monotonic()
-            if now - t0 >= 1.0:
-                for pid in sorted(set(samples) | set(feedback)):
-                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
-                          f"{samples.get(pid, 0) / (now - t0):.0f} samples/s, "
-                          f"{feedback.get(pid, 0) / (now - t0):.0f} feedback/s", flush=True)
-                samples.clear()
-                feedback.clear()
-                t0 = now
-    return 0
+        return watch.run(conn, sys.stdout, only=args.proxy, seconds=args.seconds,
+                         terminal=False if args.plain else None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -278,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unpin", action="store_true", help="let the bus move the proxy again")
     s.set_defaults(func=cmd_mode)
 
-    s = sub.add_parser("watch", help="live mode events and telemetry rates")
+    s = sub.add_parser("watch", help="every proxy live: mode, time in it, per-arm efficiency, rates, "
+                       "drops, the latest transitions")
     s.add_argument("proxy", nargs="?", help="only this proxy (name or id)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--plain", action="store_true", help="plain lines even on a terminal "
+                   "(the default when stdout is not one)")
     s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")

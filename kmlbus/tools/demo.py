@@ -312,8 +312,7 @@ def run_here(seconds: float, trace: Path) -> int:
 
 
 def picture_path(args: argparse.Namespace) -> Path:
-    """Where the demo's PNG goes: ``--plot``, else ``vm-out/demo.png`` in the work folder
-    (a folder the guest shares, so its trace lands beside it)."""
+    """Where the demo's PNG goes: ``--plot``, else ``vm-out/demo.png`` in the work folder."""
     if args.plot:
         return Path(args.plot).resolve()
     from kmlbus.vm import project_root
@@ -339,16 +338,20 @@ def draw_picture(trace: Path, png: Path) -> None:
 def main(args: argparse.Namespace) -> int:
     """``kmlbus demo``: here if this kernel can take the module, else inside the VM."""
     png = picture_path(args)
-    trace = png.with_suffix(".kmltrace")
     if args.here or can_load_modules():
+        trace = Path(args.trace).resolve() if args.trace else png.with_suffix(".kmltrace")
         code = run_here(args.seconds, trace)
     else:
         from kmlbus import vm
 
+        trace = vm.project_root() / "vm-out" / "demo.kmltrace"  # a folder the guest shares
         print("kmlbus demo: this kernel cannot load modules; booting the Debian kernel under QEMU",
               flush=True)
         code = vm.run([sys.executable, "-m", "kmlbus", "demo", "--here", "--seconds", str(args.seconds),
-                       "--plot", str(png), "--no-picture"], timeout=args.seconds * 4 + 500)
-    if not args.no_picture and trace.exists():
-        draw_picture(trace, png)
+                       "--trace", str(trace), "--no-picture"], timeout=args.seconds * 4 + 500)
+    if not args.no_picture:
+        if trace.exists():
+            draw_picture(trace, png)
+        else:
+            print(f"demo: no trace was recorded at {trace}, so no picture", flush=True)
     return code

@@ -170,14 +170,15 @@ def shade_modes(ax: Axes, spans: Iterable[tuple[float, float, str]], alpha: floa
                    alpha=alpha, lw=0, zorder=0)
 
 
-def _bins(t: npt.NDArray[np.float64], end: float) -> npt.NDArray[np.float64]:
+def _bins(end: float) -> npt.NDArray[np.float64]:
+    """Edges of :data:`BIN_S` bins from 0 past *end*."""
     return np.arange(0.0, max(end, BIN_S) + BIN_S, BIN_S)
 
 
 def efficiency_panel(ax: Axes, run: Run) -> None:
     """Mean efficiency per arm in :data:`BIN_S` bins (the kernel's feedback)."""
     arms = _spec.load().enums["arm"]
-    edges = _bins(run.fb_t, run.duration)
+    edges = _bins(run.duration)
     mid = (edges[:-1] + edges[1:]) / 2
     for name in arms.entries:
         sel = run.fb_arm == arms.value(name)
@@ -194,7 +195,7 @@ def efficiency_panel(ax: Axes, run: Run) -> None:
 def decisions_panel(ax: Axes, run: Run) -> None:
     """Decisions per second, by the arm that made them (the telemetry records)."""
     arms = _spec.load().enums["arm"]
-    edges = _bins(run.dec_t, run.duration)
+    edges = _bins(run.duration)
     mid = (edges[:-1] + edges[1:]) / 2
     total, _ = np.histogram(run.dec_t, edges)
     for name in arms.entries:

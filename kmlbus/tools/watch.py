@@ -92,6 +92,11 @@ class WatchState:
         self._modes, self._reasons, self._arms = sp.enums["mode"], sp.enums["reason"], sp.enums["arm"]
         self._started = clock()
 
+    @property
+    def arms(self) -> tuple[str, ...]:
+        """The spec's arm names, in order (the view's efficiency columns)."""
+        return self._arms.entries
+
     def _wanted(self, pid: int, name: str) -> bool:
         return self.only is None or self.only in (name, str(pid))
 
@@ -188,7 +193,7 @@ def render(state: WatchState) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    arms = list(state._arms.entries)
+    arms = list(state.arms)
     t = Table(title="kmlbus proxies", title_justify="left", expand=False)
     for col in ("ID", "PROXY", "MODE", "FOR", *(f"EFF {a}" for a in arms), "SAMPLES/s", "FEEDBACK/s", "DROPS"):
         t.add_column(col, justify="left" if col in ("PROXY", "MODE") else "right")

@@ -58,6 +58,8 @@ RATE = 1000
 BUS_START_S = 180.0
 #: Seconds the learned model is watched serving in recommendation (phase 5).
 LEARNED_WATCH_S = 8.0
+#: Seconds between the demotion and the kill: the bus flushes its trace once a second.
+TRACE_FLUSH_S = 1.5
 
 
 class _Stop(Exception):
@@ -260,6 +262,8 @@ def run_here(seconds: float, trace: Path) -> int:
         phases[1].start = time.monotonic()
         _swap_model(model_path, models.to_bytes(models.sample_bad_model()))
         _wait(obs, phases[1], lambda: obs.mode != "recommendation", seconds)
+        # The bus's trace reaches the disk once a second: let the demotion get there before SIGKILL.
+        _wait(obs, phases[1], lambda: False, TRACE_FLUSH_S)
         say("\n== phase 3: the bus is killed (SIGKILL); the kernel falls back by itself ==")
         phases[2].start = time.monotonic()
         bus.send_signal(signal.SIGKILL)

@@ -217,7 +217,7 @@ def mode_panel(ax: Axes, run: Run) -> None:
     for i, tr in enumerate(run.transitions):
         ax.axvline(tr.t, color="#555555", lw=0.6, ls="--")
         ax.annotate(f"{tr.old}\u2192{tr.new}\n({tr.reason})", (tr.t, level.get(tr.new, 0)),
-                    xytext=(4, 10 if i % 2 else -22), textcoords="offset points", fontsize=7,
+                    xytext=(4, (-22, 10, 24)[i % 3]), textcoords="offset points", fontsize=7,
                     color="#333333")
     ax.set_yticks(range(len(names)), names)
     ax.set_ylim(-0.7, len(names) - 0.3)

@@ -45,7 +45,9 @@ def test_uapi_struct_layout_matches_spec(tmp_path: Path) -> None:
     spec = kspec.load()
     lines = ["#include <stdio.h>", "#include <stddef.h>", '#include "linux/kmlbus.h"',
              "int main(void) {"]
-    for st in spec.structs.values():
+    # structs that describe an array's elements (for YNL) are arrays in C, checked as members
+    structs = [st for st in spec.structs.values() if st.name not in spec.array_structs]
+    for st in structs:
         cname = f"struct kmlbus_{st.name.replace('-', '_')}"
         lines.append(f'printf("{st.name} size %zu\\n", sizeof({cname}));')
         for m in st.members:
@@ -59,7 +61,7 @@ def test_uapi_struct_layout_matches_spec(tmp_path: Path) -> None:
                    check=True)
     out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
     got = {tuple(line.split()[:2]): int(line.split()[2]) for line in out.splitlines()}
-    for st in spec.structs.values():
+    for st in structs:
         assert got[(st.name, "size")] == st.size == codec.struct_dtype(st.name).itemsize, st.name
         for m in st.members:
             mn = m.name.replace("-", "_")

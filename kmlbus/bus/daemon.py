@@ -27,6 +27,10 @@ kernel accepts it, so both always agree.  Once a second the daemon checks that
 the family and its attachments are still there (module reloaded -> it
 reconnects and re-attaches), hot-swaps changed model files, follows operator
 pins, and writes its state file for ``kmlbus status``.
+
+Run by systemd (``packaging/systemd/kmlbus.service``, ``Type=notify``), the
+daemon says READY once its proxies are attached and pings the watchdog from
+the loop itself (:mod:`kmlbus.bus.sdnotify`), so a hung loop is restarted too.
 """
 
 from __future__ import annotations
@@ -51,13 +55,14 @@ from kmlbus.bus import fastlane
 from kmlbus.bus.learner import Learner, LearningLoop
 from kmlbus.bus.proxy import Proxy
 from kmlbus.bus.registry import ModelError, ModelRegistry
+from kmlbus.bus.sdnotify import Notifier
 from kmlbus.bus.tracefile import TraceWriter
 from kmlbus.contract import graph as mgraph
 from kmlbus.wire import codec, netlink
 from modes.machine import ModeError, ProxyModes
 from modes.policy import Fault, Policy
 
-__all__ = ["Bus", "Link", "Opener", "main"]
+__all__ = ["Bus", "Link", "Opener", "Published", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +108,34 @@ def _open_netlink(groups: Sequence[str]) -> Link:
     return netlink.Connection(groups=groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """What the loop last published for readers in other threads (the metrics endpoint).
+
+    Built by :meth:`Bus.housekeeping` and replaced whole, never changed in
+    place, so a reader that takes :attr:`Bus.published` once sees one
+    consistent moment: the kernel's dump and the daemon's snapshot of it.
+    """
+
+    #: the bus's clock when it was taken
+    at: float
+    #: the kernel's ``get`` dump, one reply per proxy name (every proxy, attached or not)
+    kernel: dict[str, dict[str, Any]]
+    #: :meth:`Bus.snapshot` at the same moment (what the state file holds)
+    snapshot: dict[str, Any]
+
+
 class Bus:
     """The daemon's state: connection, models, and one machine per proxy."""
 
     def __init__(self, config: Config, *, graph: mgraph.Graph | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  state_path: Path | None = None, opener: Opener = _open_netlink,
-                 idle: Callable[[float], object] | None = None) -> None:
+                 idle: Callable[[float], object] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        #: systemd's notify socket (READY, WATCHDOG from :meth:`step`), if run by systemd
+        self.notifier = notifier
         self.opener = opener
         #: waits between attempts to find the family (simulated time may replace it)
         self.idle: Callable[[float], object] = (
@@ -144,6 +169,8 @@ class Bus:
         self._pins_dirty = True
         #: learning loops by proxy name: they outlive a module reload (same binding)
         self._loops: dict[str, LearningLoop] = {}
+        #: the last housekeeping's kernel dump and snapshot (None before the first)
+        self.published: Published | None = None
 
     # -- connection ------------------------------------------------------------
 
@@ -354,7 +381,9 @@ class Bus:
                     log.warning("proxy %s: not adopted (will retry): %s", a.get("name"), e)
         for r in self.registry.poll():
             log.info("model reload: %s", r)
-        self.write_state()
+        snap = self.snapshot()
+        self.published = Published(self.clock(), {str(a.get("name")): a for a in seen.values()}, snap)
+        self.write_state(snap)
 
     def _collect_errors(self) -> None:
         """Count and log the kernel's refusals of recommendations sent without an ACK."""
@@ -404,10 +433,10 @@ class Bus:
             out["proxies"][p.name] = p.status()
         return out
 
-    def write_state(self) -> None:
-        """Publish :meth:`snapshot` to the state file (errors only logged)."""
+    def write_state(self, snap: dict[str, Any] | None = None) -> None:
+        """Publish *snap* (default: :meth:`snapshot`) to the state file (errors only logged)."""
         try:
-            statefile.write(self.snapshot(), self.state_path)
+            statefile.write(self.snapshot() if snap is None else snap, self.state_path)
         except OSError as e:
             log.debug("state file not written: %s", e)
 
@@ -415,6 +444,8 @@ class Bus:
 
     def step(self, timeout: float = 0.05) -> None:
         """Receive and handle what arrived within *timeout*, then run due periodic work."""
+        if self.notifier is not None:
+            self.notifier.keepalive()  # from the loop itself: a hung loop stops the pings
         if self.conn is None:
             if not self.connect():
                 self.idle(0.5)
@@ -470,14 +501,27 @@ class _Reconnect(Exception):
     """Internal: the attachments are gone; reconnect from scratch."""
 
 
-def main(config_path: str, *, duration: float | None = None) -> int:
-    """``kmlbus run``: load the config, serve until SIGTERM/SIGINT, detach, exit 0."""
+def main(config_path: str, *, duration: float | None = None, metrics: str | None = None) -> int:
+    """``kmlbus run``: load the config, serve until SIGTERM/SIGINT, detach, exit 0.
+
+    *metrics* (``HOST:PORT``) also serves Prometheus metrics (:mod:`kmlbus.bus.metrics`).
+    """
     try:
         cfg = load(config_path)
     except ConfigError as e:
         print(f"kmlbus run: {e}")
         return 2
-    bus = Bus(cfg)
+    notifier = Notifier()
+    bus = Bus(cfg, notifier=notifier)
+    endpoint = None
+    if metrics is not None:
+        from kmlbus.bus import metrics as metrics_mod
+
+        try:
+            endpoint = metrics_mod.serve(bus, metrics)
+        except metrics_mod.MetricsError as e:
+            print(f"kmlbus run: {e}")
+            return 2
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("signal %d: detaching and exiting", signum)
@@ -485,10 +529,29 @@ def main(config_path: str, *, duration: float | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    try:
+        serve(bus, duration)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+        notifier.close()
+    return 0
+
+
+def serve(bus: Bus, duration: float | None = None) -> None:
+    """Attach, tell systemd we are ready, run the loop, detach (telling systemd we stop).
+
+    Raises :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent
+    at start: a supervisor then sees the failure (and may restart us later).
+    """
     if not bus.connect():
         raise netlink.ModuleNotLoaded()
+    if bus.notifier is not None:
+        names = sorted(p.name for p in bus.proxies.values())
+        bus.notifier.ready(f"attached to {len(names)} proxies: {', '.join(names) or 'none yet'}")
     try:
         bus.run(duration)
     finally:
+        if bus.notifier is not None:
+            bus.notifier.stopping()
         bus.shutdown()
-    return 0

@@ -32,6 +32,7 @@ from kmlbus.contract import spec as _spec
 from kmlbus.wire import codec
 
 from .config import Binding, ProxySchema
+from .latency import LatencyHistogram
 from .fixedpoint import (
     SMALL_BATCH,
     Conversion,
@@ -146,6 +147,8 @@ class Dispatcher:
                  schemas: Mapping[str, ProxySchema] | Iterable[ProxySchema] | None = None) -> None:
         self.registry = registry
         self.counters: dict[str, ProxyCounters] = {}
+        #: per proxy: how long each telemetry batch took to become recommendations
+        self.latency: dict[str, LatencyHistogram] = {}
         items = schemas.values() if isinstance(schemas, Mapping) else (schemas or ())
         for s in items:
             if s.name not in registry.proxies:
@@ -158,6 +161,13 @@ class Dispatcher:
         if c is None:
             c = self.counters[proxy] = ProxyCounters()
         return c
+
+    def latency_of(self, proxy: str) -> LatencyHistogram:
+        """The batch latency histogram of *proxy* (created empty on first use)."""
+        h = self.latency.get(proxy)
+        if h is None:
+            h = self.latency[proxy] = LatencyHistogram()
+        return h
 
     @property
     def latency_budget_ns(self) -> int:
@@ -200,6 +210,7 @@ class Dispatcher:
             dt = time.perf_counter_ns() - t0
             c.last_batch_ns = dt
             c.max_batch_ns = max(c.max_batch_ns, dt)
+            self.latency_of(proxy).observe(dt)
             if dt > self._budget_ns:
                 c.over_budget += 1
 

@@ -115,6 +115,8 @@ class Gen:
                       f"\t{fam}_{up(e.name)}_MAX = (__{fam}_{up(e.name)}_MAX - 1)"]
             o += ["};", ""]
         for st in s.structs.values():
+            if st.name in s.array_structs:  # described for YNL; in C the member is an array
+                continue
             if st.doc:
                 o.append(f"/* {st.doc.strip()} */")
             o.append(f"struct {c_id(s.name)}_{c_id(st.name)} {{")

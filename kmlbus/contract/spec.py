@@ -11,6 +11,7 @@ from 1 in list order, enum entries from 0, flag entries are bit positions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 from dataclasses import dataclass, field
@@ -71,9 +72,13 @@ class Member:
     name: str
     type: str
     len: int = 0
+    #: element type of an array member: the one scalar type of the struct it names
     sub_type: str = ""
     enum: str = ""
     doc: str = ""
+    #: the struct a binary member holds (YNL's ``struct``); an array when that struct
+    #: is all of one scalar type (``sub_type``)
+    struct: str = ""
 
     @property
     def size(self) -> int:
@@ -185,6 +190,11 @@ class Spec:
             raise SpecError(f"no operation {name!r}; the spec has {[x.name for x in self.ops]}")
         return o
 
+    @property
+    def array_structs(self) -> frozenset[str]:
+        """Structs that only describe the elements of an array member (C has the array)."""
+        return frozenset(m.struct for sd in self.structs.values() for m in sd.members if m.sub_type)
+
     def struct_format(self, name: str) -> str:
         """``struct`` module format of a spec struct (native order, no padding)."""
         out = "="
@@ -226,8 +236,8 @@ def _parse(raw: dict[str, Any], path: Path) -> Spec:
             enums[d["name"]] = Enum(d["name"], kind == "flags", tuple(d["entries"]), d.get("doc", ""))
         elif kind == "struct":
             members = tuple(
-                Member(m["name"], m["type"], int(m.get("len", 0)), m.get("sub-type", ""),
-                       m.get("enum", ""), m.get("doc", ""))
+                Member(m["name"], m["type"], int(m.get("len", 0)), "", m.get("enum", ""),
+                       m.get("doc", ""), m.get("struct", ""))
                 for m in d["members"]
             )
             for m in members:
@@ -238,6 +248,9 @@ def _parse(raw: dict[str, Any], path: Path) -> Spec:
             structs[d["name"]] = StructDef(d["name"], members, d.get("doc", ""))
         else:
             raise SpecError(f"definition {d.get('name')}: unknown type {kind}")
+    for name, sd in structs.items():
+        structs[name] = dataclasses.replace(sd, members=tuple(
+            _array_member(name, m, structs) if m.struct else m for m in sd.members))
 
     sets: dict[str, AttrSet] = {}
     for s in raw["attribute-sets"]:
@@ -270,6 +283,25 @@ def _parse(raw: dict[str, Any], path: Path) -> Spec:
     )
     _check(spec)
     return spec
+
+
+def _array_member(owner: str, m: Member, structs: dict[str, StructDef]) -> Member:
+    """A binary member naming a struct of one scalar type: an array of that type.
+
+    That is how the genetlink-legacy schema lets a spec say "packed array" (it has
+    no sub-type for struct members); other nested structs are not used by kmlbus.
+    """
+    inner = structs.get(m.struct)
+    where = f"struct {owner}.{m.name}"
+    if inner is None:
+        raise SpecError(f"{where}: unknown struct {m.struct}")
+    types = {x.type for x in inner.members}
+    if m.type != "binary" or len(types) != 1 or not types <= set(_STRUCT_FMT):
+        raise SpecError(f"{where}: expected a binary member naming a struct of one scalar type, "
+                        f"found {m.type} naming {m.struct} of {sorted(types)}")
+    if m.len != inner.size:
+        raise SpecError(f"{where}: len {m.len} differs from the {inner.size} bytes of struct {m.struct}")
+    return dataclasses.replace(m, sub_type=types.pop())
 
 
 def _check(spec: Spec) -> None:

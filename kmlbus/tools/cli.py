@@ -11,13 +11,15 @@ import argparse
 import errno
 import json
 import logging
+import os
+import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from kmlbus.bus import statefile
 from kmlbus.contract import spec
+from kmlbus.tools import plot
 from kmlbus.wire import codec, netlink
 
 __all__ = ["main"]
@@ -179,49 +181,19 @@ def _refusal(conn: netlink.Connection, pid: int, want: str, extack: str) -> str:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    """Print mode events as they come and telemetry rates once a second."""
+    """Every proxy live: a refreshing table on a terminal, plain lines in a pipe."""
+    from kmlbus.tools import watch
+
     with netlink.Connection(groups=("events", "telemetry")) as conn:
-        names = {int(p["id"]): str(p["name"]) for p in conn.proxies()}
-        want = None
-        if args.proxy:
-            want = int(args.proxy) if args.proxy.isdigit() else next(
-                (i for i, n in names.items() if n == args.proxy), -1)
-        samples: dict[int, int] = {}
-        feedback: dict[int, int] = {}
-        t0 = time.monotonic()
-        end = t0 + args.seconds if args.seconds else None
-        while end is None or time.monotonic() < end:
-            for m in conn.recv(timeout=0.2):
-                pid = int(m.attrs.get("id", 0))
-                if want is not None and pid != want:
-                    continue
-                if m.op == "mode-event":
-                    names[pid] = str(m.attrs.get("name", names.get(pid, pid)))
-                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
-                          f"{codec.enum_name('mode', int(m.attrs.get('old-mode', 0)))} -> "
-                          f"{codec.enum_name('mode', int(m.attrs['mode']))} "
-                          f"({codec.enum_name('reason', int(m.attrs.get('reason', 0)))})", flush=True)
-                elif m.op == "telemetry":
-                    samples[pid] = samples.get(pid, 0) + len(m.attrs.get("records", ()))
-                elif m.op == "feedback":
-                    feedback[pid] = feedback.get(pid, 0) + len(m.attrs.get("feedback", ()))
-            now = time.monotonic()
-            if now - t0 >= 1.0:
-                for pid in sorted(set(samples) | set(feedback)):
-                    print(f"{time.strftime('%H:%M:%S')} {names.get(pid, pid)}: "
-                          f"{samples.get(pid, 0) / (now - t0):.0f} samples/s, "
-                          f"{feedback.get(pid, 0) / (now - t0):.0f} feedback/s", flush=True)
-                samples.clear()
-                feedback.clear()
-                t0 = now
-    return 0
+        return watch.run(conn, sys.stdout, only=args.proxy, seconds=args.seconds,
+                         terminal=False if args.plain else None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon: attach to configured proxies, dispatch, drive modes."""
     from kmlbus.bus import daemon
 
-    return daemon.main(args.config, duration=args.duration)
+    return daemon.main(args.config, duration=args.duration, metrics=args.metrics)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -245,6 +217,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return offline.main(args.rest)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a recorded trace as a PNG (mode bands, per-arm efficiency, rates, transitions)."""
+    return plot.run_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (kept separate so tests can inspect it)."""
     ap = argparse.ArgumentParser(prog="kmlbus", description=__doc__.split("\n")[0])
@@ -258,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the bus daemon")
     s.add_argument("--config", required=True, help="TOML file mapping proxies to ONNX models")
     s.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    s.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on "
+                   "http://HOST:PORT/metrics (e.g. 127.0.0.1:9464)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("mode", help="ask the kernel for a mode change")
@@ -268,9 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--unpin", action="store_true", help="let the bus move the proxy again")
     s.set_defaults(func=cmd_mode)
 
-    s = sub.add_parser("watch", help="live mode events and telemetry rates")
+    s = sub.add_parser("watch", help="every proxy live: mode, time in it, per-arm efficiency, rates, "
+                       "drops, the latest transitions")
     s.add_argument("proxy", nargs="?", help="only this proxy (name or id)")
     s.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    s.add_argument("--plain", action="store_true", help="plain lines even on a terminal "
+                   "(the default when stdout is not one)")
     s.set_defaults(func=cmd_watch)
 
     s = sub.add_parser("bench", help="benchmarks (run inside the VM or on a kernel with the module)")
@@ -284,15 +266,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of python -m kmlbus.tools.offline")
     s.set_defaults(func=cmd_trace)
 
+    s = sub.add_parser("plot", help="draw a recorded trace as a PNG: modes, per-arm efficiency, rates")
+    plot.add_arguments(s)
+    s.set_defaults(func=cmd_plot)
+
     s = sub.add_parser("demo", help="drive the sample proxy through its modes (boots the VM if needed)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.add_argument("--seconds", type=float, default=90.0, help="time limit per phase")
+    s.add_argument("--plot", metavar="PNG", help="picture of the run (default: vm-out/demo.png in "
+                   "the work folder)")
+    s.add_argument("--no-picture", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--trace", help=argparse.SUPPRESS)  # where the guest records (the host draws it)
     s.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: parse, run, turn known failures into one-line messages."""
+    """Entry point: run one command; a reader that went away ends it quietly.
+
+    Every command may write into a pipe whose reader stops early
+    (``kmlbus status --json | head -c 600``).  Like Unix tools, the command then
+    ends without a word: the rest of its output goes to /dev/null (so Python's
+    final flush cannot complain either) and the exit status is 128 + SIGPIPE,
+    what a shell reports for a tool the signal ended.
+    """
+    try:
+        try:
+            return _main(argv)
+        finally:  # output still buffered must reach the pipe now, where we can catch the error
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def _discard_stdout() -> None:
+    """Point file descriptor 1 at /dev/null, so nothing more can fail on the closed pipe."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse, run, turn known failures into one-line messages."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trace"]:  # its own parser takes every remaining argument, --help included
         from kmlbus.tools import offline

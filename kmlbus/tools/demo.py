@@ -19,16 +19,20 @@ Three phases against the real ``kmlbus.ko`` and ``kmlbus_sample.ko``:
 Each kernel mode event is printed as it arrives with its reason, the bus's
 own transition log (with its evidence) is relayed, and every two seconds a
 line shows the per-arm efficiency measured from the kernel's feedback
-records by this independent observer.  A summary table ends the run.
+records by this independent observer.  A summary table ends the run.  Both
+buses record one trace (``[bus] trace``), and the demo draws it as a PNG
+(:mod:`kmlbus.tools.plot`) and prints its path.
 
 On a machine whose kernel cannot load modules (like the CI hosts), the demo
 boots the installed Debian kernel under QEMU (:mod:`kmlbus.vm`) and runs
-itself there with ``--here``.
+itself there with ``--here``; the trace is written into the work folder the
+guest shares, and the host draws it (matplotlib is slow to start under TCG).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +58,8 @@ RATE = 1000
 BUS_START_S = 180.0
 #: Seconds the learned model is watched serving in recommendation (phase 5).
 LEARNED_WATCH_S = 8.0
+#: Seconds between the demotion and the kill: the bus flushes its trace once a second.
+TRACE_FLUSH_S = 1.5
 
 
 class _Stop(Exception):
@@ -190,21 +196,21 @@ def _wait(obs: Observer, phase: Phase, until: Callable[[], bool], seconds: float
     phase.end = time.monotonic()
 
 
-def _write_config(d: Path) -> Path:
+def _write_config(d: Path, trace: Path) -> Path:
     cfg = d / "demo.toml"
     cfg.write_text(
         "# kmlbus demo configuration\n"
-        "[bus]\nttl_ms = 300\nlatency_budget_ms = 200\n\n"
+        f"[bus]\nttl_ms = 300\nlatency_budget_ms = 200\ntrace = {json.dumps(str(trace))}\n\n"
         "[proxy.sample]\nmodel = \"sample.onnx\"\nfeatures = [\"seq_ratio\", \"req_size\", \"noise\"]\n",
         encoding="utf-8")
     return cfg
 
 
-def _write_learn_config(d: Path) -> Path:
+def _write_learn_config(d: Path, trace: Path) -> Path:
     cfg = d / "learn.toml"
     cfg.write_text(
         "# kmlbus demo: learn the sample proxy's model from scratch\n"
-        "[bus]\nttl_ms = 300\nlatency_budget_ms = 200\n\n"
+        f"[bus]\nttl_ms = 300\nlatency_budget_ms = 200\ntrace = {json.dumps(str(trace))}\n\n"
         "[proxy.sample]\nlearn = true\nexplore = 200\nlearn_every_s = 3\n"
         "learned_model = \"learned.onnx\"\n", encoding="utf-8")
     return cfg
@@ -227,13 +233,15 @@ def _swap_model(path: Path, model: bytes) -> None:
     atomic.write_bytes(path, model)
 
 
-def run_here(seconds: float) -> int:
-    """The demo on this kernel (root, module loadable or loaded)."""
+def run_here(seconds: float, trace: Path) -> int:
+    """The demo on this kernel (root, module loadable or loaded); both buses record *trace*."""
     loaded = load_modules()
     work = Path(tempfile.mkdtemp(prefix="kmlbus-demo-"))
     model_path = work / "sample.onnx"
     _swap_model(model_path, models.to_bytes(models.sample_good_model()))
-    cfg = _write_config(work)
+    trace.parent.mkdir(parents=True, exist_ok=True)
+    trace.unlink(missing_ok=True)  # the first bus starts it, the second appends
+    cfg = _write_config(work, trace)
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     obs = Observer("sample")
     print(f"demo: proxy sample (id {obs.id}) starts in {obs.mode}; bus config {cfg}", flush=True)
@@ -254,6 +262,8 @@ def run_here(seconds: float) -> int:
         phases[1].start = time.monotonic()
         _swap_model(model_path, models.to_bytes(models.sample_bad_model()))
         _wait(obs, phases[1], lambda: obs.mode != "recommendation", seconds)
+        # The bus's trace reaches the disk once a second: let the demotion get there before SIGKILL.
+        _wait(obs, phases[1], lambda: False, TRACE_FLUSH_S)
         say("\n== phase 3: the bus is killed (SIGKILL); the kernel falls back by itself ==")
         phases[2].start = time.monotonic()
         bus.send_signal(signal.SIGKILL)
@@ -262,7 +272,7 @@ def run_here(seconds: float) -> int:
         if not phases[2].reached:
             raise _Stop("the kernel did not put the proxy in emergency")
         say("\n== phase 4: a new bus with learn = true and no model file: explore, fit, climb ==")
-        bus = _start_bus(_write_learn_config(work), env)
+        bus = _start_bus(_write_learn_config(work, trace), env)
         phases[3].start = time.monotonic()
         _wait(obs, phases[3], lambda: obs.mode == "recommendation", 2 * seconds)
         if not phases[3].reached:
@@ -305,12 +315,47 @@ def run_here(seconds: float) -> int:
     return 0 if all(ph.reached for ph in phases) else 1
 
 
+def picture_path(args: argparse.Namespace) -> Path:
+    """Where the demo's PNG goes: ``--plot``, else ``vm-out/demo.png`` in the work folder."""
+    if args.plot:
+        return Path(args.plot).resolve()
+    from kmlbus.vm import project_root
+
+    return project_root() / "vm-out" / "demo.png"
+
+
+def draw_picture(trace: Path, png: Path) -> None:
+    """Draw the demo's trace and print where the picture is (a failure is one line)."""
+    from kmlbus.bus.tracefile import TraceError
+    from kmlbus.tools import plot
+
+    try:
+        run = plot.load_run(trace, "sample")
+    except TraceError as e:
+        print(f"demo: no picture: {e}", flush=True)
+        return
+    plot.draw(run, png, title=f"kmlbus demo: proxy sample, {run.duration:.0f} s, "
+                              f"modes {', '.join(run.modes_seen())}")
+    print(f"demo: picture of the run (modes, per-arm efficiency, decisions/s): {png}", flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     """``kmlbus demo``: here if this kernel can take the module, else inside the VM."""
+    png = picture_path(args)
     if args.here or can_load_modules():
-        return run_here(args.seconds)
-    from kmlbus import vm
+        trace = Path(args.trace).resolve() if args.trace else png.with_suffix(".kmltrace")
+        code = run_here(args.seconds, trace)
+    else:
+        from kmlbus import vm
 
-    print("kmlbus demo: this kernel cannot load modules; booting the Debian kernel under QEMU", flush=True)
-    return vm.run([sys.executable, "-m", "kmlbus", "demo", "--here", "--seconds", str(args.seconds)],
-                  timeout=args.seconds * 4 + 500)
+        trace = vm.project_root() / "vm-out" / "demo.kmltrace"  # a folder the guest shares
+        print("kmlbus demo: this kernel cannot load modules; booting the Debian kernel under QEMU",
+              flush=True)
+        code = vm.run([sys.executable, "-m", "kmlbus", "demo", "--here", "--seconds", str(args.seconds),
+                       "--trace", str(trace), "--no-picture"], timeout=args.seconds * 4 + 500)
+    if not args.no_picture:
+        if trace.exists():
+            draw_picture(trace, png)
+        else:
+            print(f"demo: no trace was recorded at {trace}, so no picture", flush=True)
+    return code

@@ -51,9 +51,11 @@ class Daemon:
     """``python -m kmlbus run`` with a model of our choosing, in *workdir*."""
 
     def __init__(self, workdir: Path, model: bytes | None = None, *, extra: str = "",
-                 proxy: str | None = None) -> None:
+                 proxy: str | None = None, run_args: tuple[str, ...] = ()) -> None:
         """*extra*: more ``[bus]`` keys; *proxy*: the ``[proxy.sample]`` table's body
-        instead of ``model = "model.onnx"`` (the model file is written either way)."""
+        instead of ``model = "model.onnx"`` (the model file is written either way);
+        *run_args*: more arguments of ``kmlbus run`` (``--metrics ...``)."""
+        self.run_args = run_args
         self.workdir = workdir
         self.model = workdir / "model.onnx"
         self.model.write_bytes(model if model is not None else models.to_bytes(models.sample_good_model()))
@@ -68,7 +70,8 @@ class Daemon:
 
     def start(self, *, wait_attached: bool = True) -> Daemon:
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(self.config)],
+            self.proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(self.config),
+                                          *self.run_args],
                                          stdout=out, stderr=subprocess.STDOUT, env=self.env)
         if wait_attached:
             self.wait_attached()

@@ -12,6 +12,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 __all__ = ["DiskStat", "NullBlk", "disk_stat", "drop_caches", "drop_file", "set_read_ahead_kb"]
 
@@ -83,7 +84,7 @@ class NullBlk:
         self.mbps = mbps
         self._dir = _NULLB / name
 
-    def __enter__(self) -> NullBlk:
+    def __enter__(self) -> Self:
         if not _NULLB.exists():
             _run("modprobe", "null_blk", "nr_devices=0")  # pulls in configfs
             if not os.path.ismount(_CONFIGFS):
@@ -125,8 +126,7 @@ class NullBlk:
         path = self.mountpoint / name
         chunk = bytes(range(256)) * 4096  # 1 MiB
         with open(path, "wb") as f:
-            for _ in range(size_mb):
-                f.write(chunk)
+            f.writelines(chunk for _ in range(size_mb))
             f.flush()
             os.fsync(f.fileno())
         drop_file(path)

@@ -118,7 +118,8 @@ def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool 
     only decisions the kernel took from the bus's exploration (flag explored)
     or by the model arm count, so the decision varies independently of the state.
     """
-    from kmlbus import spec, traces
+    from kmlbus.bus import tracefile as traces
+    from kmlbus.contract import spec
 
     flags = spec.load().enums["sample-flags"]
     explored_flag = flags.value("explored")
@@ -163,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     x, d, e, lo, hi = from_traces(args.traces, args.proxy, explored_only=not args.all_decisions)
     fitted = fit_policy(x, d, e, lo=lo, hi=hi, max_depth=args.max_depth)
-    from kmlbus import atomic
+    from kmlbus.bus import atomic
 
     atomic.write_bytes(Path(args.output), fitted.onnx)
     print(f"{args.output}: policy from {fitted.n_samples} decisions, predicted efficiency "

@@ -132,7 +132,9 @@ class Results:
 @contextmanager
 def _daemon(work: Path, model: onnx.ModelProto, ttl_ms: int) -> Iterator[subprocess.Popen[bytes]]:
     """``kmlbus run`` serving *model* for proxy readahead, pinned in recommendation."""
-    from kmlbus import netlink, pins, spec
+    from kmlbus.bus import pins
+    from kmlbus.contract import spec
+    from kmlbus.wire import netlink
 
     recommendation = spec.load().enums["mode"].value("recommendation")
 
@@ -171,7 +173,7 @@ def _daemon(work: Path, model: onnx.ModelProto, ttl_ms: int) -> Iterator[subproc
 
 
 def _counters() -> dict[str, int]:
-    from kmlbus.netlink import Connection
+    from kmlbus.wire.netlink import Connection
 
     with Connection() as c:
         return dict(c.proxy("readahead")["counters"])

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from kmlbus import spec as kspec
-from kmlbus.netlink import Connection
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
 from kmlbus.vm import project_root
 from kmlbus.vm.guest import dmesg_mark, dmesg_problems, insmod, is_loaded, rmmod
 from kmlbus.vm.nullblk import DiskStat, NullBlk, drop_file
-from modes import graph as mgraph
+from kmlbus.wire.netlink import Connection
 from modes.machine import shortest_path
 
 pytestmark = pytest.mark.vm
@@ -152,8 +152,8 @@ class Reader:
 _BUS = r"""
 import sys, time
 sys.path.insert(0, sys.argv[1])
-from kmlbus.netlink import Connection
-from modes import graph as mgraph
+from kmlbus.contract import graph as mgraph
+from kmlbus.wire.netlink import Connection
 from modes.machine import shortest_path
 c = Connection()
 pid = c.proxy("readahead")["id"]

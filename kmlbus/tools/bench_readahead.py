@@ -14,8 +14,10 @@ at once, on two files of the same device).  Policies, all in the same run:
   streams' speedups over the default, is "best static".
 * ``proxy``: read_ahead_kb at the default, ``kmlbus_readahead.ko
   devices=nullb0`` loaded, ``python -m kmlbus run`` serving a model, the proxy
-  pinned in recommendation mode.  The model served is `rule_model`, a
-  hand-written baseline (8 MiB for sequential streams, 0 otherwise).
+  pinned in recommendation mode.  ``proxy rule`` serves `rule_model`, a
+  hand-written baseline (8 MiB for sequential streams, 0 otherwise);
+  ``proxy learned`` serves ``--model FILE``, e.g. a policy that
+  ``python -m kmlbus.bus.treefit`` fitted from traces of ``--collect``.
 
 Prints MiB/s medians (min-max over the repetitions) and ratios to the
 default.  Guest under TCG: compare ratios within one run only.
@@ -130,21 +132,21 @@ class Results:
 
 
 @contextmanager
-def _daemon(work: Path, model: onnx.ModelProto, ttl_ms: int) -> Iterator[subprocess.Popen[bytes]]:
-    """``kmlbus run`` serving *model* for proxy readahead, pinned in recommendation."""
+def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
+            trace: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*."""
     from kmlbus.bus import pins
     from kmlbus.contract import spec
     from kmlbus.wire import netlink
 
-    recommendation = spec.load().enums["mode"].value("recommendation")
-
-    (work / "model.onnx").write_bytes(model.SerializeToString())
-    (work / "bus.toml").write_text(
-        f"[bus]\nttl_ms = {ttl_ms}\nlatency_budget_ms = 1000\n\n"
-        '[proxy.readahead]\nmodel = "model.onnx"\n')
+    want = spec.load().enums["mode"].value(mode)
+    bus = f"[bus]\nttl_ms = {ttl_ms}\nlatency_budget_ms = 1000\n"
+    if trace is not None:
+        bus += f'trace = "{trace}"\n'
+    (work / "bus.toml").write_text(f"{bus}\n[proxy.readahead]\n{proxy_body}")
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     os.environ["KMLBUS_STATE"] = env["KMLBUS_STATE"]
-    pins.pin("readahead", "recommendation")
+    pins.pin("readahead", mode)
     log = open(work / "bus.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -156,10 +158,10 @@ def _daemon(work: Path, model: onnx.ModelProto, ttl_ms: int) -> Iterator[subproc
                                    f"{(work / 'bus.log').read_text()[-2000:]}")
             with netlink.Connection() as c:
                 p = c.proxy("readahead")
-            if p["bus-portid"] and p["mode"] == recommendation:
+            if p["bus-portid"] and p["mode"] == want:
                 break
             if time.monotonic() > end:
-                raise RuntimeError(f"the bus did not take proxy readahead to recommendation: {p}")
+                raise RuntimeError(f"the bus did not take proxy readahead to {mode}: {p}")
             time.sleep(0.5)
         yield proc
     finally:
@@ -179,9 +181,20 @@ def _counters() -> dict[str, int]:
         return dict(c.proxy("readahead")["counters"])
 
 
+def _show(got: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:7.1f}" for k, v in got.items())
+
+
 def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], reps: int,
-               runtime: float, res: Results, say: Callable[[str], None]) -> None:
-    """Every policy on one null_blk set-up, into *res*."""
+               runtime: float, res: Results, say: Callable[[str], None], *,
+               models: dict[str, bytes], collect: Path | None = None) -> None:
+    """Every policy on one null_blk set-up, into *res*.
+
+    *models*: proxy policy name -> ONNX model the bus serves in recommendation.
+    With *collect*, only the proxy runs, in learning with every decision
+    explored by the bus (``learn = true``, ``explore = 1000``), recorded to
+    the trace *collect* for `kmlbus.bus.treefit`.
+    """
     from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
     from kmlbus.vm.kernels import project_root
     from kmlbus.vm.nullblk import NullBlk, set_read_ahead_kb
@@ -190,32 +203,39 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
     with NullBlk("/run/kmlbus-bench-ra", name=DEV, size_mb=1024, completion_nsec=latency_ns,
                  mbps=mbps) as disk:
         files = {"seq": disk.make_file("seq", 512), "rand": disk.make_file("rand", 256)}
-        for rep in range(reps):
+        for rep in range(reps if collect is None else 0):
             for wl in WORKLOADS:
                 for kb in grid:
                     set_read_ahead_kb(DEV, kb)
                     got = _run_fio(wl, files, runtime)
                     res.add(device, f"static {kb}", wl, got)
-                    say(f"{device} rep {rep + 1} {wl:<10} static {kb:>4} KiB  "
-                        + "  ".join(f"{k} {v:7.1f}" for k, v in got.items()))
+                    say(f"{device} rep {rep + 1} {wl:<10} static {kb:>4} KiB  {_show(got)}")
         set_read_ahead_kb(DEV, DEFAULT_KB)
         insmod(KMLBUS_KO)
         try:
             insmod(ra_ko, devices=DEV)
-            work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
-            with _daemon(work, rule_model(), ttl_ms=5000):
-                c0 = _counters()
-                for rep in range(reps):
-                    for wl in WORKLOADS:
-                        got = _run_fio(wl, files, runtime)
-                        res.add(device, "proxy", wl, got)
-                        say(f"{device} rep {rep + 1} {wl:<10} proxy            "
-                            + "  ".join(f"{k} {v:7.1f}" for k, v in got.items()))
-                c1 = _counters()
-            say(f"{device} proxy decisions: model {c1['decisions-model'] - c0['decisions-model']}, "
-                f"default {c1['decisions-default'] - c0['decisions-default']}, "
-                f"telemetry drops {c1['drops'] - c0['drops']}")
-            shutil.rmtree(work, ignore_errors=True)
+            runs: list[tuple[str, str, str, Path | None]] = []
+            if collect is not None:
+                runs.append(("explore", "learn = true\nexplore = 1000\nlearn_every_s = 1000000\n",
+                             "learning", collect))
+            else:
+                runs += [(name, 'model = "model.onnx"\n', "recommendation", None) for name in models]
+            for name, body, mode, trace in runs:
+                work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
+                if name in models:
+                    (work / "model.onnx").write_bytes(models[name])
+                with _daemon(work, body, mode, trace=trace):
+                    c0 = _counters()
+                    for rep in range(reps):
+                        for wl in WORKLOADS:
+                            got = _run_fio(wl, files, runtime)
+                            res.add(device, name, wl, got)
+                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}")
+                    c1 = _counters()
+                say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
+                    f"default {c1['decisions-default'] - c0['decisions-default']}, "
+                    f"telemetry drops {c1['drops'] - c0['drops']}")
+                shutil.rmtree(work, ignore_errors=True)
         finally:
             for name in ("kmlbus_readahead", "kmlbus"):
                 if is_loaded(name):
@@ -244,34 +264,35 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
     lines: list[str] = []
     devices = sorted({k[0] for k in res.runs}, key=list(DEVICES).index)
     default = f"static {DEFAULT_KB}"
+    proxies = sorted({k[1] for k in res.runs if not k[1].startswith("static ")})
     for dev in devices:
         lines.append(f"\n== {dev}: MiB/s median (min-max) over repetitions; x = ratio to default "
-                     f"({DEFAULT_KB} KiB) ==")
+                     f"({DEFAULT_KB} KiB); /or = ratio to the stream's oracle ==")
         head = f"{'workload/stream':<22}" + "".join(f"{f'static {kb}':>16}" for kb in grid)
-        head += f"{'oracle':>16}{'proxy':>22}{'proxy/oracle':>13}"
+        head += f"{'oracle':>16}" + "".join(f"{p:>29}" for p in proxies)
         lines.append(head)
         for wl, streams in WORKLOADS.items():
             for st in streams:
                 row = f"{wl + '/' + st:<22}"
                 base = _med(res.runs.get((dev, default, wl, st), []))
-                meds = {}
+                meds = {kb: _med(res.runs.get((dev, f"static {kb}", wl, st), [])) for kb in grid}
                 for kb in grid:
-                    xs = res.runs.get((dev, f"static {kb}", wl, st), [])
-                    meds[kb] = _med(xs)
                     row += f"{meds[kb]:>9.1f} {meds[kb] / base:>5.2f}x"
                 okb = max(grid, key=lambda k: meds[k])
                 row += f"{meds[okb]:>9.1f} @{okb:>5}"
-                xs = res.runs.get((dev, "proxy", wl, st), [])
-                pm = _med(xs)
-                spread = f"({min(xs):.0f}-{max(xs):.0f})" if xs else ""
-                row += f"{pm:>8.1f} {spread:>7} {pm / base:>5.2f}x{pm / meds[okb]:>12.2f}"
+                for p in proxies:
+                    xs = res.runs.get((dev, p, wl, st), [])
+                    pm = _med(xs)
+                    spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
+                    row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
                 lines.append(row)
         static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
         best = max(grid, key=lambda k: static[k])
-        proxy = _mixed_gain(res, dev, "proxy")
-        lines.append(f"mixed, geometric mean of the streams' speedups over the default: best static "
-                     f"{best} KiB {static[best]:.2f}x, proxy {proxy:.2f}x "
-                     f"(proxy / best static {proxy / static[best]:.2f})")
+        lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
+                     f"best static {best} KiB {static[best]:.2f}x")
+        for p in proxies:
+            g = _mixed_gain(res, dev, p)
+            lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
     return "\n".join(lines)
 
 
@@ -286,10 +307,14 @@ def _guest_main(args: argparse.Namespace) -> int:
         print(f"[{time.monotonic() - t0:7.1f} s] {line}", flush=True)
 
     devices = list(DEVICES)[:1] if args.quick and not args.all_devices else list(DEVICES)
+    models = {"proxy rule": rule_model().SerializeToString()}
+    if args.model:
+        models["proxy learned"] = Path(args.model).read_bytes()
     for dev in devices:
         lat, mbps = DEVICES[dev]
-        run_device(dev, lat, mbps, grid, reps, runtime, res, say)
-    print(summarize(res, grid))
+        collect = None if args.collect is None else Path(f"{args.collect}.{dev}")
+        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect)
+    print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
     if args.json:
         Path(args.json).write_text(json.dumps(
             [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
@@ -308,6 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--all-devices", action="store_true", help="with --quick: both devices")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
     ap.add_argument("--json", help="also write every sample to this JSON file")
+    ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
+    ap.add_argument("--collect", metavar="TRACE",
+                    help="instead: run the workloads with the bus exploring in learning, record "
+                         "traces TRACE.<device> for python -m kmlbus.bus.treefit")
     ap.add_argument("--here", action="store_true", help="run in this kernel (root, modules loadable)")
     args = ap.parse_args(argv)
     if shutil.which("fio") is None:

@@ -122,6 +122,22 @@ static int ra_ndevs;
 static struct ra_stream *ra_streams;
 static struct kml_proxy *ra_proxy;
 static bool ra_draining;
+/* What deciding costs: decisions taken and ns spent in ra_enter for them. */
+static atomic64_t ra_decisions = ATOMIC64_INIT(0);
+static atomic64_t ra_decide_ns = ATOMIC64_INIT(0);
+
+static int ra_stats_get(char *buf, const struct kernel_param *kp)
+{
+	return scnprintf(buf, PAGE_SIZE, "decisions=%lld decide_ns=%lld\n",
+			 (long long)atomic64_read(&ra_decisions),
+			 (long long)atomic64_read(&ra_decide_ns));
+}
+
+static const struct kernel_param_ops ra_stats_ops = {
+	.get	= ra_stats_get,
+};
+module_param_cb(stats, &ra_stats_ops, NULL, 0444);
+MODULE_PARM_DESC(stats, "decisions taken and ns spent deciding them (entry handler, without the probe's trap)");
 
 static s32 ra_ewma(s32 avg, s32 x)
 {
@@ -237,6 +253,8 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
 		kml_proxy_report(ra_proxy, &prev, eff);
 	call->ra = ra;
 	call->slot = slot;
+	atomic64_inc(&ra_decisions);
+	atomic64_add(ktime_get_ns() - now, &ra_decide_ns);
 	return 0;
 }
 

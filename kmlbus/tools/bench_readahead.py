@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,8 @@ class Results:
     """MiB/s samples: (device, policy, workload, stream) -> list over repetitions."""
 
     runs: dict[tuple[str, str, str, str], list[float]]
+    #: device -> proxy policy -> ns per decision spent in the proxy's entry handler
+    decide_ns: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(self, device: str, policy: str, workload: str, got: dict[str, float]) -> None:
         for stream, mibs in got.items():
@@ -181,6 +183,13 @@ def _counters() -> dict[str, int]:
         return dict(c.proxy("readahead")["counters"])
 
 
+def _decide_stats() -> tuple[int, int]:
+    """(decisions, ns spent deciding) from kmlbus_readahead's ``stats`` parameter."""
+    text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
+    kv = dict(part.split("=") for part in text.split())
+    return int(kv["decisions"]), int(kv["decide_ns"])
+
+
 def _show(got: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:7.1f}" for k, v in got.items())
 
@@ -225,16 +234,19 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
                 if name in models:
                     (work / "model.onnx").write_bytes(models[name])
                 with _daemon(work, body, mode, trace=trace):
-                    c0 = _counters()
+                    c0, s0 = _counters(), _decide_stats()
                     for rep in range(reps):
                         for wl in WORKLOADS:
                             got = _run_fio(wl, files, runtime)
                             res.add(device, name, wl, got)
                             say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}")
-                    c1 = _counters()
+                    c1, s1 = _counters(), _decide_stats()
+                n = max(s1[0] - s0[0], 1)
                 say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
                     f"default {c1['decisions-default'] - c0['decisions-default']}, "
-                    f"telemetry drops {c1['drops'] - c0['drops']}")
+                    f"telemetry drops {c1['drops'] - c0['drops']}; "
+                    f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
+                res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
                 shutil.rmtree(work, ignore_errors=True)
         finally:
             for name in ("kmlbus_readahead", "kmlbus"):
@@ -293,6 +305,9 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
         for p in proxies:
             g = _mixed_gain(res, dev, p)
             lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        for p, ns in res.decide_ns.get(dev, {}).items():
+            lines.append(f"decision cost, {p}: {ns:.0f} ns per decision in the entry handler "
+                         "(stock: 0; the kretprobe trap and the return handler come on top)")
     return "\n".join(lines)
 
 

@@ -327,7 +327,7 @@ def _guest_main(args: argparse.Namespace) -> int:
         models["proxy learned"] = Path(args.model).read_bytes()
     for dev in devices:
         lat, mbps = DEVICES[dev]
-        collect = None if args.collect is None else Path(f"{args.collect}.{dev}")
+        collect = None if args.collect is None else Path(f"{args.collect}.{dev}").resolve()
         run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect)
     print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
     if args.json:

@@ -5,7 +5,7 @@ decision.  Some decisions are far from linear: the readahead window that is
 best is 0 for a random mmap reader and megabytes for a sequential one.  This
 module fits such a policy in two steps, both with scikit-learn:
 
-1. a value model: a random forest predicting the reported efficiency from
+1. a value model: a random forest predicting the log of the reported efficiency from
    (features, log2(1 + decision)), fitted on explored decisions;
 2. a policy: for every recorded feature vector, the candidate decision the
    value model rates best, distilled into one decision tree from features to
@@ -55,7 +55,8 @@ class Fitted:
 
     onnx: bytes
     n_samples: int
-    #: mean predicted efficiency of the policy's choices / of the recorded decisions
+    #: geometric mean over the samples of the predicted efficiency of the policy's
+    #: choice / of the recorded decision (the value model's opinion, not a measurement)
     predicted_gain: float
 
 
@@ -86,8 +87,12 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     if len(x) > max_rows:
         keep = rng.choice(len(x), max_rows, replace=False)
         x, d, e = x[keep], d[keep], e[keep]
+    # Efficiencies of different kinds of state can differ by orders of magnitude (a sequential
+    # reader's pages/ms against a random one's): the value model fits their logarithm, so the
+    # squared error weighs every state alike; the argmax within a state is unchanged by it.
+    floor = max(float(np.percentile(e[e > 0], 1)) if np.any(e > 0) else 1e-6, 1e-9)
     value = RandomForestRegressor(n_estimators=60, min_samples_leaf=5, random_state=seed, n_jobs=1)
-    value.fit(_value_features(x, d), e)
+    value.fit(_value_features(x, d), np.log(np.maximum(e, floor)))
 
     cands = candidate_windows(lo, hi)
     scores = np.stack([value.predict(_value_features(x, np.full(len(x), c))) for c in cands], axis=1)
@@ -95,8 +100,8 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     policy = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=10, random_state=seed)
     policy.fit(x, best)
     chosen = policy.predict(x)
-    gain = float(np.mean(value.predict(_value_features(x, chosen)))
-                 / max(float(np.mean(value.predict(_value_features(x, d)))), 1e-12))
+    gain = float(np.exp(np.mean(value.predict(_value_features(x, chosen))
+                            - value.predict(_value_features(x, d)))))
 
     onx = convert_sklearn(policy, initial_types=[("features", FloatTensorType([None, x.shape[1]]))],
                           target_opset={"": 13, "ai.onnx.ml": 3})

@@ -1,0 +1,516 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * kmlbus_readahead: the page cache's readahead window as kmlbus proxy
+ * "readahead".
+ *
+ * A stream is one open file's readahead state (struct file_ra_state, the
+ * file's f_ra): that is what the kernel's readahead algorithm keeps per
+ * reader, so it is the natural unit to size a window for.  Streams are hashed
+ * into RA_STREAMS slots; the slot index is the proxy key.
+ *
+ * Decision points: the kernel's three readahead entry points for files,
+ *   page_cache_sync_ra()   a read() missed the page cache (the reader waits),
+ *   page_cache_async_ra()  a read() reached the PG_readahead marker,
+ *   filemap_fault()        an mmap fault, decided only when the page is
+ *                          missing (read-around) or carries the marker,
+ * for regular files on the block devices named by the "devices" parameter.
+ * The decision is the window's upper bound, ra_pages (pages); the stock
+ * algorithm then sizes the actual window (ramp-up, async marker) under it.
+ *
+ * Mechanism: kretprobes (register_kretprobe is GPL-exported on 6.1).  The
+ * entry handler decides and writes f_ra.ra_pages before the kernel reads it;
+ * the return handler writes the stock value back.  So the file's own
+ * ra_pages is stock whenever no call of ours is in flight: nothing of ours
+ * outlives a call, the module never touches a file after the call on it
+ * returned (mmap faults pin the file for the call, since filemap_fault may
+ * drop mmap_lock), fadvise() and the bdi default keep working, and after
+ * rmmod every file is stock.  A tracepoint cannot change the window before it
+ * is sized, and changing bdi->ra_pages would act per device, not per stream.
+ *
+ * The default decision is the value the file already holds, so in emergency
+ * nothing is written: stock behaviour, byte for byte.
+ *
+ * Feedback (kml_proxy_report at the stream's next decision): the reader's
+ * progress rate between the two decisions, in pages per millisecond
+ * (scale 1000).  Progress is how far a sequential reader advanced, or one
+ * request for a random one.  Readahead exists to make readers progress: a
+ * window too small makes a sequential reader wait on each small I/O, a
+ * window too large makes a random reader wait for pages it never uses, and
+ * both show as a lower rate.  Page use before eviction would be known only
+ * at eviction, long after the decision, often never.
+ *
+ * Locking: one spinlock per slot (irq-safe: handlers run with preemption
+ * disabled, kml_proxy_decide may be called in any context) guards the slot's
+ * statistics and its busy flag.  A slot is busy from a decision to the return
+ * of the call it was made for; a second call on a busy slot (a nested
+ * page_cache_async_ra inside filemap_fault, another thread of the same
+ * stream, a colliding stream) neither decides nor writes.  Module exit stops
+ * new decisions, waits for busy slots to clear (each restores its file), and
+ * only then unregisters the probes.
+ */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
+#include <linux/blkdev.h>
+#include <linux/delay.h>
+#include <linux/file.h>
+#include <linux/fs.h>
+#include <linux/hash.h>
+#include <linux/kprobes.h>
+#include <linux/math64.h>
+#include <linux/mm.h>
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/pagemap.h>
+#include <linux/ptrace.h>
+#include <linux/slab.h>
+#include <linux/spinlock.h>
+#include <linux/string.h>
+#include <linux/timekeeping.h>
+#include <linux/xarray.h>
+
+#include <kmlbus/kmlbus.h>
+
+#define RA_HASH_BITS	8
+#define RA_STREAMS	(1U << RA_HASH_BITS)
+#define RA_MAX_WINDOW	2048		/* pages: 8 MiB of 4 KiB pages */
+#define RA_SCALE	1000
+#define RA_MAX_DEVICES	4
+#define RA_MAXACTIVE	64		/* calls in flight per probe (faults sleep) */
+#define RA_DRAIN_MS	30000		/* longest wait for calls in flight at exit */
+
+enum ra_feature {
+	RA_F_SEQ,	/* EWMA of sequential accesses, permille */
+	RA_F_REQ,	/* EWMA of the request size, pages * 1000 */
+	RA_F_MMAP,	/* this access is an mmap fault: 1000, a read(): 0 */
+	RA_F_SYNC,	/* the reader waits on a miss: 1000, marker hit: 0 */
+	RA_F_MISS,	/* EWMA of RA_F_SYNC, permille */
+	RA_F_RATE,	/* EWMA of the reported progress rate, pages/ms * 1000 */
+	RA_F_STOCK,	/* the file's own ra_pages (stock bound), pages */
+	RA_F_SIZE,	/* the stock algorithm's current window size, pages */
+	RA_NFEATURES
+};
+
+static_assert(RA_NFEATURES <= KMLBUS_MAX_FEATURES);
+
+struct ra_stream {
+	spinlock_t lock;
+	const struct file_ra_state *ra;	/* owner tag, compared only */
+	bool busy;
+	bool has_prev;
+	unsigned int stock;	/* ra_pages before the decision, restored on return */
+	pgoff_t index;		/* previous decision: first page asked for */
+	u32 req;		/* previous decision: pages asked for */
+	u32 window;		/* previous decision: window used */
+	u64 t_ns;		/* previous decision: time */
+	s32 seq, reqavg, miss, rate;	/* EWMAs, feature scales */
+	struct kml_decision prev;
+};
+
+/* Per call in flight (kretprobe instance data). */
+struct ra_call {
+	struct file_ra_state *ra;
+	struct file *pinned;	/* fault path: our reference, dropped on return */
+	u32 slot;
+};
+
+static char *devices;
+module_param(devices, charp, 0444);
+MODULE_PARM_DESC(devices, "comma-separated block devices whose files are in scope (e.g. nullb0)");
+
+static char ra_devs[RA_MAX_DEVICES][DISK_NAME_LEN];
+static int ra_ndevs;
+static struct ra_stream *ra_streams;
+static struct kml_proxy *ra_proxy;
+static bool ra_draining;
+/* What deciding costs: decisions taken and ns spent in ra_enter for them. */
+static atomic64_t ra_decisions = ATOMIC64_INIT(0);
+static atomic64_t ra_decide_ns = ATOMIC64_INIT(0);
+
+static int ra_stats_get(char *buf, const struct kernel_param *kp)
+{
+	return scnprintf(buf, PAGE_SIZE, "decisions=%lld decide_ns=%lld\n",
+			 (long long)atomic64_read(&ra_decisions),
+			 (long long)atomic64_read(&ra_decide_ns));
+}
+
+static const struct kernel_param_ops ra_stats_ops = {
+	.get	= ra_stats_get,
+};
+module_param_cb(stats, &ra_stats_ops, NULL, 0444);
+MODULE_PARM_DESC(stats, "decisions taken and ns spent deciding them (entry handler, without the probe's trap)");
+
+static s32 ra_ewma(s32 avg, s32 x)
+{
+	return avg + (x - avg) / 4;
+}
+
+/* Regular files on a named block device; everything else is left alone. */
+static bool ra_in_scope(const struct address_space *mapping)
+{
+	const struct inode *host = mapping ? mapping->host : NULL;
+	const struct block_device *bdev;
+	int i;
+
+	if (!host || !S_ISREG(host->i_mode) || !host->i_sb)
+		return false;
+	bdev = host->i_sb->s_bdev;
+	if (!bdev || !bdev->bd_disk)
+		return false;
+	for (i = 0; i < ra_ndevs; i++)
+		if (!strncmp(bdev->bd_disk->disk_name, ra_devs[i], DISK_NAME_LEN))
+			return true;
+	return false;
+}
+
+/* Pages per ms * RA_SCALE that the reader progressed since the previous decision. */
+static s32 ra_rate(const struct ra_stream *s, pgoff_t index, u64 now)
+{
+	u64 progress, dt = max_t(u64, now - s->t_ns, 1);
+
+	if (index >= s->index && index - s->index <= (u64)s->req + s->window)
+		progress = max_t(u64, index - s->index, 1);
+	else
+		progress = max_t(u32, s->req, 1);
+	return (s32)min_t(u64, div64_u64(progress * NSEC_PER_MSEC * RA_SCALE, dt), S32_MAX);
+}
+
+/*
+ * Decide the window for stream @ra at page @index (@req pages asked for).
+ * Returns 0 with @call filled when a window is in place until the call
+ * returns, 1 when this call leaves the file as it is.
+ */
+static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
+		    bool sync, bool mmap, struct ra_call *call)
+{
+	u32 slot = hash_ptr(ra, RA_HASH_BITS);
+	struct ra_stream *s = &ra_streams[slot];
+	struct kml_decision prev, dec;
+	s32 f[RA_NFEATURES], eff = 0, window;
+	bool report = false, seq;
+	unsigned long flags;
+	u64 now = ktime_get_ns();
+	u32 r = min_t(unsigned long, req, RA_MAX_WINDOW);
+	unsigned int cur;
+
+	spin_lock_irqsave(&s->lock, flags);
+	if (READ_ONCE(ra_draining) || s->busy) {
+		spin_unlock_irqrestore(&s->lock, flags);
+		return 1;
+	}
+	cur = READ_ONCE(ra->ra_pages);
+	if (s->ra != ra) {
+		/* a new stream takes the slot: start its statistics afresh */
+		s->ra = ra;
+		s->has_prev = false;
+		s->seq = index == 0 ? RA_SCALE : 0;
+		s->reqavg = r * RA_SCALE;
+		s->miss = sync ? RA_SCALE : 0;
+		s->rate = 0;
+		s->index = index;
+		s->req = r;
+		s->window = cur;
+		s->t_ns = now;
+	}
+	seq = index >= s->index && index - s->index <= (u64)s->req + s->window;
+	if (s->has_prev) {
+		eff = ra_rate(s, index, now);
+		prev = s->prev;
+		report = true;
+		s->rate = s->rate ? ra_ewma(s->rate, eff) : eff;
+	}
+	s->seq = ra_ewma(s->seq, seq ? RA_SCALE : 0);
+	s->reqavg = ra_ewma(s->reqavg, r * RA_SCALE);
+	s->miss = ra_ewma(s->miss, sync ? RA_SCALE : 0);
+
+	f[RA_F_SEQ] = s->seq;
+	f[RA_F_REQ] = s->reqavg;
+	f[RA_F_MMAP] = mmap ? RA_SCALE : 0;
+	f[RA_F_SYNC] = sync ? RA_SCALE : 0;
+	f[RA_F_MISS] = s->miss;
+	f[RA_F_RATE] = s->rate;
+	f[RA_F_STOCK] = min_t(unsigned int, cur, S32_MAX);
+	f[RA_F_SIZE] = min_t(unsigned int, READ_ONCE(ra->size), S32_MAX);
+
+	if (kml_proxy_decide(ra_proxy, slot, f, &dec)) {
+		spin_unlock_irqrestore(&s->lock, flags);
+		return 1;
+	}
+	/* the default's value is cur itself; model values are clamped by kmlbus */
+	window = dec.value;
+	s->busy = true;
+	s->stock = cur;
+	s->prev = dec;
+	s->has_prev = dec.seq != 0;
+	s->index = index;
+	s->req = r;
+	s->window = window;
+	s->t_ns = now;
+	if (window != cur)
+		WRITE_ONCE(ra->ra_pages, window);
+	spin_unlock_irqrestore(&s->lock, flags);
+
+	if (report)
+		kml_proxy_report(ra_proxy, &prev, eff);
+	call->ra = ra;
+	call->slot = slot;
+	atomic64_inc(&ra_decisions);
+	atomic64_add(ktime_get_ns() - now, &ra_decide_ns);
+	return 0;
+}
+
+static int ra_ractl_enter(struct kretprobe_instance *ri, struct readahead_control *ractl,
+			  unsigned long req, bool sync)
+{
+	struct ra_call *call = (struct ra_call *)ri->data;
+	struct file *file = ractl->file;
+
+	if (!file || ractl->ra != &file->f_ra || !ra_in_scope(ractl->mapping))
+		return 1;
+	call->pinned = NULL;
+	return ra_enter(&file->f_ra, readahead_index(ractl), req, sync, false, call);
+}
+
+/* void page_cache_sync_ra(struct readahead_control *ractl, unsigned long req_count) */
+static int ra_sync_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0),
+			      regs_get_kernel_argument(regs, 1), true);
+}
+
+/* void page_cache_async_ra(struct readahead_control *ractl, struct folio *, unsigned long req_count) */
+static int ra_async_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0),
+			      regs_get_kernel_argument(regs, 2), false);
+}
+
+/* vm_fault_t filemap_fault(struct vm_fault *vmf) */
+static int ra_fault_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	struct vm_fault *vmf = (struct vm_fault *)regs_get_kernel_argument(regs, 0);
+	struct ra_call *call = (struct ra_call *)ri->data;
+	struct file *file = vmf->vma->vm_file;
+	struct folio *folio;
+	bool sync;
+	int ret;
+
+	if (!file || !ra_in_scope(file->f_mapping))
+		return 1;
+	/* only faults that reach readahead: a missing page or the marker */
+	rcu_read_lock();
+	folio = xa_load(&file->f_mapping->i_pages, vmf->pgoff);
+	sync = !folio || xa_is_value(folio);
+	if (!sync && !folio_test_readahead(folio)) {
+		rcu_read_unlock();
+		return 1;
+	}
+	rcu_read_unlock();
+	/* filemap_fault may drop mmap_lock: hold the file until it returns */
+	call->pinned = get_file(file);
+	ret = ra_enter(&file->f_ra, vmf->pgoff, 1, sync, true, call);
+	if (ret) {
+		fput(call->pinned);
+		call->pinned = NULL;
+	}
+	return ret;
+}
+
+static int ra_return(struct kretprobe_instance *ri, struct pt_regs *regs)
+{
+	struct ra_call *call = (struct ra_call *)ri->data;
+	struct ra_stream *s = &ra_streams[call->slot];
+	unsigned long flags;
+
+	spin_lock_irqsave(&s->lock, flags);
+	if (READ_ONCE(call->ra->ra_pages) != s->stock)
+		WRITE_ONCE(call->ra->ra_pages, s->stock);
+	s->busy = false;
+	spin_unlock_irqrestore(&s->lock, flags);
+	if (call->pinned)
+		fput(call->pinned);
+	return 0;
+}
+
+static struct kretprobe ra_sync_probe = {
+	.kp.symbol_name	= "page_cache_sync_ra",
+	.entry_handler	= ra_sync_enter,
+	.handler	= ra_return,
+	.data_size	= sizeof(struct ra_call),
+	.maxactive	= RA_MAXACTIVE,
+};
+
+static struct kretprobe ra_async_probe = {
+	.kp.symbol_name	= "page_cache_async_ra",
+	.entry_handler	= ra_async_enter,
+	.handler	= ra_return,
+	.data_size	= sizeof(struct ra_call),
+	.maxactive	= RA_MAXACTIVE,
+};
+
+static struct kretprobe ra_fault_probe = {
+	.kp.symbol_name	= "filemap_fault",
+	.entry_handler	= ra_fault_enter,
+	.handler	= ra_return,
+	.data_size	= sizeof(struct ra_call),
+	.maxactive	= RA_MAXACTIVE,
+};
+
+static struct kretprobe *ra_probes[] = {
+	&ra_sync_probe, &ra_async_probe, &ra_fault_probe,
+};
+
+static s32 ra_default(struct kml_proxy *proxy, u32 key, const s32 *features)
+{
+	return features[RA_F_STOCK];
+}
+
+static const struct kml_proxy_ops ra_ops = {
+	.default_decision = ra_default,
+};
+
+static const struct kml_proxy_desc ra_desc = {
+	.name		= "readahead",
+	.owner		= THIS_MODULE,
+	.nkeys		= RA_STREAMS,
+	.nfeatures	= RA_NFEATURES,
+	.features	= {
+		[RA_F_SEQ]	= { .name = "seq", .scale = RA_SCALE },
+		[RA_F_REQ]	= { .name = "req_pages", .scale = RA_SCALE },
+		[RA_F_MMAP]	= { .name = "mmap", .scale = RA_SCALE },
+		[RA_F_SYNC]	= { .name = "sync_miss", .scale = RA_SCALE },
+		[RA_F_MISS]	= { .name = "miss_ratio", .scale = RA_SCALE },
+		[RA_F_RATE]	= { .name = "rate_pages_ms", .scale = RA_SCALE },
+		[RA_F_STOCK]	= { .name = "stock_pages", .scale = 1 },
+		[RA_F_SIZE]	= { .name = "size_pages", .scale = 1 },
+	},
+	.recommendation	= {
+		.name	= "window_pages",
+		.scale	= 1,
+		.min	= 0,
+		.max	= RA_MAX_WINDOW,
+	},
+	.efficiency_scale = RA_SCALE,
+	.ops		= &ra_ops,
+};
+
+static int __init ra_parse_devices(void)
+{
+	char *list, *cur, *name;
+	int err = 0;
+
+	if (!devices || !*devices) {
+		pr_err("no devices given: load with devices=NAME[,NAME...] (e.g. devices=nullb0)\n");
+		return -EINVAL;
+	}
+	list = kstrdup(devices, GFP_KERNEL);
+	if (!list)
+		return -ENOMEM;
+	cur = list;
+	while ((name = strsep(&cur, ",")) != NULL) {
+		if (!*name)
+			continue;
+		if (ra_ndevs == RA_MAX_DEVICES ||
+		    strscpy(ra_devs[ra_ndevs], name, DISK_NAME_LEN) < 0) {
+			pr_err("devices=%s: at most %d names of under %d characters\n",
+			       devices, RA_MAX_DEVICES, DISK_NAME_LEN);
+			err = -EINVAL;
+			break;
+		}
+		ra_ndevs++;
+	}
+	kfree(list);
+	if (!err && !ra_ndevs) {
+		pr_err("devices=%s names no device\n", devices);
+		err = -EINVAL;
+	}
+	return err;
+}
+
+/* Wait until no call holds a window: each restores its file on return. */
+static void ra_drain(void)
+{
+	unsigned long flags;
+	bool busy;
+	int i, ms;
+
+	for (ms = 0; ms < RA_DRAIN_MS; ms++) {
+		busy = false;
+		for (i = 0; i < RA_STREAMS && !busy; i++) {
+			spin_lock_irqsave(&ra_streams[i].lock, flags);
+			busy = ra_streams[i].busy;
+			spin_unlock_irqrestore(&ra_streams[i].lock, flags);
+		}
+		if (!busy)
+			return;
+		msleep(1);
+	}
+	pr_notice("calls still in flight after %d ms; unregistering anyway\n", RA_DRAIN_MS);
+}
+
+static int __init ra_init(void)
+{
+	struct kml_proxy *p;
+	int i, err;
+
+	err = ra_parse_devices();
+	if (err)
+		return err;
+	ra_streams = kcalloc(RA_STREAMS, sizeof(*ra_streams), GFP_KERNEL);
+	if (!ra_streams)
+		return -ENOMEM;
+	for (i = 0; i < RA_STREAMS; i++)
+		spin_lock_init(&ra_streams[i].lock);
+
+	p = kml_proxy_create(&ra_desc);
+	if (IS_ERR(p)) {
+		err = PTR_ERR(p);
+		goto err_free;
+	}
+	err = kml_proxy_init(p);
+	if (err)
+		goto err_destroy;
+	err = kml_proxy_start(p);
+	if (err)
+		goto err_destroy;
+	ra_proxy = p;
+
+	err = register_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
+	if (err) {
+		pr_err("register_kretprobes: %d\n", err);
+		goto err_stop;
+	}
+	pr_info("proxy %u started on %s\n", kml_proxy_id(p), devices);
+	return 0;
+
+err_stop:
+	kml_proxy_stop(p);
+err_destroy:
+	kml_proxy_destroy(p);
+err_free:
+	kfree(ra_streams);
+	return err;
+}
+
+static void __exit ra_exit(void)
+{
+	int i;
+
+	WRITE_ONCE(ra_draining, true);
+	ra_drain();
+	unregister_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
+	for (i = 0; i < ARRAY_SIZE(ra_probes); i++)
+		if (ra_probes[i]->nmissed)
+			pr_info("%s: %d calls missed (maxactive %d)\n",
+				ra_probes[i]->kp.symbol_name, ra_probes[i]->nmissed,
+				RA_MAXACTIVE);
+	kml_proxy_stop(ra_proxy);
+	kml_proxy_destroy(ra_proxy);
+	kfree(ra_streams);
+}
+
+module_init(ra_init);
+module_exit(ra_exit);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("kmlbus proxy \"readahead\": per-stream readahead window in the page cache");
+MODULE_SOFTDEP("pre: kmlbus");

@@ -1,0 +1,372 @@
+"""Readahead benchmark: stock, static per-device windows, and the ``readahead`` proxy driven by the bus.
+
+``python3 -m kmlbus.tools.bench_readahead [--reps N] [--quick]`` boots the VM
+when this kernel cannot load modules (as here) and runs itself inside.  For
+each null_blk device (2 ms per request; 200 us + 200 MB/s) with ext4 on it,
+fio reads buffered with ``--fadvise_hint=0 --invalidate=1`` after the page
+cache is dropped, in five workloads: sequential 4k and 64k, random psync,
+random mmap, and a mixed run (a sequential 4k reader and a random mmap reader
+at once, on two files of the same device).  Policies, all in the same run:
+
+* ``static N KiB``: the device's ``read_ahead_kb`` on a grid from 0 to 8 MiB
+  (0, 128, 1024, 8192 KiB; 128 is the stock default).  The best per stream is its oracle; the best
+  single setting over the mixed run, by the geometric mean of its two
+  streams' speedups over the default, is "best static".
+* ``proxy``: read_ahead_kb at the default, ``kmlbus_readahead.ko
+  devices=nullb0`` loaded, ``python -m kmlbus run`` serving a model, the proxy
+  pinned in recommendation mode.  ``proxy rule`` serves `rule_model`, a
+  hand-written baseline (8 MiB for sequential streams, 0 otherwise);
+  ``proxy learned`` serves ``--model FILE``, e.g. a policy that
+  ``python -m kmlbus.bus.treefit`` fitted from traces of ``--collect``.
+
+Prints MiB/s medians (min-max over the repetitions) and ratios to the
+default.  Guest under TCG: compare ratios within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["DEVICES", "GRID_KB", "WORKLOADS", "fio_args", "main", "rule_model", "summarize"]
+
+#: Static per-device settings (read_ahead_kb); 128 is the stock default.
+GRID_KB = (0, 128, 1024, 8192)
+QUICK_GRID_KB = (0, 128, 8192)
+DEFAULT_KB = 128
+#: null_blk set-ups: completion latency (ns) and bandwidth cap (MB/s, 0 = none).
+DEVICES = {"2ms": (2_000_000, 0), "200us+200MBps": (200_000, 200)}
+#: workload -> its streams (fio job names); "mixed" runs both jobs at once.
+WORKLOADS: dict[str, tuple[str, ...]] = {
+    "seq4k": ("seq4k",), "seq64k": ("seq64k",), "rand_psync": ("rand_psync",),
+    "rand_mmap": ("rand_mmap",), "mixed": ("seq4k", "rand_mmap"),
+}
+_JOBS = {
+    "seq4k": ("seq", "read", "4k", "psync"),
+    "seq64k": ("seq", "read", "64k", "psync"),
+    "rand_psync": ("rand", "randread", "4k", "psync"),
+    "rand_mmap": ("rand", "randread", "4k", "mmap"),
+}
+DEV = "nullb0"
+RA_FEATURES = 8
+
+
+def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]:
+    """The fio command line of *workload*: one job per stream, JSON output."""
+    args = ["fio", "--output-format=json", "--fadvise_hint=0", "--invalidate=1", "--direct=0",
+            "--time_based", f"--runtime={runtime:g}s", "--group_reporting=0"]
+    for job in WORKLOADS[workload]:
+        which, rw, bs, engine = _JOBS[job]
+        args += [f"--name={job}", f"--filename={files[which]}", f"--rw={rw}", f"--bs={bs}",
+                 f"--ioengine={engine}"]
+    return args
+
+
+def rule_model() -> onnx.ModelProto:
+    """Hand-written baseline (never a served learned model): 8 MiB if seq >= 0.5, else 0.
+
+    Input float32 [N, 8] in the proxy's feature order (seq first), output float32 [N, 1] pages.
+    """
+    pick = [[1.0]] + [[0.0]] * (RA_FEATURES - 1)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["features", "pick"], ["seq"]),
+         helper.make_node("GreaterOrEqual", ["seq", "half"], ["is_seq"]),
+         helper.make_node("Cast", ["is_seq"], ["one"], to=TensorProto.FLOAT),
+         helper.make_node("Mul", ["one", "big"], ["value"])],
+        "readahead_rule",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", RA_FEATURES])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["N", 1])],
+        initializer=[numpy_helper.from_array(_f32(pick), "pick"),
+                     numpy_helper.from_array(_f32([0.5]), "half"),
+                     numpy_helper.from_array(_f32([2048.0]), "big")])
+    model = helper.make_model(graph, producer_name="kmlbus",
+                              doc_string="readahead rule baseline: window = 2048 * (seq >= 0.5)",
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _f32(x: object) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+# ---- in the guest ---------------------------------------------------------------------
+
+def _run_fio(workload: str, files: dict[str, Path], runtime: float) -> dict[str, float]:
+    """MiB/s per stream of one fio run, caches dropped first."""
+    from kmlbus.vm.nullblk import drop_caches
+
+    drop_caches()
+    out = subprocess.run(fio_args(workload, files, runtime), capture_output=True, text=True,
+                         check=True).stdout
+    data = json.loads(out[out.index("{"):])
+    return {j["jobname"]: j["read"]["bw_bytes"] / 2**20 for j in data["jobs"]}
+
+
+@dataclass
+class Results:
+    """MiB/s samples: (device, policy, workload, stream) -> list over repetitions."""
+
+    runs: dict[tuple[str, str, str, str], list[float]]
+    #: device -> proxy policy -> ns per decision spent in the proxy's entry handler
+    decide_ns: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, device: str, policy: str, workload: str, got: dict[str, float]) -> None:
+        for stream, mibs in got.items():
+            self.runs.setdefault((device, policy, workload, stream), []).append(mibs)
+
+
+@contextmanager
+def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
+            trace: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*."""
+    from kmlbus.bus import pins
+    from kmlbus.contract import spec
+    from kmlbus.wire import netlink
+
+    want = spec.load().enums["mode"].value(mode)
+    bus = f"[bus]\nttl_ms = {ttl_ms}\nlatency_budget_ms = 1000\n"
+    if trace is not None:
+        bus += f'trace = "{trace}"\n'
+    (work / "bus.toml").write_text(f"{bus}\n[proxy.readahead]\n{proxy_body}")
+    env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+    os.environ["KMLBUS_STATE"] = env["KMLBUS_STATE"]
+    pins.pin("readahead", mode)
+    log = open(work / "bus.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        end = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kmlbus run exited {proc.returncode}: "
+                                   f"{(work / 'bus.log').read_text()[-2000:]}")
+            with netlink.Connection() as c:
+                p = c.proxy("readahead")
+            if p["bus-portid"] and p["mode"] == want:
+                break
+            if time.monotonic() > end:
+                raise RuntimeError(f"the bus did not take proxy readahead to {mode}: {p}")
+            time.sleep(0.5)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _counters() -> dict[str, int]:
+    from kmlbus.wire.netlink import Connection
+
+    with Connection() as c:
+        return dict(c.proxy("readahead")["counters"])
+
+
+def _decide_stats() -> tuple[int, int]:
+    """(decisions, ns spent deciding) from kmlbus_readahead's ``stats`` parameter."""
+    text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
+    kv = dict(part.split("=") for part in text.split())
+    return int(kv["decisions"]), int(kv["decide_ns"])
+
+
+def _show(got: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:7.1f}" for k, v in got.items())
+
+
+def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], reps: int,
+               runtime: float, res: Results, say: Callable[[str], None], *,
+               models: dict[str, bytes], collect: Path | None = None) -> None:
+    """Every policy on one null_blk set-up, into *res*.
+
+    *models*: proxy policy name -> ONNX model the bus serves in recommendation.
+    With *collect*, only the proxy runs, in learning with every decision
+    explored by the bus (``learn = true``, ``explore = 1000``), recorded to
+    the trace *collect* for `kmlbus.bus.treefit`.
+    """
+    from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
+    from kmlbus.vm.kernels import project_root
+    from kmlbus.vm.nullblk import NullBlk, set_read_ahead_kb
+
+    ra_ko = project_root() / "kernel" / "readahead" / "kmlbus_readahead.ko"
+    with NullBlk("/run/kmlbus-bench-ra", name=DEV, size_mb=1024, completion_nsec=latency_ns,
+                 mbps=mbps) as disk:
+        files = {"seq": disk.make_file("seq", 512), "rand": disk.make_file("rand", 256)}
+        for rep in range(reps if collect is None else 0):
+            for wl in WORKLOADS:
+                for kb in grid:
+                    set_read_ahead_kb(DEV, kb)
+                    got = _run_fio(wl, files, runtime)
+                    res.add(device, f"static {kb}", wl, got)
+                    say(f"{device} rep {rep + 1} {wl:<10} static {kb:>4} KiB  {_show(got)}")
+        set_read_ahead_kb(DEV, DEFAULT_KB)
+        insmod(KMLBUS_KO)
+        try:
+            insmod(ra_ko, devices=DEV)
+            runs: list[tuple[str, str, str, Path | None]] = []
+            if collect is not None:
+                runs.append(("explore", "learn = true\nexplore = 1000\nlearn_every_s = 1000000\n",
+                             "learning", collect))
+            else:
+                runs += [(name, 'model = "model.onnx"\n', "recommendation", None) for name in models]
+            for name, body, mode, trace in runs:
+                work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
+                if name in models:
+                    (work / "model.onnx").write_bytes(models[name])
+                with _daemon(work, body, mode, trace=trace):
+                    c0, s0 = _counters(), _decide_stats()
+                    for rep in range(reps):
+                        for wl in WORKLOADS:
+                            got = _run_fio(wl, files, runtime)
+                            res.add(device, name, wl, got)
+                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}")
+                    c1, s1 = _counters(), _decide_stats()
+                n = max(s1[0] - s0[0], 1)
+                say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
+                    f"default {c1['decisions-default'] - c0['decisions-default']}, "
+                    f"telemetry drops {c1['drops'] - c0['drops']}; "
+                    f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
+                res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
+                shutil.rmtree(work, ignore_errors=True)
+        finally:
+            for name in ("kmlbus_readahead", "kmlbus"):
+                if is_loaded(name):
+                    rmmod(name)
+
+
+# ---- the table ---------------------------------------------------------------------------
+
+def _med(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _geomean(xs: Sequence[float]) -> float:
+    return math.exp(sum(math.log(max(x, 1e-9)) for x in xs) / len(xs))
+
+
+def _mixed_gain(res: Results, dev: str, policy: str) -> float:
+    """Geometric mean over the mixed run's streams of median MiB/s / the default's."""
+    default = f"static {DEFAULT_KB}"
+    return _geomean([_med(res.runs.get((dev, policy, "mixed", s), []))
+                     / _med(res.runs.get((dev, default, "mixed", s), [])) for s in WORKLOADS["mixed"]])
+
+
+def summarize(res: Results, grid: Sequence[int]) -> str:
+    """The result table: per device and stream, medians (min-max) and ratios to the default."""
+    lines: list[str] = []
+    devices = sorted({k[0] for k in res.runs}, key=list(DEVICES).index)
+    default = f"static {DEFAULT_KB}"
+    proxies = sorted({k[1] for k in res.runs if not k[1].startswith("static ")})
+    for dev in devices:
+        lines.append(f"\n== {dev}: MiB/s median (min-max) over repetitions; x = ratio to default "
+                     f"({DEFAULT_KB} KiB); /or = ratio to the stream's oracle ==")
+        head = f"{'workload/stream':<22}" + "".join(f"{f'static {kb}':>16}" for kb in grid)
+        head += f"{'oracle':>16}" + "".join(f"{p:>29}" for p in proxies)
+        lines.append(head)
+        for wl, streams in WORKLOADS.items():
+            for st in streams:
+                row = f"{wl + '/' + st:<22}"
+                base = _med(res.runs.get((dev, default, wl, st), []))
+                meds = {kb: _med(res.runs.get((dev, f"static {kb}", wl, st), [])) for kb in grid}
+                for kb in grid:
+                    row += f"{meds[kb]:>9.1f} {meds[kb] / base:>5.2f}x"
+                okb = max(grid, key=lambda k: meds[k])
+                row += f"{meds[okb]:>9.1f} @{okb:>5}"
+                for p in proxies:
+                    xs = res.runs.get((dev, p, wl, st), [])
+                    pm = _med(xs)
+                    spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
+                    row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
+                lines.append(row)
+        static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
+        best = max(grid, key=lambda k: static[k])
+        lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
+                     f"best static {best} KiB {static[best]:.2f}x")
+        for p in proxies:
+            g = _mixed_gain(res, dev, p)
+            lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        for p, ns in res.decide_ns.get(dev, {}).items():
+            lines.append(f"decision cost, {p}: {ns:.0f} ns per decision in the entry handler "
+                         "(stock: 0; the kretprobe trap and the return handler come on top)")
+    return "\n".join(lines)
+
+
+def _guest_main(args: argparse.Namespace) -> int:
+    grid = QUICK_GRID_KB if args.quick else GRID_KB
+    reps = args.reps if args.reps is not None else (1 if args.quick else 5)
+    runtime = args.runtime if args.runtime is not None else 1.5
+    res = Results({})
+    t0 = time.monotonic()
+
+    def say(line: str) -> None:
+        print(f"[{time.monotonic() - t0:7.1f} s] {line}", flush=True)
+
+    devices = list(DEVICES)[:1] if args.quick and not args.all_devices else list(DEVICES)
+    models = {"proxy rule": rule_model().SerializeToString()}
+    if args.model:
+        models["proxy learned"] = Path(args.model).read_bytes()
+    for dev in devices:
+        lat, mbps = DEVICES[dev]
+        collect = None if args.collect is None else Path(f"{args.collect}.{dev}").resolve()
+        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect)
+    print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
+             for (d, p, w, s), v in res.runs.items()], indent=1))
+    print(f"\n{reps} repetition(s), fio runtime {runtime:g} s, grid {list(grid)} KiB; "
+          f"total {time.monotonic() - t0:.0f} s in the guest (TCG: compare ratios, not MiB/s)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kmlbus.tools.bench_readahead",
+                                 description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--reps", type=int, help="repetitions (default 5, --quick 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="CI variant: the 2 ms device, grid 0/128/8192 KiB, 1 repetition")
+    ap.add_argument("--all-devices", action="store_true", help="with --quick: both devices")
+    ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
+    ap.add_argument("--json", help="also write every sample to this JSON file")
+    ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
+    ap.add_argument("--collect", metavar="TRACE",
+                    help="instead: run the workloads with the bus exploring in learning, record "
+                         "traces TRACE.<device> for python -m kmlbus.bus.treefit")
+    ap.add_argument("--here", action="store_true", help="run in this kernel (root, modules loadable)")
+    args = ap.parse_args(argv)
+    if shutil.which("fio") is None:
+        print("bench_readahead: fio not found: apt-get install -y fio", file=sys.stderr)
+        return 2
+    if args.here or (Path("/proc/modules").exists() and os.geteuid() == 0):
+        return _guest_main(args)
+    from kmlbus import vm
+
+    print("bench_readahead: this kernel cannot load modules; booting the Debian kernel under QEMU",
+          flush=True)
+    fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--here"]
+    return vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
+                  memory="3G", timeout=3600 if not args.quick else 900)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

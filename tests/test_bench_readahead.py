@@ -1,0 +1,56 @@
+"""The readahead benchmark's fio command lines and result table (host side, no VM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from kmlbus.tools.bench_readahead import (
+    GRID_KB,
+    Results,
+    fio_args,
+    rule_model,
+    summarize,
+)
+
+FILES = {"seq": Path("/d/seq"), "rand": Path("/d/rand")}
+
+
+def test_fio_reads_buffered_without_hints_and_invalidates() -> None:
+    args = fio_args("seq4k", FILES, 1.5)
+    for opt in ("--fadvise_hint=0", "--invalidate=1", "--direct=0", "--time_based", "--runtime=1.5s"):
+        assert opt in args
+
+
+def test_mixed_runs_a_sequential_reader_and_a_random_mmap_reader_on_two_files() -> None:
+    args = fio_args("mixed", FILES, 2)
+    jobs = " ".join(args).split("--name=")[1:]
+    assert len(jobs) == 2
+    assert "--filename=/d/seq --rw=read --bs=4k --ioengine=psync" in jobs[0]
+    assert "--filename=/d/rand --rw=randread --bs=4k --ioengine=mmap" in jobs[1]
+
+
+def test_rule_baseline_is_8_mib_for_sequential_streams_and_0_otherwise() -> None:
+    sess = ort.InferenceSession(rule_model().SerializeToString())
+    x = np.zeros((2, 8), dtype=np.float32)
+    x[0, 0], x[1, 0] = 0.9, 0.2
+    assert sess.run(None, {"features": x})[0].ravel().tolist() == [2048.0, 0.0]
+
+
+def test_table_names_each_streams_oracle_and_the_best_static_setting_on_mixed() -> None:
+    res = Results({})
+    speeds = {0: (1.0, 40.0), 128: (20.0, 10.0), 1024: (60.0, 5.0), 8192: (80.0, 1.0)}
+    for kb, (seq, mm) in speeds.items():
+        for wl in ("seq4k", "seq64k", "rand_psync", "rand_mmap"):
+            res.add("2ms", f"static {kb}", wl, {wl: seq if wl.startswith("seq") else mm})
+        res.add("2ms", f"static {kb}", "mixed", {"seq4k": seq, "rand_mmap": mm})
+    for wl in ("seq4k", "seq64k", "rand_psync", "rand_mmap"):
+        res.add("2ms", "proxy rule", wl, {wl: 80.0 if wl.startswith("seq") else 40.0})
+    res.add("2ms", "proxy rule", "mixed", {"seq4k": 80.0, "rand_mmap": 40.0})
+    out = summarize(res, GRID_KB)
+    assert "80.0 @ 8192" in out and "40.0 @    0" in out
+    # geometric means over the default (20, 10): 0 KiB 0.89x, 128 1x, 1024 1.22x, 8192 0.89x
+    assert "best static 1024 KiB 1.22x" in out
+    assert "proxy rule: 4.00x (3.27 x best static)" in out

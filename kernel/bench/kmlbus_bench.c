@@ -25,6 +25,12 @@
  *
  * (one line; *_model count the decisions of that phase made by the model arm,
  * so fresh_model == iters proves the fresh path was measured).
+ *
+ * `insmod kmlbus_bench.ko run=1` runs once at the end of init: parameters are
+ * parsed before init, when there is no proxy yet.  A parameter store holds
+ * no module reference, so exit can run during a run: it asks the run to stop
+ * (bench_stop, checked between chunks) and takes bench_lock before it frees
+ * the proxy.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -52,8 +58,10 @@ enum bench_phase { BENCH_BASELINE, BENCH_DEFAULT_PATH, BENCH_FRESH, BENCH_PHASES
 typedef int (*bench_fn_t)(struct kml_proxy *proxy, u32 key, const s32 *features,
 			  struct kml_decision *out);
 
-static DEFINE_MUTEX(bench_lock);	/* one run at a time; bench_result */
-static struct kml_proxy *bench_proxy;
+static DEFINE_MUTEX(bench_lock);	/* runs, bench_proxy, bench_result */
+static struct kml_proxy *bench_proxy;	/* NULL before init and from exit on */
+static bool bench_run_at_init;		/* run=1 given to insmod */
+static bool bench_stop;			/* exit wants the running run to end */
 static char bench_result[BENCH_RESULT_LEN] = "none\n";
 static bench_fn_t bench_fns[BENCH_PHASES];
 
@@ -194,6 +202,10 @@ static int bench_run(void)
 
 	/* dec.arm is written by decide; the empty callback leaves it alone */
 	for (c = 0; c < nchunks; c++) {
+		if (READ_ONCE(bench_stop)) {
+			err = -ECANCELED;	/* exit is waiting for bench_lock */
+			goto out_free;
+		}
 		for (ph = 0; ph < BENCH_PHASES; ph++)
 			cost[ph][c] = bench_chunk(ph, features, &model[ph]);
 		cond_resched();	/* lets the flush work drain the ring */
@@ -226,7 +238,14 @@ static int run_set(const char *val, const struct kernel_param *kp)
 	if (!go)
 		return 0;
 	mutex_lock(&bench_lock);
-	err = bench_run();
+	if (!bench_proxy) {
+		/* insmod's own parameters: no proxy yet, init runs it */
+		if (!bench_stop)
+			bench_run_at_init = true;
+		err = bench_stop ? -ENODEV : 0;
+	} else {
+		err = bench_run();
+	}
 	mutex_unlock(&bench_lock);
 	return err;
 }
@@ -280,7 +299,16 @@ static int __init bench_init(void)
 	err = bench_to_recommendation(p);
 	if (err)
 		goto err_destroy;
+
+	mutex_lock(&bench_lock);
 	bench_proxy = p;
+	if (bench_run_at_init)
+		err = bench_run();
+	if (err)
+		bench_proxy = NULL;
+	mutex_unlock(&bench_lock);
+	if (err)
+		goto err_destroy;
 	return 0;
 
 err_destroy:
@@ -290,8 +318,15 @@ err_destroy:
 
 static void __exit bench_exit(void)
 {
-	kml_proxy_stop(bench_proxy);
-	kml_proxy_destroy(bench_proxy);
+	struct kml_proxy *p;
+
+	WRITE_ONCE(bench_stop, true);	/* a run in a parameter store ends early */
+	mutex_lock(&bench_lock);
+	p = bench_proxy;
+	bench_proxy = NULL;
+	mutex_unlock(&bench_lock);
+	kml_proxy_stop(p);
+	kml_proxy_destroy(p);
 }
 
 module_init(bench_init);

@@ -320,6 +320,46 @@ static struct notifier_block kmlbus_netlink_nb = {
 	.notifier_call = kmlbus_netlink_event,
 };
 
+/* ---- owners going away --------------------------------------------- */
+
+/*
+ * A module whose exit did not destroy its proxies would leave flush work
+ * queued on them and keep kmlbus unloadable forever after (or, once it is
+ * gone, unloadable with work still pending): destroy what it left behind.
+ * MODULE_STATE_GOING comes after the owner's exit (or its failed init), when
+ * nothing of it calls the decision path any more.
+ */
+static int kmlbus_module_event(struct notifier_block *nb, unsigned long event,
+			       void *data)
+{
+	struct module *mod = data;
+	struct kml_proxy *p, *leaked;
+
+	if (event != MODULE_STATE_GOING)
+		return NOTIFY_DONE;
+	for (;;) {
+		leaked = NULL;
+		mutex_lock(&kmlbus_reg_lock);
+		list_for_each_entry(p, &kmlbus_proxies, node) {
+			if (p->desc.owner == mod) {
+				leaked = p;
+				break;
+			}
+		}
+		mutex_unlock(&kmlbus_reg_lock);
+		if (!leaked)
+			break;
+		pr_err("module %s left proxy %s (id %u) behind: destroying it\n",
+		       mod->name, leaked->name, leaked->id);
+		kml_proxy_destroy(leaked);
+	}
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kmlbus_module_nb = {
+	.notifier_call = kmlbus_module_event,
+};
+
 /* ---- registry ------------------------------------------------------- */
 
 struct kml_proxy *kmlbus_find_by_id(u32 id)
@@ -832,17 +872,25 @@ static int __init kmlbus_init(void)
 {
 	int err;
 
-	/* the registry is static; then the release notifier, then the family */
-	err = netlink_register_notifier(&kmlbus_netlink_nb);
+	/*
+	 * The registry is static; then the owners' notifier, the release
+	 * notifier, then the family.
+	 */
+	err = register_module_notifier(&kmlbus_module_nb);
 	if (err)
 		return err;
+	err = netlink_register_notifier(&kmlbus_netlink_nb);
+	if (err)
+		goto err_module_nb;
 	err = kmlbus_nl_register();
 	if (err)
-		goto err_notifier;
+		goto err_netlink_nb;
 	return 0;
 
-err_notifier:
+err_netlink_nb:
 	netlink_unregister_notifier(&kmlbus_netlink_nb);
+err_module_nb:
+	unregister_module_notifier(&kmlbus_module_nb);
 	return err;
 }
 
@@ -850,7 +898,8 @@ static void __exit kmlbus_exit(void)
 {
 	kmlbus_nl_unregister();
 	netlink_unregister_notifier(&kmlbus_netlink_nb);
-	/* proxies hold symbol references to us: none can be left */
+	unregister_module_notifier(&kmlbus_module_nb);
+	/* owners hold symbol references to us and their leftovers are gone */
 	WARN_ON(!list_empty(&kmlbus_proxies));
 	rcu_barrier();	/* proxy_free_rcu callbacks */
 	ida_destroy(&kmlbus_ida);

@@ -71,20 +71,58 @@ static inline u64 slot_pack(s32 value, u32 ttl_ms)
  * Read slot @key: true and *value if fresh.  A stale slot is cleared and
  * counted as expired exactly once (whoever wins the cmpxchg counts).
  */
+static bool slot_fresh(u64 s)
+{
+	return (s32)((u32)s - (u32)jiffies) > 0;
+}
+
+/* Clear stale slot @key if it still holds @s; the winner counts the expiry. */
+static void slot_expire(struct kml_proxy *p, u32 key, u64 s)
+{
+	if (cmpxchg64(&p->slots[key], s, 0) == s)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_EXPIRED, 1);
+}
+
 static bool slot_read(struct kml_proxy *p, u32 key, s32 *value)
 {
 	u64 s = READ_ONCE(p->slots[key]);
-	u32 exp = (u32)s;
 
 	if (!s)
 		return false;
-	if ((s32)(exp - (u32)jiffies) > 0) {
+	if (slot_fresh(s)) {
 		*value = (s32)(u32)(s >> 32);
 		return true;
 	}
-	if (cmpxchg64(&p->slots[key], s, 0) == s)
-		kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_EXPIRED, 1);
+	slot_expire(p, key, s);
 	return false;
+}
+
+/*
+ * The expiry is 32 bits of jiffies: a slot nobody reads for 2^31 jiffies
+ * (99 days at HZ=250) would look fresh again.  kmlbus_sweep clears every
+ * proxy's stale slots each KMLBUS_SWEEP_MS, whatever its lifecycle, so no
+ * slot gets that old.  Proxies are walked under RCU: kml_proxy_destroy
+ * unlinks, waits for a grace period, then frees the slots.
+ */
+static void kmlbus_sweep_fn(struct work_struct *work);
+static DECLARE_DELAYED_WORK(kmlbus_sweep, kmlbus_sweep_fn);
+
+static void kmlbus_sweep_fn(struct work_struct *work)
+{
+	struct kml_proxy *p;
+	u32 key;
+	u64 s;
+
+	rcu_read_lock();
+	list_for_each_entry_rcu(p, &kmlbus_proxies, node) {
+		for (key = 0; key < p->desc.nkeys; key++) {
+			s = READ_ONCE(p->slots[key]);
+			if (s && !slot_fresh(s))
+				slot_expire(p, key, s);
+		}
+	}
+	rcu_read_unlock();
+	schedule_delayed_work(&kmlbus_sweep, msecs_to_jiffies(KMLBUS_SWEEP_MS));
 }
 
 int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs, u32 n)
@@ -885,6 +923,7 @@ static int __init kmlbus_init(void)
 	err = kmlbus_nl_register();
 	if (err)
 		goto err_netlink_nb;
+	schedule_delayed_work(&kmlbus_sweep, msecs_to_jiffies(KMLBUS_SWEEP_MS));
 	return 0;
 
 err_netlink_nb:
@@ -896,6 +935,7 @@ err_module_nb:
 
 static void __exit kmlbus_exit(void)
 {
+	cancel_delayed_work_sync(&kmlbus_sweep);
 	kmlbus_nl_unregister();
 	netlink_unregister_notifier(&kmlbus_netlink_nb);
 	unregister_module_notifier(&kmlbus_module_nb);

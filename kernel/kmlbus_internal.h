@@ -21,6 +21,7 @@
 #define KMLBUS_RING_FEEDBACK	1024
 #define KMLBUS_FLUSH_COUNT	32	/* records that trigger an immediate flush */
 #define KMLBUS_FLUSH_MS		20	/* otherwise flushed this often */
+#define KMLBUS_SWEEP_MS		1000	/* stale recommendation slots cleared */
 /* Records per multicast message: 32 * 64 B samples keep a message < 4 KiB. */
 #define KMLBUS_MSG_SAMPLES	32
 #define KMLBUS_MSG_FEEDBACK	128
@@ -62,7 +63,8 @@ struct kml_proxy {
 	/*
 	 * Recommendation slots: value in the high 32 bits, expiry (low 32 bits
 	 * of jiffies) in the low 32 bits; 0 = empty.  One u64 so a reader in
-	 * any context sees value and expiry together without a lock.
+	 * any context sees value and expiry together without a lock.  Stale
+	 * slots are swept (kmlbus_sweep) long before the expiry can wrap.
 	 */
 	u64 *slots;
 

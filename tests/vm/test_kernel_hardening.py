@@ -46,3 +46,23 @@ def test_a_proxy_left_behind_by_its_module_is_destroyed_and_kmlbus_unloads(kmlbu
         assert "testmod" not in _names(c), "the leaked proxy outlived its module"
     assert any("left proxy testmod" in m for m in dmesg_since(mark)), dmesg_since(mark)
     # the fixture's rmmod kmlbus and its log check follow: no WARN for a leftover proxy
+
+
+# ---- defect 7: expiry kept in 32 bits of jiffies --------------------------------------------
+
+@pytest.mark.sample_params(rate=0)
+def test_stale_slots_are_swept_without_any_decision_reading_them(modules: Any) -> None:
+    # A slot was only cleared when a decision read it, so one left unread for
+    # 2^31 jiffies looked fresh again.  The sweep clears (and counts) it unread.
+    with Connection() as c:
+        pid = int(c.proxy("sample")["id"])
+        before = c.proxy(pid)["counters"]
+        c.recommend(pid, [(k, 5, 1) for k in range(64)])
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            cnt = c.proxy(pid)["counters"]
+            if cnt["recs-expired"] - before["recs-expired"] == 64:
+                break
+            time.sleep(0.2)
+        assert cnt["samples"] == before["samples"], "the sample decided although rate=0"
+        assert cnt["recs-expired"] - before["recs-expired"] == 64, cnt

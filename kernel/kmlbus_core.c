@@ -187,38 +187,46 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 /* ---- flushing ------------------------------------------------------- */
 
 /*
- * Send the oldest records of @r in messages of at most @batch records, or
- * count them unheard when nobody listens.  Runs in process context under
- * flush_lock, the rings' only consumer.
+ * Send the records @r held when the call began, in messages of at most
+ * @batch records, or count them unheard when nobody listens.  Records that
+ * arrive meanwhile wait for the next run, so a producer that outpaces the
+ * sender cannot keep one run going (and the stale check waiting).  Runs in
+ * process context under flush_lock, the rings' only consumer.  Returns true
+ * if records are left.
  */
-static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
+static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		       int attr, u32 batch)
 {
 	unsigned long flags;
 	struct sk_buff *skb;
 	struct nlattr *nla;
+	u32 n, budget;
 	void *hdr;
-	u32 n;
 
-	for (;;) {
+	spin_lock_irqsave(&p->ring_lock, flags);
+	budget = r->count;
+	spin_unlock_irqrestore(&p->ring_lock, flags);
+
+	while (budget) {
 		spin_lock_irqsave(&p->ring_lock, flags);
-		n = min(r->count, batch);
+		n = min3(r->count, batch, budget);
 		if (n && !kmlbus_nl_telemetry_heard()) {
 			ring_pop(r, NULL, n);
 			spin_unlock_irqrestore(&p->ring_lock, flags);
 			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			budget -= n;
 			continue;
 		}
 		spin_unlock_irqrestore(&p->ring_lock, flags);
 		if (!n)
-			return;
+			break;
 
 		/* count only grows meanwhile: we are the only consumer */
 		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
 				  nla_total_size((size_t)n * r->esize) +
 				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
 		if (!skb)
-			return;	/* retried on the next flush */
+			return false;	/* retried by the periodic flush */
 		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
 		if (!hdr)
 			goto err_free;
@@ -230,6 +238,7 @@ static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		spin_lock_irqsave(&p->ring_lock, flags);
 		ring_pop(r, nla_data(nla), n);
 		spin_unlock_irqrestore(&p->ring_lock, flags);
+		budget -= n;
 		if (cmd == KMLBUS_CMD_TELEMETRY &&
 		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
 				      atomic64_read(&p->cnt[KMLBUS_A_COUNTERS_DROPS]),
@@ -244,19 +253,25 @@ static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 				  GFP_KERNEL);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
 	}
+	return READ_ONCE(r->count) != 0;
 
 err_free:
 	nlmsg_free(skb);
+	return false;
 }
 
-static void flush_now(struct kml_proxy *p)
+/* One bounded flush of both rings; true if records are left for another. */
+static bool flush_now(struct kml_proxy *p)
 {
+	bool more;
+
 	mutex_lock(&p->flush_lock);
-	flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY, KMLBUS_A_PROXY_RECORDS,
-		   READ_ONCE(flush_batch));
-	flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK, KMLBUS_A_PROXY_FEEDBACK,
-		   KMLBUS_MSG_FEEDBACK);
+	more = flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY,
+			  KMLBUS_A_PROXY_RECORDS, READ_ONCE(flush_batch));
+	more |= flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK,
+			   KMLBUS_A_PROXY_FEEDBACK, KMLBUS_MSG_FEEDBACK);
 	mutex_unlock(&p->flush_lock);
+	return more;
 }
 
 static bool proxy_live(int lifecycle)
@@ -287,12 +302,14 @@ static void flush_work_fn(struct work_struct *work)
 {
 	struct kml_proxy *p = container_of(to_delayed_work(work),
 					   struct kml_proxy, flush);
+	bool more;
 
-	flush_now(p);
+	/* the safety net first: sending must not delay it */
 	check_stale(p);
+	more = flush_now(p);
 	if (proxy_live(READ_ONCE(p->lifecycle)))
 		queue_delayed_work(system_wq, &p->flush,
-				   msecs_to_jiffies(KMLBUS_FLUSH_MS));
+				   more ? 0 : msecs_to_jiffies(KMLBUS_FLUSH_MS));
 }
 
 /* ---- mode gate ------------------------------------------------------ */

@@ -356,7 +356,10 @@ static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
 	    !n->portid)
 		return NOTIFY_DONE;
 
-	/* may run in atomic context: RCU walk, no sleeping, GFP_ATOMIC */
+	/*
+	 * netlink_chain is a blocking notifier (process context), but the walk
+	 * is under RCU, so nothing here may sleep.
+	 */
 	rcu_read_lock();
 	list_for_each_entry_rcu(p, &kmlbus_proxies, node) {
 		if (READ_ONCE(p->bus_portid) != n->portid ||

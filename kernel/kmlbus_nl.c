@@ -24,7 +24,7 @@ struct genl_family kmlbus_family __ro_after_init = {
 	.module		= THIS_MODULE,
 	.ops		= kmlbus_nl_ops,
 	.n_ops		= ARRAY_SIZE(kmlbus_nl_ops),
-	.resv_start_op	= KMLBUS_NL_RESV_START_OP,
+	/* resv_start_op 0: every op gets the reserved header byte checked */
 	.mcgrps		= kmlbus_nl_mcgrps,
 	.n_mcgrps	= ARRAY_SIZE(kmlbus_nl_mcgrps),
 };
@@ -127,7 +127,8 @@ void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
 
 	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
 		return;
-	skb = genlmsg_new(NLMSG_GOODSIZE, gfp);
+	skb = genlmsg_new(4 * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), gfp);
 	if (!skb)
 		return;
 	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_MODE_EVENT);

@@ -232,8 +232,6 @@ class Gen:
               f"extern const struct genl_ops {lc}_nl_ops[{len(self.request_ops())}];",
               f"extern const struct genl_multicast_group {lc}_nl_mcgrps[{len(s.mcast_groups)}];",
               "",
-              "/* First command number reserved for future (strictly validated) ops. */",
-              f"#define {fam}_NL_RESV_START_OP\t({fam}_CMD_MAX + 1)", "",
               f"#endif /* {guard} */", ""]
         return "\n".join(o)
 

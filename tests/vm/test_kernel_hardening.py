@@ -66,3 +66,19 @@ def test_stale_slots_are_swept_without_any_decision_reading_them(modules: Any) -
             time.sleep(0.2)
         assert cnt["samples"] == before["samples"], "the sample decided although rate=0"
         assert cnt["recs-expired"] - before["recs-expired"] == 64, cnt
+
+
+# ---- defect 10: reserved header bytes -------------------------------------------------------
+
+def test_a_request_with_the_reserved_genl_header_byte_set_is_refused(modules: Any) -> None:
+    # resv_start_op past the last op left reserved bytes unchecked; a new family leaves it 0
+    with Connection() as c:
+        pid = int(c.proxy("sample")["id"])
+        attrs = codec.pack_attr(SPEC.attr_sets["proxy"].by_name["id"].value, struct.pack("=I", pid))
+        get = SPEC.op_by_name["get"].value
+        for reserved, want in ((0, 0), (1, -errno.EINVAL)):
+            seq = c.next_seq()
+            req = codec.pack_nlmsg(c.family_id, codec.NLM_F_REQUEST | codec.NLM_F_ACK, seq,
+                                   struct.pack("=BBH", get, SPEC.version, reserved) + attrs)
+            answers = c.transact(req, seq)
+            assert answers[-1].error == want, (reserved, answers[-1])

@@ -8,7 +8,8 @@
  *   handler; the list is also walked under RCU by the release notifier.
  * - kml_proxy.lock (mutex) serialises the lifecycle verbs of one proxy.
  * - kml_proxy.mode_lock (irq-safe spinlock) serialises mode transitions,
- *   which come from handlers, the notifier, the stale check and subsystems.
+ *   which come from handlers, the notifier, the stale check and subsystems,
+ *   and guards the queue of mode events event_work sends.
  * - kml_proxy.ring_lock (irq-safe spinlock) guards both rings and seq; it is
  *   the only lock the decision path takes.  Slots are read lock-free.
  */
@@ -280,22 +281,105 @@ static bool proxy_live(int lifecycle)
 	       lifecycle == KMLBUS_LIFECYCLE_RUNNING;
 }
 
-/* Kernel-initiated demotion when the bus stopped recommending. */
+/* ---- mode gate ------------------------------------------------------ */
+
+static void event_work_fn(struct work_struct *work)
+{
+	struct kml_proxy *p = container_of(work, struct kml_proxy, event_work);
+	struct kml_mode_event ev;
+	unsigned long flags;
+
+	for (;;) {
+		spin_lock_irqsave(&p->mode_lock, flags);
+		if (!p->ev_count) {
+			spin_unlock_irqrestore(&p->mode_lock, flags);
+			return;
+		}
+		ev = p->events[p->ev_head];
+		p->ev_head = (p->ev_head + 1) % KMLBUS_EVENTS;
+		p->ev_count--;
+		spin_unlock_irqrestore(&p->mode_lock, flags);
+		kmlbus_nl_mode_event(p, &ev);
+	}
+}
+
+/*
+ * Apply a change with mode_lock held.  The change gets the next seq and is
+ * traced and queued under the lock, so seq, trace and events follow the
+ * order of the changes.  The event is sent from event_work: a mode change may
+ * come from any context (a hard interrupt too), and a multicast may reach
+ * dev_queue_xmit through a netlink tap.
+ */
+static int change_mode_locked(struct kml_proxy *p, u32 mode, u32 reason,
+			      bool force)
+{
+	struct kml_mode_event *ev;
+	u32 old = p->mode;
+
+	lockdep_assert_held(&p->mode_lock);
+	if (!force && !kmlbus_mode_allowed[old][mode])
+		return -EINVAL;
+	WRITE_ONCE(p->mode, mode);
+	WRITE_ONCE(p->reason, reason);
+	if (old != mode) {
+		WRITE_ONCE(p->mode_since, jiffies);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_MODE_CHANGES, 1);
+	}
+	/* a forced fallback is announced even if already in emergency */
+	if (old == mode && !force)
+		return 0;
+	WRITE_ONCE(p->mode_seq, p->mode_seq + 1);
+	trace_kmlbus_mode_change(p->id, p->name, p->mode_seq, old, mode, reason);
+	if (p->ev_count == KMLBUS_EVENTS) {	/* the seq gap shows the loss */
+		p->ev_head = (p->ev_head + 1) % KMLBUS_EVENTS;
+		p->ev_count--;
+	}
+	ev = &p->events[(p->ev_head + p->ev_count) % KMLBUS_EVENTS];
+	ev->seq = p->mode_seq;
+	ev->old = old;
+	ev->mode = mode;
+	ev->reason = reason;
+	p->ev_count++;
+	queue_work(system_wq, &p->event_work);
+	return 0;
+}
+
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force)
+{
+	unsigned long flags;
+	int err;
+
+	if (mode > KMLBUS_MODE_MAX || reason > KMLBUS_REASON_MAX)
+		return -EINVAL;
+	spin_lock_irqsave(&p->mode_lock, flags);
+	err = change_mode_locked(p, mode, reason, force);
+	spin_unlock_irqrestore(&p->mode_lock, flags);
+	return err;
+}
+
+/*
+ * Kernel-initiated demotion when the bus stopped recommending.  Decided
+ * under mode_lock, so a mode change made meanwhile (the bus demoting to
+ * learning, say) is seen and not overridden.
+ */
 static void check_stale(struct kml_proxy *p)
 {
 	u32 stale_ms = READ_ONCE(p->stale_ms);
-	u32 mode = READ_ONCE(p->mode);
-	unsigned long since;
+	unsigned long flags, since;
 
-	if (!stale_ms || (mode != KMLBUS_MODE_COLLABORATION &&
-			  mode != KMLBUS_MODE_RECOMMENDATION))
+	if (!stale_ms)
 		return;
-	since = READ_ONCE(p->last_rec);
-	if (time_after(READ_ONCE(p->mode_since), since))
-		since = READ_ONCE(p->mode_since);
-	if (time_after(jiffies, since + msecs_to_jiffies(stale_ms)))
-		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_STALE,
-				   true, GFP_KERNEL);
+	spin_lock_irqsave(&p->mode_lock, flags);
+	if (p->mode == KMLBUS_MODE_COLLABORATION ||
+	    p->mode == KMLBUS_MODE_RECOMMENDATION) {
+		since = READ_ONCE(p->last_rec);
+		if (time_after(p->mode_since, since))
+			since = p->mode_since;
+		if (time_after(jiffies, since + msecs_to_jiffies(stale_ms)))
+			change_mode_locked(p, KMLBUS_MODE_EMERGENCY,
+					   KMLBUS_REASON_STALE, true);
+	}
+	spin_unlock_irqrestore(&p->mode_lock, flags);
 }
 
 static void flush_work_fn(struct work_struct *work)
@@ -310,38 +394,6 @@ static void flush_work_fn(struct work_struct *work)
 	if (proxy_live(READ_ONCE(p->lifecycle)))
 		queue_delayed_work(system_wq, &p->flush,
 				   more ? 0 : msecs_to_jiffies(KMLBUS_FLUSH_MS));
-}
-
-/* ---- mode gate ------------------------------------------------------ */
-
-int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
-		       gfp_t gfp)
-{
-	unsigned long flags;
-	u32 old;
-
-	if (mode > KMLBUS_MODE_MAX || reason > KMLBUS_REASON_MAX)
-		return -EINVAL;
-	spin_lock_irqsave(&p->mode_lock, flags);
-	old = p->mode;
-	if (!force && !kmlbus_mode_allowed[old][mode]) {
-		spin_unlock_irqrestore(&p->mode_lock, flags);
-		return -EINVAL;
-	}
-	WRITE_ONCE(p->mode, mode);
-	WRITE_ONCE(p->reason, reason);
-	if (old != mode) {
-		WRITE_ONCE(p->mode_since, jiffies);
-		kmlbus_count(p, KMLBUS_A_COUNTERS_MODE_CHANGES, 1);
-	}
-	spin_unlock_irqrestore(&p->mode_lock, flags);
-
-	if (old != mode)
-		trace_kmlbus_mode_change(p->id, p->name, old, mode, reason);
-	/* a forced fallback is announced even if already in emergency */
-	if (old != mode || force)
-		kmlbus_nl_mode_event(p, old, mode, reason, gfp);
-	return 0;
 }
 
 /* ---- bus release ---------------------------------------------------- */
@@ -368,7 +420,7 @@ static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
 		if (cmpxchg(&p->bus_portid, n->portid, 0) != n->portid)
 			continue;
 		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY,
-				   KMLBUS_REASON_BUS_GONE, true, GFP_ATOMIC);
+				   KMLBUS_REASON_BUS_GONE, true);
 	}
 	rcu_read_unlock();
 	return NOTIFY_DONE;
@@ -501,6 +553,7 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	spin_lock_init(&p->mode_lock);
 	spin_lock_init(&p->ring_lock);
 	INIT_DELAYED_WORK(&p->flush, flush_work_fn);
+	INIT_WORK(&p->event_work, event_work_fn);
 	p->mode = KMLBUS_MODE_INITIAL;
 	p->reason = KMLBUS_REASON_NONE;
 	p->mode_since = jiffies;
@@ -663,6 +716,7 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 	synchronize_rcu();	/* notifier walkers are done with it */
 
 	cancel_delayed_work_sync(&proxy->flush);
+	flush_work(&proxy->event_work);	/* what was announced is sent */
 	ida_free(&kmlbus_ida, proxy->id);
 	ring_free(&proxy->feedback);
 	ring_free(&proxy->samples);
@@ -902,7 +956,7 @@ EXPORT_SYMBOL_GPL(kml_proxy_evaluate);
  */
 int kml_proxy_set_mode(struct kml_proxy *proxy, u32 mode, u32 reason)
 {
-	return kmlbus_change_mode(proxy, mode, reason, false, GFP_ATOMIC);
+	return kmlbus_change_mode(proxy, mode, reason, false);
 }
 EXPORT_SYMBOL_GPL(kml_proxy_set_mode);
 

@@ -22,6 +22,7 @@
 #define KMLBUS_FLUSH_COUNT	32	/* records that trigger an immediate flush */
 #define KMLBUS_FLUSH_MS		20	/* otherwise flushed this often */
 #define KMLBUS_SWEEP_MS		1000	/* stale recommendation slots cleared */
+#define KMLBUS_EVENTS		16	/* queued mode events; the oldest is lost */
 /* Records per multicast message: 32 * 64 B samples keep a message < 4 KiB. */
 #define KMLBUS_MSG_SAMPLES	32
 #define KMLBUS_MSG_FEEDBACK	128
@@ -33,6 +34,17 @@ struct kml_ring {
 	u32 cap;
 	u32 head;	/* index of the oldest record */
 	u32 count;
+};
+
+/*
+ * One mode change as announced: taken under mode_lock, so seq orders the
+ * changes of one proxy; sent later from process context (event_work).
+ */
+struct kml_mode_event {
+	u32 seq;
+	u32 old;
+	u32 mode;
+	u32 reason;
 };
 
 struct kml_proxy {
@@ -51,6 +63,12 @@ struct kml_proxy {
 	u32 mode;			/* READ_ONCE in the decision path */
 	u32 reason;
 	unsigned long mode_since;	/* jiffies */
+	u32 mode_seq;			/* announced changes, under mode_lock */
+	/* mode events not yet sent, oldest first, under mode_lock */
+	struct kml_mode_event events[KMLBUS_EVENTS];
+	u32 ev_head;
+	u32 ev_count;
+	struct work_struct event_work;	/* sends them, in order */
 
 	u32 share;			/* permille, READ_ONCE */
 	u32 explore;			/* permille, READ_ONCE */
@@ -93,16 +111,14 @@ struct kml_proxy *kmlbus_find_by_id(u32 id);
 struct kml_proxy *kmlbus_find_by_name(const char *name);
 
 /* Mode gate.  @force skips the graph check (kernel fallback to emergency). */
-int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
-		       gfp_t gfp);
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force);
 int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs,
 		      u32 n);
 
 /* kmlbus_nl.c */
 int kmlbus_nl_register(void);
 void kmlbus_nl_unregister(void);
-void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
-			  gfp_t gfp);
+void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev);
 bool kmlbus_nl_telemetry_heard(void);
 
 #endif /* _KMLBUS_INTERNAL_H */

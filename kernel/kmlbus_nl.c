@@ -109,7 +109,8 @@ static int fill_proxy(struct sk_buff *skb, struct kml_proxy *p, u32 portid,
 			      KMLBUS_A_PROXY_PAD) ||
 	    nla_put_u32(skb, KMLBUS_A_PROXY_EFFICIENCY_SCALE,
 			p->desc.efficiency_scale) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_STALE_MS, READ_ONCE(p->stale_ms)))
+	    nla_put_u32(skb, KMLBUS_A_PROXY_STALE_MS, READ_ONCE(p->stale_ms)) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
 		goto cancel;
 	genlmsg_end(skb, hdr);
 	return 0;
@@ -119,16 +120,16 @@ cancel:
 	return -EMSGSIZE;
 }
 
-void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
-			  gfp_t gfp)
+/* Process context (the proxy's event_work). */
+void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev)
 {
 	struct sk_buff *skb;
 	void *hdr;
 
 	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
 		return;
-	skb = genlmsg_new(4 * nla_total_size(sizeof(u32)) +
-			  nla_total_size(strlen(p->name) + 1), gfp);
+	skb = genlmsg_new(5 * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
 	if (!skb)
 		return;
 	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_MODE_EVENT);
@@ -136,12 +137,13 @@ void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
 		goto err_free;
 	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
 	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE, mode) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, old) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_REASON, reason))
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE, ev->mode) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, ev->old) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_REASON, ev->reason) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, ev->seq))
 		goto err_cancel;
 	genlmsg_end(skb, hdr);
-	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, gfp);
+	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
 	return;
 
 err_cancel:
@@ -258,7 +260,7 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 		return PTR_ERR(p);
 	err = kmlbus_change_mode(p, nla_get_u32(mode),
 				 reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR,
-				 false, GFP_KERNEL);
+				 false);
 	if (err)
 		NL_SET_ERR_MSG_ATTR(info->extack, mode,
 				    "mode change not allowed by the mode graph (modes/graph.yaml)");
@@ -335,8 +337,7 @@ int kmlbus_nl_detach_doit(struct sk_buff *skb, struct genl_info *info)
 		err = -ENOTCONN;
 		goto out;
 	}
-	kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_DETACH, true,
-			   GFP_KERNEL);
+	kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_DETACH, true);
 out:
 	put_proxy(p);
 	return err;

@@ -35,9 +35,9 @@ What it models
       samples are buffered or every 20 ms, telemetry in messages of at most 32
       records, feedback of at most 128, records counted ``unheard`` (and
       dropped) when nobody listens to group telemetry; the stale check runs
-      after every flush like ``flush_work_fn``.
+      before every flush like ``flush_work_fn``.
     * Mode events on every change (and on every forced fallback) to group
-      events; closing the attached link drops the proxy to emergency with
+      events, each with the proxy's next ``mode-seq``; closing the attached link drops the proxy to emergency with
       reason bus-gone, like the netlink release notifier.
     * The sample workload bit for bit: splitmix64 seeded with ``seed``, 64
       streams with hidden s_k, features seq_ratio/req_size/noise, default window
@@ -336,6 +336,7 @@ class StandinProxy:
         self.mode = _MODES.value(kernel.graph.initial)
         self.reason = _REASONS.value("none")
         self.mode_since = now
+        self.mode_seq = 0  # announced changes (struct kml_proxy.mode_seq)
         self.share = int(g.collaboration_share)  # KMLBUS_DEFAULT_SHARE is generated from the graph
         self.explore = int(g.exploration_share)
         self.stale_ms = 0
@@ -379,6 +380,7 @@ class StandinProxy:
             "bus-portid": self.bus_portid, "share": self.share, "explore": self.explore,
             "reason": self.reason, "mode-ms": (now - self.mode_since) // MS,
             "efficiency-scale": self.desc.efficiency_scale, "stale-ms": self.stale_ms,
+            "mode-seq": self.mode_seq,
         }
 
     # -- lifecycle and workload ------------------------------------------------
@@ -495,9 +497,9 @@ class StandinProxy:
     # -- flushing, staleness, modes --------------------------------------------------
 
     def flush(self, now: int) -> None:
-        """``flush_work_fn``: send both rings, check staleness, re-arm the 20 ms timer."""
-        self.flush_now()
+        """``flush_work_fn``: check staleness, send both rings, re-arm the 20 ms timer."""
         self._check_stale(now)
+        self.flush_now()
         self.next_flush = now + FLUSH_MS * MS
 
     def flush_now(self) -> None:
@@ -536,8 +538,10 @@ class StandinProxy:
             self.mode_since = self.kernel.clock.now_ns() if now is None else now
             self.counters["mode-changes"] += 1
         if old != mode or force:  # a forced fallback is announced even if already in emergency
+            self.mode_seq += 1
             self.kernel._multicast("events", "mode-event", {
-                "id": self.id, "name": self.desc.name, "mode": mode, "old-mode": old, "reason": reason})
+                "id": self.id, "name": self.desc.name, "mode": mode, "old-mode": old, "reason": reason,
+                "mode-seq": self.mode_seq})
         return 0
 
     def store_recs(self, recs: npt.NDArray[Any], now: int) -> None:

@@ -8,8 +8,12 @@ interrupt, a module that leaks its proxy.
 from __future__ import annotations
 
 import errno
+import itertools
 import struct
+import subprocess
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,9 @@ import pytest
 
 from kmlbus import codec
 from kmlbus import spec as kspec
-from kmlbus.netlink import Connection
+from kmlbus.netlink import Connection, NetlinkError
 from kmlbus.vm import project_root
-from kmlbus.vm.guest import KMLBUS_KO, dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
+from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, rmmod
 
 pytestmark = pytest.mark.vm
 
@@ -82,3 +86,85 @@ def test_a_request_with_the_reserved_genl_header_byte_set_is_refused(modules: An
                                    struct.pack("=BBH", get, SPEC.version, reserved) + attrs)
             answers = c.transact(req, seq)
             assert answers[-1].error == want, (reserved, answers[-1])
+
+
+# ---- defect 3: mode events from any context -------------------------------------------------
+
+def _mode_events(c: Connection, pid: int, until: Callable[[list[dict[str, Any]]], bool]) -> list[dict[str, Any]]:
+    """Mode events of proxy *pid* received until *until(events)* holds (or 20 s pass)."""
+    evs: list[dict[str, Any]] = []
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not until(evs):
+        evs += [m.attrs for m in c.recv(timeout=0.2) if m.op == "mode-event" and m.attrs["id"] == pid]
+    return evs
+
+
+@pytest.fixture
+def testmod(kmlbus_module: int) -> Iterator[int]:
+    """kmlbus_testmod.ko loaded; yields its proxy's id."""
+    insmod(TESTMOD_KO)
+    try:
+        with Connection() as c:
+            yield int(c.proxy("testmod")["id"])
+    finally:
+        rmmod("kmlbus_testmod")
+
+
+@pytest.fixture
+def nlmon() -> Iterator[None]:
+    """An nlmon tap up: every netlink message, multicasts too, goes through dev_queue_xmit."""
+    subprocess.run(["modprobe", "nlmon"], check=True)
+    subprocess.run(["ip", "link", "add", "kmlmon0", "type", "nlmon"], check=True)
+    try:
+        subprocess.run(["ip", "link", "set", "kmlmon0", "up"], check=True)
+        yield
+    finally:
+        subprocess.run(["ip", "link", "del", "kmlmon0"], check=True)
+
+
+def test_a_mode_change_in_a_hard_interrupt_is_announced_with_a_netlink_tap_up(
+        testmod: int, nlmon: None) -> None:
+    # The event used to be multicast inline: in a hard interrupt, with a tap up,
+    # netlink_broadcast reached dev_queue_xmit (a WARN in __local_bh_enable_ip).
+    with Connection(groups=("events",)) as c:
+        (TESTMOD_PARAMS / "irq_mode").write_text(f"{MODE.value('learning')}\n")
+        assert (TESTMOD_PARAMS / "irq_mode").read_text().strip() == "0", "set_mode failed in the irq"
+        evs = _mode_events(c, testmod, lambda e: bool(e))
+        assert evs and evs[0]["mode"] == MODE.value("learning"), evs
+        assert evs[0]["old-mode"] == MODE.value("emergency") and evs[0]["reason"] == REASON.value("operator")
+        assert c.proxy(testmod)["mode"] == MODE.value("learning")
+    # the fixtures' rmmod and log check follow
+
+
+# ---- defect 5: mode events in the order of the changes ------------------------------------
+
+def test_concurrent_mode_changes_are_announced_in_order_with_a_change_seq(testmod: int) -> None:
+    """A user-space changer and a hard-interrupt changer race; the events form one chain."""
+    rounds = 200
+    emergency, learning = MODE.value("emergency"), MODE.value("learning")
+
+    def irq_changer() -> None:
+        for i in range(rounds):
+            try:
+                (TESTMOD_PARAMS / "irq_mode").write_text(f"{learning if i % 2 == 0 else emergency}\n")
+            except OSError:
+                pass  # a move the graph forbids at that moment
+
+    with Connection(groups=("events",)) as c, Connection() as ctl:
+        first = int(c.proxy(testmod)["mode-seq"])
+        t = threading.Thread(target=irq_changer)
+        t.start()
+        for i in range(rounds):
+            try:
+                ctl.set_mode(testmod, "emergency" if i % 2 == 0 else "learning")
+            except NetlinkError:
+                pass
+        t.join()
+        last = int(c.proxy(testmod)["mode-seq"])
+        evs = _mode_events(c, testmod, lambda e: bool(e) and e[-1]["mode-seq"] >= last)
+    seqs = [e["mode-seq"] for e in evs]
+    assert last > first and seqs and seqs[-1] == last, (first, last, seqs[-5:])
+    assert seqs == sorted(set(seqs)), "events out of order or repeated"
+    for a, b in itertools.pairwise(evs):
+        if b["mode-seq"] == a["mode-seq"] + 1:
+            assert b["old-mode"] == a["mode"], (a, b)

@@ -18,7 +18,8 @@ What it models
       dicts and telemetry/feedback the same read-only numpy views of the spec
       structs that ``Connection`` returns.
     * Requests as ``kmlbus_nl.c`` handles them: admin ops refused with EPERM for
-      a link opened without ``cap_net_admin``; the generated policy's range
+      a link opened without ``cap_net_admin``, and so is joining a group whose
+      spec flags say cap-net-admin (PermissionError, as the socket option); the generated policy's range
       checks (ERANGE, "integer out of range"); set-mode checked against
       :func:`modes.graph.load` (EINVAL + extack); set-params (stale-ms bound,
       ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
@@ -145,6 +146,20 @@ _MAX_RECS = int(_SPEC.consts["max-recs"])
 _MAX_KEYS = int(_SPEC.consts["max-keys"])
 _MAX_FEATURES = int(_SPEC.consts["max-features"])
 _EMERGENCY = _MODES.value("emergency")
+
+
+def _admin_groups() -> frozenset[str]:
+    """Groups whose spec ``flags`` say joining needs CAP_NET_ADMIN (GENL_MCAST_CAP_NET_ADMIN).
+
+    ``kmlbus.spec`` keeps only the group names, so the flags are read from the spec file.
+    """
+    import yaml
+
+    raw = yaml.safe_load(_SPEC.path.read_text())
+    return frozenset(g["name"] for g in raw["mcast-groups"]["list"] if "cap-net-admin" in g.get("flags", ()))
+
+
+_ADMIN_GROUPS = _admin_groups()
 
 
 class SimClock:
@@ -922,6 +937,8 @@ class StandinLink(ControlOps):
         if group not in _SPEC.mcast_groups:
             raise KmlbusError(f"{_SPEC.name} has no multicast group {group!r}; the kernel offers "
                               f"{sorted(_SPEC.mcast_groups)}")
+        if group in _ADMIN_GROUPS and not self.cap_net_admin:  # genl_bind
+            raise PermissionError(errno_mod.EPERM, f"joining group {group} needs CAP_NET_ADMIN")
         if self.alive:
             self.kernel._sync()  # records made before we joined were not heard by us
             self.groups.add(group)

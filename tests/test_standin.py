@@ -270,6 +270,16 @@ def test_detach_drops_to_emergency_with_reason_detach(c: StandinLink) -> None:
     assert ei.value.errno == errno.ENOTCONN and ei.value.extack
 
 
+def test_unprivileged_links_cannot_join_the_groups(k: StandinKernel) -> None:
+    with k.open(cap_net_admin=False) as nobody:
+        for g in ("telemetry", "events"):
+            with pytest.raises(PermissionError) as ei:
+                nobody.join(g)
+            assert ei.value.errno == errno.EPERM, g
+    with pytest.raises(PermissionError):
+        k.open(groups=("telemetry",), cap_net_admin=False)
+
+
 def test_unprivileged_control_requests_get_eperm_and_change_nothing(k: StandinKernel) -> None:
     with k.open() as root, k.open(cap_net_admin=False) as nobody:
         pid = sid(root)

@@ -26,6 +26,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -47,6 +49,19 @@ _NLA_TYPE = {
     "flag": "NLA_FLAG", "pad": "NLA_PAD",
 }
 S16_MIN, S16_MAX = -(1 << 15), (1 << 15) - 1
+#: multicast group flags of the spec (a kmlbus extension of the YNL schema)
+_MCAST_FLAG = {"cap-net-admin": "GENL_MCAST_CAP_NET_ADMIN", "cap-sys-admin": "GENL_MCAST_CAP_SYS_ADMIN"}
+
+
+def mcast_flags(s: kspec.Spec) -> dict[str, list[str]]:
+    """Each multicast group's ``flags`` list from the spec file (kspec keeps names only)."""
+    raw = yaml.safe_load(s.path.read_text())
+    out = {g["name"]: list(g.get("flags", ())) for g in raw["mcast-groups"]["list"]}
+    for g, fl in out.items():
+        bad = [x for x in fl if x not in _MCAST_FLAG]
+        if bad:
+            raise SystemExit(f"{SPEC_REL}: mcast group {g}: unknown flags {bad}; known: {sorted(_MCAST_FLAG)}")
+    return out
 
 
 def c_id(name: str) -> str:
@@ -276,8 +291,10 @@ class Gen:
                 o.append("\t\t.flags\t\t= GENL_ADMIN_PERM,")
             o.append("\t},")
         o += ["};", "", f"const struct genl_multicast_group {lc}_nl_mcgrps[{len(s.mcast_groups)}] = {{"]
+        flags = mcast_flags(s)
         for g in s.mcast_groups:
-            o.append(f'\t[{fam}_NLGRP_{up(g)}] = {{ "{g}", }},')
+            f = "".join(f" .flags = {_MCAST_FLAG[x]}," for x in flags[g])
+            o.append(f'\t[{fam}_NLGRP_{up(g)}] = {{ .name = "{g}",{f} }},')
         o += ["};", ""]
         return "\n".join(o)
 

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
+import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -168,3 +171,46 @@ def test_concurrent_mode_changes_are_announced_in_order_with_a_change_seq(testmo
     for a, b in itertools.pairwise(evs):
         if b["mode-seq"] == a["mode-seq"] + 1:
             assert b["old-mode"] == a["mode"], (a, b)
+
+
+# ---- defect 6: who may read telemetry and events --------------------------------------------
+
+_USERNS_ROOT = r"""
+import ctypes, json, os, sys
+sys.path.insert(0, sys.argv[1])
+from kmlbus.netlink import Connection, NetlinkError
+CLONE_NEWUSER = 0x10000000
+libc = ctypes.CDLL(None, use_errno=True)
+uid = os.getuid()
+if libc.unshare(CLONE_NEWUSER):
+    sys.exit(f"unshare: {os.strerror(ctypes.get_errno())}")
+with open("/proc/self/uid_map", "w") as f:
+    f.write(f"0 {uid} 1")
+out = {"uid": os.getuid()}
+with Connection() as c:
+    pid = c.proxy("sample")["id"]
+    for g in ("telemetry", "events"):
+        try:
+            c.join(g)
+            out["join " + g] = 0
+        except OSError as e:
+            out["join " + g] = e.errno
+    try:
+        c.set_mode(pid, "learning")
+        out["set-mode"] = 0
+    except NetlinkError as e:
+        out["set-mode"] = e.errno
+print(json.dumps(out))
+"""
+
+
+def test_root_of_a_user_namespace_can_neither_subscribe_nor_control(modules: Any) -> None:
+    r = subprocess.run([sys.executable, "-c", _USERNS_ROOT, str(project_root())], capture_output=True,
+                       text=True, timeout=120, check=False,
+                       env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out.pop("uid") == 0, "not root inside the new user namespace"
+    assert out == {k: errno.EPERM for k in out}, out
+    with Connection() as c:
+        assert c.proxy("sample")["mode"] == MODE.value("emergency")

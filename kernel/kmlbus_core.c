@@ -40,7 +40,28 @@ static_assert(sizeof(struct kmlbus_feedback) == 24);
 
 LIST_HEAD(kmlbus_proxies);
 DEFINE_MUTEX(kmlbus_reg_lock);
+/*
+ * Proxy ids are handed out cyclically (kmlbus_next_id, under
+ * kmlbus_reg_lock): a destroyed proxy's id is not reused until the id space
+ * wraps, so a bus that missed the destroy gets ENOENT for the old id instead
+ * of reaching the next proxy created.
+ */
 static DEFINE_IDA(kmlbus_ida);
+static u32 kmlbus_next_id = 1;
+
+static int kmlbus_alloc_id(void)
+{
+	int id;
+
+	lockdep_assert_held(&kmlbus_reg_lock);
+	id = ida_alloc_range(&kmlbus_ida, kmlbus_next_id, INT_MAX, GFP_KERNEL);
+	if (id == -ENOSPC && kmlbus_next_id > 1)
+		id = ida_alloc_range(&kmlbus_ida, 1, kmlbus_next_id - 1,
+				     GFP_KERNEL);
+	if (id >= 0)
+		kmlbus_next_id = id == INT_MAX ? 1 : id + 1;
+	return id;
+}
 
 /* Samples per telemetry message (1 = one record per message). */
 static unsigned int flush_batch = KMLBUS_MSG_SAMPLES;
@@ -574,25 +595,22 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	if (err)
 		goto err_samples;
 
-	err = ida_alloc_min(&kmlbus_ida, 1, GFP_KERNEL);
-	if (err < 0)
-		goto err_feedback;
-	p->id = err;
-
 	mutex_lock(&kmlbus_reg_lock);
 	if (kmlbus_find_by_name(p->name)) {
-		mutex_unlock(&kmlbus_reg_lock);
 		err = -EEXIST;
-		goto err_ida;
+		goto err_unlock;
 	}
+	err = kmlbus_alloc_id();
+	if (err < 0)
+		goto err_unlock;
+	p->id = err;
 	WRITE_ONCE(p->lifecycle, KMLBUS_LIFECYCLE_CREATED);
 	list_add_tail_rcu(&p->node, &kmlbus_proxies);
 	mutex_unlock(&kmlbus_reg_lock);
 	return p;
 
-err_ida:
-	ida_free(&kmlbus_ida, p->id);
-err_feedback:
+err_unlock:
+	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&p->feedback);
 err_samples:
 	ring_free(&p->samples);
@@ -698,7 +716,8 @@ static void proxy_free_rcu(struct rcu_head *rcu)
  * @proxy: the proxy; NULL and ERR_PTR values are ignored
  *
  * The caller must have stopped calling decide/report/submit.  Waits for
- * netlink handlers, the release notifier and the flush work.  Sleeps.
+ * netlink handlers, the release notifier and the flush work, sends the
+ * pending mode events, then a proxy-removed event.  Sleeps.
  */
 void kml_proxy_destroy(struct kml_proxy *proxy)
 {
@@ -717,7 +736,10 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 
 	cancel_delayed_work_sync(&proxy->flush);
 	flush_work(&proxy->event_work);	/* what was announced is sent */
+	kmlbus_nl_removed_event(proxy);	/* ... before it is gone */
+	mutex_lock(&kmlbus_reg_lock);
 	ida_free(&kmlbus_ida, proxy->id);
+	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&proxy->feedback);
 	ring_free(&proxy->samples);
 	kvfree(proxy->slots);

@@ -119,6 +119,7 @@ int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs,
 int kmlbus_nl_register(void);
 void kmlbus_nl_unregister(void);
 void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev);
+void kmlbus_nl_removed_event(struct kml_proxy *p);
 bool kmlbus_nl_telemetry_heard(void);
 
 #endif /* _KMLBUS_INTERNAL_H */

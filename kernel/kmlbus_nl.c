@@ -152,6 +152,35 @@ err_free:
 	nlmsg_free(skb);
 }
 
+/* Process context (kml_proxy_destroy): the proxy is unlisted, not yet freed. */
+void kmlbus_nl_removed_event(struct kml_proxy *p)
+{
+	struct sk_buff *skb;
+	void *hdr;
+
+	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
+		return;
+	skb = genlmsg_new(2 * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
+	if (!skb)
+		return;
+	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_PROXY_REMOVED);
+	if (!hdr)
+		goto err_free;
+	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
+	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
+		goto err_cancel;
+	genlmsg_end(skb, hdr);
+	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
+	return;
+
+err_cancel:
+	genlmsg_cancel(skb, hdr);
+err_free:
+	nlmsg_free(skb);
+}
+
 /* ---- request helpers ------------------------------------------------ */
 
 /*
@@ -181,6 +210,24 @@ static void put_proxy(struct kml_proxy *p)
 {
 	module_put(p->desc.owner);
 	mutex_unlock(&kmlbus_reg_lock);
+}
+
+/*
+ * Requests that steer an attached proxy (recommend, set-mode other than to
+ * emergency) come only from its bus: another CAP_NET_ADMIN socket, say a bus
+ * that missed a destroy and re-create, must not reach it.  Anyone may still
+ * pull the brake (set-mode emergency; the bus follows) or detach it.
+ */
+static int check_bus(struct kml_proxy *p, struct genl_info *info)
+{
+	u32 bus = READ_ONCE(p->bus_portid);
+
+	if (!bus || (bus == info->snd_portid &&
+		     READ_ONCE(p->bus_net) == genl_info_net(info)))
+		return 0;
+	NL_SET_ERR_MSG_ATTR(info->extack, info->attrs[KMLBUS_A_PROXY_ID],
+			    "proxy is attached to another bus socket: only that bus may steer it (others may set emergency or detach)");
+	return -EBUSY;
 }
 
 /* ---- handlers ------------------------------------------------------- */
@@ -258,12 +305,16 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 	p = get_proxy(info);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
+	err = nla_get_u32(mode) == KMLBUS_MODE_EMERGENCY ? 0 : check_bus(p, info);
+	if (err)
+		goto out;
 	err = kmlbus_change_mode(p, nla_get_u32(mode),
 				 reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR,
 				 false);
 	if (err)
 		NL_SET_ERR_MSG_ATTR(info->extack, mode,
 				    "mode change not allowed by the mode graph (modes/graph.yaml)");
+out:
 	put_proxy(p);
 	return err;
 }
@@ -353,8 +404,8 @@ int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 	struct nlattr *attr = info->attrs[KMLBUS_A_PROXY_RECS];
 	const struct kmlbus_rec *recs;
 	struct kml_proxy *p;
+	int len, err;
 	u32 n, i;
-	int len;
 
 	if (GENL_REQ_ATTR_CHECK(info, KMLBUS_A_PROXY_RECS)) {
 		NL_SET_ERR_MSG(info->extack, "missing recs (KMLBUS_A_PROXY_RECS)");
@@ -384,17 +435,21 @@ int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 	p = get_proxy(info);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
+	err = check_bus(p, info);
+	if (err)
+		goto out;
 	for (i = 0; i < n; i++) {
 		if (recs[i].key >= p->desc.nkeys) {
 			NL_SET_ERR_MSG_ATTR(info->extack, (const struct nlattr *)&recs[i],
 					    "recs[offset]: key >= the proxy's nkeys");
-			put_proxy(p);
-			return -EINVAL;
+			err = -EINVAL;
+			goto out;
 		}
 	}
 	kmlbus_store_recs(p, recs, n);
+out:
 	put_proxy(p);
-	return 0;
+	return err;
 }
 
 /* ---- registration --------------------------------------------------- */

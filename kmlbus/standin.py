@@ -23,8 +23,12 @@ What it models
       checks (ERANGE, "integer out of range"); set-mode checked against
       :func:`modes.graph.load` (EINVAL + extack); set-params (stale-ms bound,
       ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
-      without a bus; otherwise emergency, reason detach); recommend checked
-      all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT, key).
+      without a bus; otherwise emergency, reason detach); recommend, and
+      set-mode to anything but emergency, of an attached proxy from another
+      port (EBUSY); recommend
+      checked all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT,
+      bus, key).  Proxy ids are not reused within a load; a destroyed proxy
+      announces proxy-removed.
       Errors are raised as :class:`kmlbus.netlink.NetlinkError` with the extack
       text formatted as ``Connection`` formats it (``[attribute x]``,
       ``: missing attribute x``).
@@ -559,6 +563,11 @@ class StandinProxy:
                 "mode-seq": self.mode_seq})
         return 0
 
+    def announce_removed(self) -> None:
+        """``kmlbus_nl_removed_event``, sent by ``kml_proxy_destroy``."""
+        self.kernel._multicast("events", "proxy-removed",
+                               {"id": self.id, "name": self.desc.name, "mode-seq": self.mode_seq})
+
     def store_recs(self, recs: npt.NDArray[Any], now: int) -> None:
         """``kmlbus_store_recs`` (already checked)."""
         # a later entry for the same key wins, as the kernel's loop writes them in order
@@ -620,9 +629,10 @@ class StandinKernel:
     def load(self, *, first_id: int = 1) -> None:
         """insmod: a new family id, and every registered workload's proxy created and started.
 
-        Ids come from a fresh IDA, so like the real modules the proxies get
-        1, 2, ... again; pass *first_id* to have them numbered differently (as
-        when another module's proxy registers first).
+        Ids restart at 1 with a fresh kmlbus.ko, so like the real modules the
+        proxies get 1, 2, ... again; within one load they are never reused
+        (kmlbus_alloc_id is cyclic).  Pass *first_id* to have them numbered
+        differently (as when another module's proxy registers first).
         """
         if self.loaded:
             raise RuntimeError("stand-in kmlbus is already loaded")
@@ -639,6 +649,7 @@ class StandinKernel:
         self._sync()
         for p in self.proxies:
             p.flush_now()  # kml_proxy_stop flushes what is buffered
+            p.announce_removed()
         self.proxies.clear()
         self.loaded = False
         for ln in self.links:
@@ -655,10 +666,11 @@ class StandinKernel:
 
     def remove_proxy(self, name: str) -> None:
         """rmmod of the subsystem that owns proxy *name* (e.g. kmlbus_sample): stopped, flushed,
-        destroyed; no mode event (``kml_proxy_destroy`` sends none).  Not re-created by load."""
+        destroyed with a proxy-removed event.  Not re-created by load."""
         self._sync()
         p = self.find(name)
         p.flush_now()
+        p.announce_removed()
         self.proxies.remove(p)
         self._factories = [(f, r) for f, r in self._factories if f is not p.factory]
 
@@ -667,9 +679,10 @@ class StandinKernel:
         if any(p.desc.name == w.desc.name for p in self.proxies):
             raise ValueError(f"a proxy named {w.desc.name} exists (kml_proxy_create: -EEXIST)")
         used = {p.id for p in self.proxies}
-        pid = self._next_id
+        pid = self._next_id  # kmlbus_alloc_id: cyclic, a destroyed proxy's id is not reused
         while pid in used:
             pid += 1
+        self._next_id = pid + 1
         p = StandinProxy(self, pid, w, rate)
         p.factory = factory
         self.proxies.append(p)
@@ -788,6 +801,8 @@ class StandinKernel:
             if a.get("mode") is None:
                 raise _Refused(-errno_mod.EINVAL, "missing mode (KMLBUS_A_PROXY_MODE)", missing="mode")
             p = self._proxy_of(a)
+            if a["mode"] != _EMERGENCY:
+                self._check_bus(p, ln)
             reason = a.get("reason")
             err = p.change_mode(int(a["mode"]), _REASONS.value("operator") if reason is None else int(reason),
                                 force=False)
@@ -816,7 +831,7 @@ class StandinKernel:
             p.bus_portid = 0
             p.change_mode(_EMERGENCY, _REASONS.value("detach"), force=True)
         elif op == "recommend":
-            self._recommend(a, now)
+            self._recommend(ln, a, now)
         return []
 
     @staticmethod
@@ -857,7 +872,15 @@ class StandinKernel:
             raise _Refused(-errno_mod.ENOENT, "no proxy with this id (and name)", "id")
         raise _Refused(-errno_mod.ENOENT, "no proxy with this name", "name")
 
-    def _recommend(self, a: Mapping[str, Any], now: int) -> None:
+    @staticmethod
+    def _check_bus(p: StandinProxy, ln: StandinLink) -> None:
+        """``check_bus``: an attached proxy is steered (recommend, set-mode but to emergency)
+        by its bus only."""
+        if p.bus_portid and p.bus_portid != ln.portid:
+            raise _Refused(-errno_mod.EBUSY, "proxy is attached to another bus socket: only that bus may "
+                           "steer it (others may set emergency or detach)", "id")
+
+    def _recommend(self, ln: StandinLink, a: Mapping[str, Any], now: int) -> None:
         """``kmlbus_nl_recommend_doit``: the whole batch is checked before any slot is written."""
         recs = a.get("recs")
         if recs is None:
@@ -872,6 +895,7 @@ class StandinKernel:
             raise _Refused(-errno_mod.EINVAL, "recs[offset]: ttl-ms must be 1..KMLBUS_MAX_TTL_MS",
                            f"recs[{int(bad[0])}]")
         p = self._proxy_of(a)
+        self._check_bus(p, ln)
         bad = np.flatnonzero(recs["key"] >= p.desc.nkeys)
         if len(bad):
             raise _Refused(-errno_mod.EINVAL, "recs[offset]: key >= the proxy's nkeys", f"recs[{int(bad[0])}]")

@@ -26,7 +26,7 @@ from kmlbus import codec
 from kmlbus import spec as kspec
 from kmlbus.netlink import Connection, NetlinkError
 from kmlbus.vm import project_root
-from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, rmmod
+from kmlbus.vm.guest import SAMPLE_KO, dmesg_mark, dmesg_since, insmod, rmmod
 
 pytestmark = pytest.mark.vm
 
@@ -214,3 +214,43 @@ def test_root_of_a_user_namespace_can_neither_subscribe_nor_control(modules: Any
     assert out == {k: errno.EPERM for k in out}, out
     with Connection() as c:
         assert c.proxy("sample")["mode"] == MODE.value("emergency")
+
+
+# ---- defect 4: a bus must not reach another subsystem's proxy -----------------------------
+
+def test_a_destroyed_proxy_is_announced_and_its_id_is_not_reused(modules: Any) -> None:
+    with Connection(groups=("events",)) as c:
+        old = int(c.proxy("sample")["id"])
+        rmmod("kmlbus_sample")
+        try:
+            gone = [m.attrs for m in c.recv(timeout=1.0) if m.op == "proxy-removed"]
+            assert gone and gone[0]["id"] == old and gone[0]["name"] == "sample", gone
+        finally:
+            insmod(SAMPLE_KO)
+        new = int(c.proxy("sample")["id"])
+        assert new != old, "the new proxy got the destroyed one's id"
+        with pytest.raises(NetlinkError) as ei:  # a bus that missed the destroy
+            c.recommend(old, [(0, 5, 100)])
+        assert ei.value.errno == errno.ENOENT and ei.value.extack
+
+
+def test_only_the_attached_bus_steers_its_proxy(modules: Any) -> None:
+    with Connection() as bus, Connection() as other:
+        pid = int(bus.proxy("sample")["id"])
+        other.recommend(pid, [(0, 5, 100)])  # nobody attached: any CAP_NET_ADMIN socket
+        bus.attach(pid)
+        bus.set_mode(pid, "learning")
+        before = bus.proxy(pid)
+        for call in (lambda: other.recommend(pid, [(0, 5, 100)]),
+                     lambda: other.set_mode(pid, "collaboration")):
+            with pytest.raises(NetlinkError) as ei:
+                call()
+            assert ei.value.errno == errno.EBUSY and "another bus socket" in ei.value.extack, ei.value
+        after = bus.proxy(pid)
+        assert after["mode"] == before["mode"] == MODE.value("learning")
+        assert after["counters"]["recs-received"] == before["counters"]["recs-received"]
+        bus.recommend(pid, [(0, 5, 100)])
+        bus.set_mode(pid, "collaboration")
+        other.set_mode(pid, "emergency")  # anyone may pull the brake
+        assert bus.proxy(pid)["mode"] == MODE.value("emergency")
+        assert bus.proxy(pid)["bus-portid"] == bus.portid

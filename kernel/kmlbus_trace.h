@@ -6,6 +6,17 @@
 #define _KMLBUS_TRACE_H
 
 #include <linux/tracepoint.h>
+#include <linux/version.h>
+
+/*
+ * Since 6.10, __assign_str() takes only the field: the source is the one
+ * given to __string() (Debian 12 carries 6.1 and 6.12).
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 10, 0)
+#define kmlbus_assign_str(field, src)	__assign_str(field)
+#else
+#define kmlbus_assign_str(field, src)	__assign_str(field, src)
+#endif
 
 TRACE_EVENT(kmlbus_mode_change,
 	TP_PROTO(u32 id, const char *name, u32 seq, u32 old_mode, u32 mode,
@@ -21,7 +32,7 @@ TRACE_EVENT(kmlbus_mode_change,
 	),
 	TP_fast_assign(
 		__entry->id = id;
-		__assign_str(name, name);
+		kmlbus_assign_str(name, name);
 		__entry->seq = seq;
 		__entry->old_mode = old_mode;
 		__entry->mode = mode;

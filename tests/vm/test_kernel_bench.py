@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from kmlbus import codec
-from kmlbus.bench_kernel import BENCH_KO, decide_ns, parse_result, telemetry_rate
+from kmlbus.bench_kernel import BENCH_KO, decide_ns, parallel_dps, parse_result, telemetry_rate
 from kmlbus.netlink import Connection
 from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
 
@@ -130,3 +130,12 @@ def test_rmmod_during_a_run_stops_it_before_the_proxy_is_freed(kmlbus_module: in
         writer.join(timeout=120)
     assert not writer.is_alive(), "the run outlived rmmod"
     assert outcome == [errno.ECANCELED], outcome
+
+
+def test_parallel_bench_reports_both_rates(kmlbus_module: int) -> None:
+    mark = dmesg_mark()
+    r = parallel_dps(1000)
+    assert not is_loaded("kmlbus_bench")
+    assert r["cpus"] == os.cpu_count() and r["iters"] == 1000, r
+    assert r["one_cpu_dps"] > 0 and r["all_cpus_dps"] > 0, r
+    assert not _noise(mark), _noise(mark)

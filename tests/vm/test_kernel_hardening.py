@@ -176,16 +176,27 @@ def test_concurrent_mode_changes_are_announced_in_order_with_a_change_seq(testmo
 # ---- defect 6: who may read telemetry and events --------------------------------------------
 
 _USERNS_ROOT = r"""
-import ctypes, json, os, sys
+import ctypes, json, os, sys, tempfile
 sys.path.insert(0, sys.argv[1])
+from kmlbus import spec
 from kmlbus.netlink import Connection, NetlinkError
+spec.load()
 CLONE_NEWUSER = 0x10000000
 libc = ctypes.CDLL(None, use_errno=True)
-uid = os.getuid()
+# The guest runs the tests in a chroot, where unshare(CLONE_NEWUSER) is EINVAL: step out to
+# the mount namespace's root for the unshare, then back in through a kept descriptor.
+back = os.open("/", os.O_RDONLY)
+os.chdir("/")
+os.chroot(tempfile.mkdtemp())
+for _ in range(64):
+    os.chdir("..")
+os.chroot(".")
 if libc.unshare(CLONE_NEWUSER):
     sys.exit(f"unshare: {os.strerror(ctypes.get_errno())}")
+os.fchdir(back)
+os.chroot(".")
 with open("/proc/self/uid_map", "w") as f:
-    f.write(f"0 {uid} 1")
+    f.write("0 0 1")
 out = {"uid": os.getuid()}
 with Connection() as c:
     pid = c.proxy("sample")["id"]

@@ -186,7 +186,7 @@ static void *ring_push(struct kml_ring *r)
 
 	if (r->count == r->cap)
 		return NULL;
-	idx = (r->head + r->count) % r->cap;
+	idx = (r->head + r->count) & (r->cap - 1);
 	r->count++;
 	return r->buf + (size_t)idx * r->esize;
 }
@@ -202,7 +202,7 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 		memcpy((u8 *)dst + (size_t)first * r->esize, r->buf,
 		       (size_t)(n - first) * r->esize);
 	}
-	r->head = (r->head + n) % r->cap;
+	r->head = (r->head + n) & (r->cap - 1);
 	r->count -= n;
 }
 
@@ -263,7 +263,7 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		budget -= n;
 		if (cmd == KMLBUS_CMD_TELEMETRY &&
 		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
-				      atomic64_read(&p->cnt[KMLBUS_A_COUNTERS_DROPS]),
+				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
 				      KMLBUS_A_PROXY_PAD)) {
 			nlmsg_free(skb);
 			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
@@ -583,9 +583,12 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	p->explore = KMLBUS_DEFAULT_EXPLORE;
 
 	err = -ENOMEM;
+	p->cnt = alloc_percpu(struct kml_counters);
+	if (!p->cnt)
+		goto err_free;
 	p->slots = kvcalloc(desc->nkeys, sizeof(*p->slots), GFP_KERNEL);
 	if (!p->slots)
-		goto err_free;
+		goto err_cnt;
 	err = ring_alloc(&p->samples, sizeof(struct kmlbus_sample),
 			 KMLBUS_RING_SAMPLES);
 	if (err)
@@ -616,6 +619,8 @@ err_samples:
 	ring_free(&p->samples);
 err_slots:
 	kvfree(p->slots);
+err_cnt:
+	free_percpu(p->cnt);
 err_free:
 	kfree(p);
 	return ERR_PTR(err);
@@ -743,6 +748,7 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 	ring_free(&proxy->feedback);
 	ring_free(&proxy->samples);
 	kvfree(proxy->slots);
+	free_percpu(proxy->cnt);	/* RCU walkers count too: after the grace period */
 	mutex_destroy(&proxy->flush_lock);
 	mutex_destroy(&proxy->lock);
 	call_rcu(&proxy->rcu, proxy_free_rcu);
@@ -759,7 +765,11 @@ static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *featur
 	memset(dst + n, 0, (KMLBUS_MAX_FEATURES - n) * sizeof(s32));
 }
 
-/* Append one sample; returns its seq (the seq is assigned even if dropped). */
+/*
+ * Append one sample; returns its seq (assigned even if the ring is full), or
+ * 0 when nobody listens to group telemetry: then nothing is written to the
+ * ring and the sample is counted unheard at once, without a shared write.
+ */
 static u64 record_sample(struct kml_proxy *p, const struct kml_decision *d,
 			 s32 shadow, const s32 *features)
 {
@@ -767,6 +777,12 @@ static u64 record_sample(struct kml_proxy *p, const struct kml_decision *d,
 	unsigned long flags;
 	u32 count;
 	u64 seq;
+
+	if (!kmlbus_nl_telemetry_heard()) {
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, 1);
+		return 0;
+	}
 
 	spin_lock_irqsave(&p->ring_lock, flags);
 	seq = ++p->seq;
@@ -930,6 +946,11 @@ int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
 
 	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
 		return -EAGAIN;
+	if (!kmlbus_nl_telemetry_heard()) {	/* as record_sample */
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK, 1);
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_UNHEARD, 1);
+		return 0;
+	}
 	spin_lock_irqsave(&proxy->ring_lock, flags);
 	f = ring_push(&proxy->feedback);
 	if (f) {

@@ -9,6 +9,7 @@
 #include <linux/atomic.h>
 #include <linux/list.h>
 #include <linux/mutex.h>
+#include <linux/percpu.h>
 #include <linux/rcupdate.h>
 #include <linux/spinlock.h>
 #include <linux/workqueue.h>
@@ -19,6 +20,8 @@
 /* Buffering: bounded rings, flushed by count or by time. */
 #define KMLBUS_RING_SAMPLES	1024
 #define KMLBUS_RING_FEEDBACK	1024
+static_assert(!(KMLBUS_RING_SAMPLES & (KMLBUS_RING_SAMPLES - 1)) &&
+	      !(KMLBUS_RING_FEEDBACK & (KMLBUS_RING_FEEDBACK - 1)));
 #define KMLBUS_FLUSH_COUNT	32	/* records that trigger an immediate flush */
 #define KMLBUS_FLUSH_MS		20	/* otherwise flushed this often */
 #define KMLBUS_SWEEP_MS		1000	/* stale recommendation slots cleared */
@@ -27,7 +30,10 @@
 #define KMLBUS_MSG_SAMPLES	32
 #define KMLBUS_MSG_FEEDBACK	128
 
-/* A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock. */
+/*
+ * A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock.
+ * cap is a power of two (asserted below): indexes wrap with a mask.
+ */
 struct kml_ring {
 	u8 *buf;
 	u32 esize;
@@ -45,6 +51,11 @@ struct kml_mode_event {
 	u32 old;
 	u32 mode;
 	u32 reason;
+};
+
+/* One CPU's share of a proxy's counters, indexed by counters attribute. */
+struct kml_counters {
+	u64 c[KMLBUS_A_COUNTERS_MAX + 1];
 };
 
 struct kml_proxy {
@@ -86,24 +97,38 @@ struct kml_proxy {
 	 */
 	u64 *slots;
 
-	spinlock_t ring_lock;		/* irq-safe: producers may be in irq */
+	/* counters, per CPU: the decision path adds without a shared write */
+	struct kml_counters __percpu *cnt;
+
+	/* written by every recorded decision: its own cache line */
+	spinlock_t ring_lock ____cacheline_aligned_in_smp;	/* irq-safe */
 	u64 seq;			/* last sample seq, under ring_lock */
 	struct kml_ring samples;
 	struct kml_ring feedback;
 
 	struct mutex flush_lock;	/* single consumer of both rings */
 	struct delayed_work flush;
-
-	atomic64_t cnt[KMLBUS_A_COUNTERS_MAX + 1];	/* by counters attribute */
 };
 
 extern struct list_head kmlbus_proxies;
 extern struct mutex kmlbus_reg_lock;
 extern struct genl_family kmlbus_family;
 
-static inline void kmlbus_count(struct kml_proxy *p, int counter, s64 n)
+/* Any context: this_cpu_add is safe against interrupts on the same CPU. */
+static inline void kmlbus_count(struct kml_proxy *p, int counter, u64 n)
 {
-	atomic64_add(n, &p->cnt[counter]);
+	this_cpu_add(p->cnt->c[counter], n);
+}
+
+/* The sum over all CPUs; concurrent adds may or may not be in it. */
+static inline u64 kmlbus_counter(struct kml_proxy *p, int counter)
+{
+	u64 sum = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		sum += READ_ONCE(per_cpu_ptr(p->cnt, cpu)->c[counter]);
+	return sum;
 }
 
 /* Registry lookups; caller holds kmlbus_reg_lock. */

@@ -65,7 +65,7 @@ static int put_counters(struct sk_buff *skb, struct kml_proxy *p)
 	for (i = 1; i <= KMLBUS_A_COUNTERS_MAX; i++) {
 		if (i == KMLBUS_A_COUNTERS_PAD)
 			continue;
-		if (nla_put_u64_64bit(skb, i, atomic64_read(&p->cnt[i]),
+		if (nla_put_u64_64bit(skb, i, kmlbus_counter(p, i),
 				      KMLBUS_A_COUNTERS_PAD)) {
 			nla_nest_cancel(skb, nest);
 			return -EMSGSIZE;

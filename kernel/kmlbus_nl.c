@@ -213,10 +213,11 @@ static void put_proxy(struct kml_proxy *p)
 }
 
 /*
- * Requests that steer an attached proxy (recommend, set-mode other than to
- * emergency) come only from its bus: another CAP_NET_ADMIN socket, say a bus
- * that missed a destroy and re-create, must not reach it.  Anyone may still
- * pull the brake (set-mode emergency; the bus follows) or detach it.
+ * Requests that steer an attached proxy come only from its bus: another
+ * CAP_NET_ADMIN socket, say a bus that missed a destroy and re-create, must
+ * not reach it.  Exceptions (set-mode only): the operator's word (reason
+ * operator, what `kmlbus mode` sends; the bus follows the event) and the
+ * brake (mode emergency).  Anyone may also detach it.
  */
 static int check_bus(struct kml_proxy *p, struct genl_info *info)
 {
@@ -226,7 +227,7 @@ static int check_bus(struct kml_proxy *p, struct genl_info *info)
 		     READ_ONCE(p->bus_net) == genl_info_net(info)))
 		return 0;
 	NL_SET_ERR_MSG_ATTR(info->extack, info->attrs[KMLBUS_A_PROXY_ID],
-			    "proxy is attached to another bus socket: only that bus may steer it (others may set emergency or detach)");
+			    "proxy is attached to another bus socket: only that bus may steer it (others: reason operator, mode emergency, or detach)");
 	return -EBUSY;
 }
 
@@ -296,6 +297,7 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 	struct nlattr *mode = info->attrs[KMLBUS_A_PROXY_MODE];
 	struct nlattr *reason = info->attrs[KMLBUS_A_PROXY_REASON];
 	struct kml_proxy *p;
+	u32 why;
 	int err;
 
 	if (GENL_REQ_ATTR_CHECK(info, KMLBUS_A_PROXY_MODE)) {
@@ -305,12 +307,14 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 	p = get_proxy(info);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
-	err = nla_get_u32(mode) == KMLBUS_MODE_EMERGENCY ? 0 : check_bus(p, info);
-	if (err)
-		goto out;
-	err = kmlbus_change_mode(p, nla_get_u32(mode),
-				 reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR,
-				 false);
+	why = reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR;
+	if (why != KMLBUS_REASON_OPERATOR &&
+	    nla_get_u32(mode) != KMLBUS_MODE_EMERGENCY) {
+		err = check_bus(p, info);
+		if (err)
+			goto out;
+	}
+	err = kmlbus_change_mode(p, nla_get_u32(mode), why, false);
 	if (err)
 		NL_SET_ERR_MSG_ATTR(info->extack, mode,
 				    "mode change not allowed by the mode graph (modes/graph.yaml)");

@@ -24,8 +24,8 @@ What it models
       :func:`modes.graph.load` (EINVAL + extack); set-params (stale-ms bound,
       ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
       without a bus; otherwise emergency, reason detach); recommend, and
-      set-mode to anything but emergency, of an attached proxy from another
-      port (EBUSY); recommend
+      set-mode with a reason other than operator to a mode other than
+      emergency, of an attached proxy from another port (EBUSY); recommend
       checked all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT,
       bus, key).  Proxy ids are not reused within a load; a destroyed proxy
       announces proxy-removed.
@@ -801,9 +801,9 @@ class StandinKernel:
             if a.get("mode") is None:
                 raise _Refused(-errno_mod.EINVAL, "missing mode (KMLBUS_A_PROXY_MODE)", missing="mode")
             p = self._proxy_of(a)
-            if a["mode"] != _EMERGENCY:
-                self._check_bus(p, ln)
             reason = a.get("reason")
+            if reason not in (None, _REASONS.value("operator")) and a["mode"] != _EMERGENCY:
+                self._check_bus(p, ln)
             err = p.change_mode(int(a["mode"]), _REASONS.value("operator") if reason is None else int(reason),
                                 force=False)
             if err:
@@ -874,11 +874,11 @@ class StandinKernel:
 
     @staticmethod
     def _check_bus(p: StandinProxy, ln: StandinLink) -> None:
-        """``check_bus``: an attached proxy is steered (recommend, set-mode but to emergency)
-        by its bus only."""
+        """``check_bus``: an attached proxy is steered by its bus only (recommend; set-mode
+        unless the reason is operator or the mode emergency)."""
         if p.bus_portid and p.bus_portid != ln.portid:
             raise _Refused(-errno_mod.EBUSY, "proxy is attached to another bus socket: only that bus may "
-                           "steer it (others may set emergency or detach)", "id")
+                           "steer it (others: reason operator, mode emergency, or detach)", "id")
 
     def _recommend(self, ln: StandinLink, a: Mapping[str, Any], now: int) -> None:
         """``kmlbus_nl_recommend_doit``: the whole batch is checked before any slot is written."""

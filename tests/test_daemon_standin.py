@@ -365,14 +365,14 @@ def test_a_stalled_bus_that_lost_events_follows_the_kernels_mode(tmp_path: Path)
         pid = rig.k.find("sample").id
         rig.k.clock.advance(1.0)  # the bus stalls; its socket fills up meanwhile
         with rig.k.open() as op:
-            op.set_mode(pid, "emergency", "operator")  # the event finds the bus's buffer full
+            op.set_mode(pid, "learning", "operator")  # the event finds the bus's buffer full
         rig.k.clock.advance(0.1)
         assert rig.bus.proxies[pid].modes.mode == "recommendation"
         rig.run(1.5)
         assert rig.bus.conn is not None and rig.bus.conn.stats["overruns"] >= 1
         assert rig.bus.stats["reconnects"] == 1  # only ours, above
         modes = rig.bus.proxies[pid].modes
-        assert any(r.source == "recommendation" and r.dest == "emergency" and "lost events" in r.detail
+        assert any(r.source == "recommendation" and r.dest == "learning" and "lost events" in r.detail
                    for r in modes.history), [(r.source, r.dest, r.detail) for r in modes.history]
         assert rig.run(30, rig.at("recommendation"))
     finally:

@@ -177,14 +177,11 @@ def test_concurrent_mode_changes_are_announced_in_order_with_a_change_seq(testmo
 
 _USERNS_ROOT = r"""
 import ctypes, json, os, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-from kmlbus import spec
-from kmlbus.netlink import Connection, NetlinkError
-spec.load()
 CLONE_NEWUSER = 0x10000000
 libc = ctypes.CDLL(None, use_errno=True)
-# The guest runs the tests in a chroot, where unshare(CLONE_NEWUSER) is EINVAL: step out to
-# the mount namespace's root for the unshare, then back in through a kept descriptor.
+# unshare(CLONE_NEWUSER) wants a single-threaded caller (numpy's OpenBLAS starts threads: import
+# kmlbus afterwards) outside any chroot (the guest runs the tests in one: step out to the mount
+# namespace's root for the unshare, then back in through a kept descriptor).
 back = os.open("/", os.O_RDONLY)
 os.chdir("/")
 os.chroot(tempfile.mkdtemp())
@@ -197,6 +194,8 @@ os.fchdir(back)
 os.chroot(".")
 with open("/proc/self/uid_map", "w") as f:
     f.write("0 0 1")
+sys.path.insert(0, sys.argv[1])
+from kmlbus.netlink import Connection, NetlinkError
 out = {"uid": os.getuid()}
 with Connection() as c:
     pid = c.proxy("sample")["id"]
@@ -253,7 +252,7 @@ def test_only_the_attached_bus_steers_its_proxy(modules: Any) -> None:
         bus.set_mode(pid, "learning")
         before = bus.proxy(pid)
         for call in (lambda: other.recommend(pid, [(0, 5, 100)]),
-                     lambda: other.set_mode(pid, "collaboration")):
+                     lambda: other.set_mode(pid, "collaboration", "promotion")):
             with pytest.raises(NetlinkError) as ei:
                 call()
             assert ei.value.errno == errno.EBUSY and "another bus socket" in ei.value.extack, ei.value
@@ -261,7 +260,9 @@ def test_only_the_attached_bus_steers_its_proxy(modules: Any) -> None:
         assert after["mode"] == before["mode"] == MODE.value("learning")
         assert after["counters"]["recs-received"] == before["counters"]["recs-received"]
         bus.recommend(pid, [(0, 5, 100)])
-        bus.set_mode(pid, "collaboration")
-        other.set_mode(pid, "emergency")  # anyone may pull the brake
+        bus.set_mode(pid, "collaboration", "promotion")
+        other.set_mode(pid, "learning", "operator")  # the operator's word (kmlbus mode)
+        assert bus.proxy(pid)["mode"] == MODE.value("learning")
+        other.set_mode(pid, "emergency", "fault")  # anyone may pull the brake
         assert bus.proxy(pid)["mode"] == MODE.value("emergency")
         assert bus.proxy(pid)["bus-portid"] == bus.portid

@@ -770,8 +770,9 @@ static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *featur
  * 0 when nobody listens to group telemetry: then nothing is written to the
  * ring and the sample is counted unheard at once, without a shared write.
  */
-static u64 record_sample(struct kml_proxy *p, const struct kml_decision *d,
-			 s32 shadow, const s32 *features)
+static __always_inline u64 record_sample(struct kml_proxy *p,
+					 const struct kml_decision *d,
+					 s32 shadow, const s32 *features)
 {
 	struct kmlbus_sample *s;
 	unsigned long flags;

@@ -17,6 +17,8 @@
 
 #include <kmlbus/kmlbus.h>
 
+#include "kmlbus_nl_gen.h"
+
 /* Buffering: bounded rings, flushed by count or by time. */
 #define KMLBUS_RING_SAMPLES	1024
 #define KMLBUS_RING_FEEDBACK	1024
@@ -145,6 +147,12 @@ int kmlbus_nl_register(void);
 void kmlbus_nl_unregister(void);
 void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev);
 void kmlbus_nl_removed_event(struct kml_proxy *p);
-bool kmlbus_nl_telemetry_heard(void);
+
+/* Does anyone listen to group telemetry?  Any context; inline: decide asks. */
+static inline bool kmlbus_nl_telemetry_heard(void)
+{
+	return genl_has_listeners(&kmlbus_family, &init_net,
+				  KMLBUS_NLGRP_TELEMETRY);
+}
 
 #endif /* _KMLBUS_INTERNAL_H */

@@ -29,12 +29,6 @@ struct genl_family kmlbus_family __ro_after_init = {
 	.n_mcgrps	= ARRAY_SIZE(kmlbus_nl_mcgrps),
 };
 
-bool kmlbus_nl_telemetry_heard(void)
-{
-	return genl_has_listeners(&kmlbus_family, &init_net,
-				  KMLBUS_NLGRP_TELEMETRY);
-}
-
 /* ---- message builders ----------------------------------------------- */
 
 static int put_field(struct sk_buff *skb, int type, const char *name, u32 scale,

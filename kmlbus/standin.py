@@ -39,7 +39,8 @@ What it models
     * Buffering: rings of 1024 samples / 1024 feedback records, a flush when 32
       samples are buffered or every 20 ms, telemetry in messages of at most 32
       records, feedback of at most 128, records counted ``unheard`` (and
-      dropped) when nobody listens to group telemetry; the stale check runs
+      dropped) when nobody listens to group telemetry, at the decision (then
+      without a seq) or at the flush; the stale check runs
       before every flush like ``flush_work_fn``.
     * Mode events on every change (and on every forced fallback) to group
       events, each with the proxy's next ``mode-seq``; closing the attached link drops the proxy to emergency with
@@ -486,6 +487,16 @@ class StandinProxy:
         c["recs-applied"] += nmodel
         c["decisions-default"] += n - nmodel
 
+        eff = self.workload.efficiency(keys, value)
+        if not self.kernel._listeners("telemetry"):
+            # record_sample / kml_proxy_report with nobody listening: counted, not kept, no seq
+            c["samples"] += n
+            c["unheard"] += n
+            if eff is not None:
+                c["feedback"] += n
+                c["unheard"] += n
+            return
+
         s = np.zeros(n, dtype=_SAMPLE_DT)
         s["seq"] = self.seq + 1 + np.arange(n)
         self.seq += n  # assigned even to dropped samples
@@ -501,7 +512,6 @@ class StandinProxy:
         c["samples"] += kept
         c["drops"] += n - kept
 
-        eff = self.workload.efficiency(keys, value)
         if eff is not None:
             f = np.zeros(n, dtype=_FEEDBACK_DT)
             f["seq"] = s["seq"]

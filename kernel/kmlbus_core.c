@@ -8,7 +8,8 @@
  *   handler; the list is also walked under RCU by the release notifier.
  * - kml_proxy.lock (mutex) serialises the lifecycle verbs of one proxy.
  * - kml_proxy.mode_lock (irq-safe spinlock) serialises mode transitions,
- *   which come from handlers, the notifier, the stale check and subsystems.
+ *   which come from handlers, the notifier, the stale check and subsystems,
+ *   and guards the queue of mode events event_work sends.
  * - kml_proxy.ring_lock (irq-safe spinlock) guards both rings and seq; it is
  *   the only lock the decision path takes.  Slots are read lock-free.
  */
@@ -39,7 +40,28 @@ static_assert(sizeof(struct kmlbus_feedback) == 24);
 
 LIST_HEAD(kmlbus_proxies);
 DEFINE_MUTEX(kmlbus_reg_lock);
+/*
+ * Proxy ids are handed out cyclically (kmlbus_next_id, under
+ * kmlbus_reg_lock): a destroyed proxy's id is not reused until the id space
+ * wraps, so a bus that missed the destroy gets ENOENT for the old id instead
+ * of reaching the next proxy created.
+ */
 static DEFINE_IDA(kmlbus_ida);
+static u32 kmlbus_next_id = 1;
+
+static int kmlbus_alloc_id(void)
+{
+	int id;
+
+	lockdep_assert_held(&kmlbus_reg_lock);
+	id = ida_alloc_range(&kmlbus_ida, kmlbus_next_id, INT_MAX, GFP_KERNEL);
+	if (id == -ENOSPC && kmlbus_next_id > 1)
+		id = ida_alloc_range(&kmlbus_ida, 1, kmlbus_next_id - 1,
+				     GFP_KERNEL);
+	if (id >= 0)
+		kmlbus_next_id = id == INT_MAX ? 1 : id + 1;
+	return id;
+}
 
 /* Samples per telemetry message (1 = one record per message). */
 static unsigned int flush_batch = KMLBUS_MSG_SAMPLES;
@@ -71,20 +93,58 @@ static inline u64 slot_pack(s32 value, u32 ttl_ms)
  * Read slot @key: true and *value if fresh.  A stale slot is cleared and
  * counted as expired exactly once (whoever wins the cmpxchg counts).
  */
+static bool slot_fresh(u64 s)
+{
+	return (s32)((u32)s - (u32)jiffies) > 0;
+}
+
+/* Clear stale slot @key if it still holds @s; the winner counts the expiry. */
+static void slot_expire(struct kml_proxy *p, u32 key, u64 s)
+{
+	if (cmpxchg64(&p->slots[key], s, 0) == s)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_EXPIRED, 1);
+}
+
 static bool slot_read(struct kml_proxy *p, u32 key, s32 *value)
 {
 	u64 s = READ_ONCE(p->slots[key]);
-	u32 exp = (u32)s;
 
 	if (!s)
 		return false;
-	if ((s32)(exp - (u32)jiffies) > 0) {
+	if (slot_fresh(s)) {
 		*value = (s32)(u32)(s >> 32);
 		return true;
 	}
-	if (cmpxchg64(&p->slots[key], s, 0) == s)
-		kmlbus_count(p, KMLBUS_A_COUNTERS_RECS_EXPIRED, 1);
+	slot_expire(p, key, s);
 	return false;
+}
+
+/*
+ * The expiry is 32 bits of jiffies: a slot nobody reads for 2^31 jiffies
+ * (99 days at HZ=250) would look fresh again.  kmlbus_sweep clears every
+ * proxy's stale slots each KMLBUS_SWEEP_MS, whatever its lifecycle, so no
+ * slot gets that old.  Proxies are walked under RCU: kml_proxy_destroy
+ * unlinks, waits for a grace period, then frees the slots.
+ */
+static void kmlbus_sweep_fn(struct work_struct *work);
+static DECLARE_DELAYED_WORK(kmlbus_sweep, kmlbus_sweep_fn);
+
+static void kmlbus_sweep_fn(struct work_struct *work)
+{
+	struct kml_proxy *p;
+	u32 key;
+	u64 s;
+
+	rcu_read_lock();
+	list_for_each_entry_rcu(p, &kmlbus_proxies, node) {
+		for (key = 0; key < p->desc.nkeys; key++) {
+			s = READ_ONCE(p->slots[key]);
+			if (s && !slot_fresh(s))
+				slot_expire(p, key, s);
+		}
+	}
+	rcu_read_unlock();
+	schedule_delayed_work(&kmlbus_sweep, msecs_to_jiffies(KMLBUS_SWEEP_MS));
 }
 
 int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs, u32 n)
@@ -126,7 +186,7 @@ static void *ring_push(struct kml_ring *r)
 
 	if (r->count == r->cap)
 		return NULL;
-	idx = (r->head + r->count) % r->cap;
+	idx = (r->head + r->count) & (r->cap - 1);
 	r->count++;
 	return r->buf + (size_t)idx * r->esize;
 }
@@ -142,45 +202,53 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 		memcpy((u8 *)dst + (size_t)first * r->esize, r->buf,
 		       (size_t)(n - first) * r->esize);
 	}
-	r->head = (r->head + n) % r->cap;
+	r->head = (r->head + n) & (r->cap - 1);
 	r->count -= n;
 }
 
 /* ---- flushing ------------------------------------------------------- */
 
 /*
- * Send the oldest records of @r in messages of at most @batch records, or
- * count them unheard when nobody listens.  Runs in process context under
- * flush_lock, the rings' only consumer.
+ * Send the records @r held when the call began, in messages of at most
+ * @batch records, or count them unheard when nobody listens.  Records that
+ * arrive meanwhile wait for the next run, so a producer that outpaces the
+ * sender cannot keep one run going (and the stale check waiting).  Runs in
+ * process context under flush_lock, the rings' only consumer.  Returns true
+ * if records are left.
  */
-static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
+static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		       int attr, u32 batch)
 {
 	unsigned long flags;
 	struct sk_buff *skb;
 	struct nlattr *nla;
+	u32 n, budget;
 	void *hdr;
-	u32 n;
 
-	for (;;) {
+	spin_lock_irqsave(&p->ring_lock, flags);
+	budget = r->count;
+	spin_unlock_irqrestore(&p->ring_lock, flags);
+
+	while (budget) {
 		spin_lock_irqsave(&p->ring_lock, flags);
-		n = min(r->count, batch);
+		n = min3(r->count, batch, budget);
 		if (n && !kmlbus_nl_telemetry_heard()) {
 			ring_pop(r, NULL, n);
 			spin_unlock_irqrestore(&p->ring_lock, flags);
 			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			budget -= n;
 			continue;
 		}
 		spin_unlock_irqrestore(&p->ring_lock, flags);
 		if (!n)
-			return;
+			break;
 
 		/* count only grows meanwhile: we are the only consumer */
 		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
 				  nla_total_size((size_t)n * r->esize) +
 				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
 		if (!skb)
-			return;	/* retried on the next flush */
+			return false;	/* retried by the periodic flush */
 		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
 		if (!hdr)
 			goto err_free;
@@ -192,9 +260,10 @@ static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		spin_lock_irqsave(&p->ring_lock, flags);
 		ring_pop(r, nla_data(nla), n);
 		spin_unlock_irqrestore(&p->ring_lock, flags);
+		budget -= n;
 		if (cmd == KMLBUS_CMD_TELEMETRY &&
 		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
-				      atomic64_read(&p->cnt[KMLBUS_A_COUNTERS_DROPS]),
+				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
 				      KMLBUS_A_PROXY_PAD)) {
 			nlmsg_free(skb);
 			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
@@ -206,19 +275,25 @@ static void flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 				  GFP_KERNEL);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
 	}
+	return READ_ONCE(r->count) != 0;
 
 err_free:
 	nlmsg_free(skb);
+	return false;
 }
 
-static void flush_now(struct kml_proxy *p)
+/* One bounded flush of both rings; true if records are left for another. */
+static bool flush_now(struct kml_proxy *p)
 {
+	bool more;
+
 	mutex_lock(&p->flush_lock);
-	flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY, KMLBUS_A_PROXY_RECORDS,
-		   READ_ONCE(flush_batch));
-	flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK, KMLBUS_A_PROXY_FEEDBACK,
-		   KMLBUS_MSG_FEEDBACK);
+	more = flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY,
+			  KMLBUS_A_PROXY_RECORDS, READ_ONCE(flush_batch));
+	more |= flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK,
+			   KMLBUS_A_PROXY_FEEDBACK, KMLBUS_MSG_FEEDBACK);
 	mutex_unlock(&p->flush_lock);
+	return more;
 }
 
 static bool proxy_live(int lifecycle)
@@ -227,66 +302,119 @@ static bool proxy_live(int lifecycle)
 	       lifecycle == KMLBUS_LIFECYCLE_RUNNING;
 }
 
-/* Kernel-initiated demotion when the bus stopped recommending. */
-static void check_stale(struct kml_proxy *p)
-{
-	u32 stale_ms = READ_ONCE(p->stale_ms);
-	u32 mode = READ_ONCE(p->mode);
-	unsigned long since;
-
-	if (!stale_ms || (mode != KMLBUS_MODE_COLLABORATION &&
-			  mode != KMLBUS_MODE_RECOMMENDATION))
-		return;
-	since = READ_ONCE(p->last_rec);
-	if (time_after(READ_ONCE(p->mode_since), since))
-		since = READ_ONCE(p->mode_since);
-	if (time_after(jiffies, since + msecs_to_jiffies(stale_ms)))
-		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_STALE,
-				   true, GFP_KERNEL);
-}
-
-static void flush_work_fn(struct work_struct *work)
-{
-	struct kml_proxy *p = container_of(to_delayed_work(work),
-					   struct kml_proxy, flush);
-
-	flush_now(p);
-	check_stale(p);
-	if (proxy_live(READ_ONCE(p->lifecycle)))
-		queue_delayed_work(system_wq, &p->flush,
-				   msecs_to_jiffies(KMLBUS_FLUSH_MS));
-}
-
 /* ---- mode gate ------------------------------------------------------ */
 
-int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
-		       gfp_t gfp)
+static void event_work_fn(struct work_struct *work)
 {
+	struct kml_proxy *p = container_of(work, struct kml_proxy, event_work);
+	struct kml_mode_event ev;
 	unsigned long flags;
-	u32 old;
 
-	if (mode > KMLBUS_MODE_MAX || reason > KMLBUS_REASON_MAX)
-		return -EINVAL;
-	spin_lock_irqsave(&p->mode_lock, flags);
-	old = p->mode;
-	if (!force && !kmlbus_mode_allowed[old][mode]) {
+	for (;;) {
+		spin_lock_irqsave(&p->mode_lock, flags);
+		if (!p->ev_count) {
+			spin_unlock_irqrestore(&p->mode_lock, flags);
+			return;
+		}
+		ev = p->events[p->ev_head];
+		p->ev_head = (p->ev_head + 1) % KMLBUS_EVENTS;
+		p->ev_count--;
 		spin_unlock_irqrestore(&p->mode_lock, flags);
-		return -EINVAL;
+		kmlbus_nl_mode_event(p, &ev);
 	}
+}
+
+/*
+ * Apply a change with mode_lock held.  The change gets the next seq and is
+ * traced and queued under the lock, so seq, trace and events follow the
+ * order of the changes.  The event is sent from event_work: a mode change may
+ * come from any context (a hard interrupt too), and a multicast may reach
+ * dev_queue_xmit through a netlink tap.
+ */
+static int change_mode_locked(struct kml_proxy *p, u32 mode, u32 reason,
+			      bool force)
+{
+	struct kml_mode_event *ev;
+	u32 old = p->mode;
+
+	lockdep_assert_held(&p->mode_lock);
+	if (!force && !kmlbus_mode_allowed[old][mode])
+		return -EINVAL;
 	WRITE_ONCE(p->mode, mode);
 	WRITE_ONCE(p->reason, reason);
 	if (old != mode) {
 		WRITE_ONCE(p->mode_since, jiffies);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_MODE_CHANGES, 1);
 	}
-	spin_unlock_irqrestore(&p->mode_lock, flags);
-
-	if (old != mode)
-		trace_kmlbus_mode_change(p->id, p->name, old, mode, reason);
 	/* a forced fallback is announced even if already in emergency */
-	if (old != mode || force)
-		kmlbus_nl_mode_event(p, old, mode, reason, gfp);
+	if (old == mode && !force)
+		return 0;
+	WRITE_ONCE(p->mode_seq, p->mode_seq + 1);
+	trace_kmlbus_mode_change(p->id, p->name, p->mode_seq, old, mode, reason);
+	if (p->ev_count == KMLBUS_EVENTS) {	/* the seq gap shows the loss */
+		p->ev_head = (p->ev_head + 1) % KMLBUS_EVENTS;
+		p->ev_count--;
+	}
+	ev = &p->events[(p->ev_head + p->ev_count) % KMLBUS_EVENTS];
+	ev->seq = p->mode_seq;
+	ev->old = old;
+	ev->mode = mode;
+	ev->reason = reason;
+	p->ev_count++;
+	queue_work(system_wq, &p->event_work);
 	return 0;
+}
+
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force)
+{
+	unsigned long flags;
+	int err;
+
+	if (mode > KMLBUS_MODE_MAX || reason > KMLBUS_REASON_MAX)
+		return -EINVAL;
+	spin_lock_irqsave(&p->mode_lock, flags);
+	err = change_mode_locked(p, mode, reason, force);
+	spin_unlock_irqrestore(&p->mode_lock, flags);
+	return err;
+}
+
+/*
+ * Kernel-initiated demotion when the bus stopped recommending.  Decided
+ * under mode_lock, so a mode change made meanwhile (the bus demoting to
+ * learning, say) is seen and not overridden.
+ */
+static void check_stale(struct kml_proxy *p)
+{
+	u32 stale_ms = READ_ONCE(p->stale_ms);
+	unsigned long flags, since;
+
+	if (!stale_ms)
+		return;
+	spin_lock_irqsave(&p->mode_lock, flags);
+	if (p->mode == KMLBUS_MODE_COLLABORATION ||
+	    p->mode == KMLBUS_MODE_RECOMMENDATION) {
+		since = READ_ONCE(p->last_rec);
+		if (time_after(p->mode_since, since))
+			since = p->mode_since;
+		if (time_after(jiffies, since + msecs_to_jiffies(stale_ms)))
+			change_mode_locked(p, KMLBUS_MODE_EMERGENCY,
+					   KMLBUS_REASON_STALE, true);
+	}
+	spin_unlock_irqrestore(&p->mode_lock, flags);
+}
+
+static void flush_work_fn(struct work_struct *work)
+{
+	struct kml_proxy *p = container_of(to_delayed_work(work),
+					   struct kml_proxy, flush);
+	bool more;
+
+	/* the safety net first: sending must not delay it */
+	check_stale(p);
+	more = flush_now(p);
+	if (proxy_live(READ_ONCE(p->lifecycle)))
+		queue_delayed_work(system_wq, &p->flush,
+				   more ? 0 : msecs_to_jiffies(KMLBUS_FLUSH_MS));
 }
 
 /* ---- bus release ---------------------------------------------------- */
@@ -301,7 +429,10 @@ static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
 	    !n->portid)
 		return NOTIFY_DONE;
 
-	/* may run in atomic context: RCU walk, no sleeping, GFP_ATOMIC */
+	/*
+	 * netlink_chain is a blocking notifier (process context), but the walk
+	 * is under RCU, so nothing here may sleep.
+	 */
 	rcu_read_lock();
 	list_for_each_entry_rcu(p, &kmlbus_proxies, node) {
 		if (READ_ONCE(p->bus_portid) != n->portid ||
@@ -310,7 +441,7 @@ static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
 		if (cmpxchg(&p->bus_portid, n->portid, 0) != n->portid)
 			continue;
 		kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY,
-				   KMLBUS_REASON_BUS_GONE, true, GFP_ATOMIC);
+				   KMLBUS_REASON_BUS_GONE, true);
 	}
 	rcu_read_unlock();
 	return NOTIFY_DONE;
@@ -318,6 +449,46 @@ static int kmlbus_netlink_event(struct notifier_block *nb, unsigned long event,
 
 static struct notifier_block kmlbus_netlink_nb = {
 	.notifier_call = kmlbus_netlink_event,
+};
+
+/* ---- owners going away --------------------------------------------- */
+
+/*
+ * A module whose exit did not destroy its proxies would leave flush work
+ * queued on them and keep kmlbus unloadable forever after (or, once it is
+ * gone, unloadable with work still pending): destroy what it left behind.
+ * MODULE_STATE_GOING comes after the owner's exit (or its failed init), when
+ * nothing of it calls the decision path any more.
+ */
+static int kmlbus_module_event(struct notifier_block *nb, unsigned long event,
+			       void *data)
+{
+	struct module *mod = data;
+	struct kml_proxy *p, *leaked;
+
+	if (event != MODULE_STATE_GOING)
+		return NOTIFY_DONE;
+	for (;;) {
+		leaked = NULL;
+		mutex_lock(&kmlbus_reg_lock);
+		list_for_each_entry(p, &kmlbus_proxies, node) {
+			if (p->desc.owner == mod) {
+				leaked = p;
+				break;
+			}
+		}
+		mutex_unlock(&kmlbus_reg_lock);
+		if (!leaked)
+			break;
+		pr_err("module %s left proxy %s (id %u) behind: destroying it\n",
+		       mod->name, leaked->name, leaked->id);
+		kml_proxy_destroy(leaked);
+	}
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block kmlbus_module_nb = {
+	.notifier_call = kmlbus_module_event,
 };
 
 /* ---- registry ------------------------------------------------------- */
@@ -403,6 +574,7 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	spin_lock_init(&p->mode_lock);
 	spin_lock_init(&p->ring_lock);
 	INIT_DELAYED_WORK(&p->flush, flush_work_fn);
+	INIT_WORK(&p->event_work, event_work_fn);
 	p->mode = KMLBUS_MODE_INITIAL;
 	p->reason = KMLBUS_REASON_NONE;
 	p->mode_since = jiffies;
@@ -411,9 +583,12 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	p->explore = KMLBUS_DEFAULT_EXPLORE;
 
 	err = -ENOMEM;
+	p->cnt = alloc_percpu(struct kml_counters);
+	if (!p->cnt)
+		goto err_free;
 	p->slots = kvcalloc(desc->nkeys, sizeof(*p->slots), GFP_KERNEL);
 	if (!p->slots)
-		goto err_free;
+		goto err_cnt;
 	err = ring_alloc(&p->samples, sizeof(struct kmlbus_sample),
 			 KMLBUS_RING_SAMPLES);
 	if (err)
@@ -423,30 +598,29 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	if (err)
 		goto err_samples;
 
-	err = ida_alloc_min(&kmlbus_ida, 1, GFP_KERNEL);
-	if (err < 0)
-		goto err_feedback;
-	p->id = err;
-
 	mutex_lock(&kmlbus_reg_lock);
 	if (kmlbus_find_by_name(p->name)) {
-		mutex_unlock(&kmlbus_reg_lock);
 		err = -EEXIST;
-		goto err_ida;
+		goto err_unlock;
 	}
+	err = kmlbus_alloc_id();
+	if (err < 0)
+		goto err_unlock;
+	p->id = err;
 	WRITE_ONCE(p->lifecycle, KMLBUS_LIFECYCLE_CREATED);
 	list_add_tail_rcu(&p->node, &kmlbus_proxies);
 	mutex_unlock(&kmlbus_reg_lock);
 	return p;
 
-err_ida:
-	ida_free(&kmlbus_ida, p->id);
-err_feedback:
+err_unlock:
+	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&p->feedback);
 err_samples:
 	ring_free(&p->samples);
 err_slots:
 	kvfree(p->slots);
+err_cnt:
+	free_percpu(p->cnt);
 err_free:
 	kfree(p);
 	return ERR_PTR(err);
@@ -547,7 +721,8 @@ static void proxy_free_rcu(struct rcu_head *rcu)
  * @proxy: the proxy; NULL and ERR_PTR values are ignored
  *
  * The caller must have stopped calling decide/report/submit.  Waits for
- * netlink handlers, the release notifier and the flush work.  Sleeps.
+ * netlink handlers, the release notifier and the flush work, sends the
+ * pending mode events, then a proxy-removed event.  Sleeps.
  */
 void kml_proxy_destroy(struct kml_proxy *proxy)
 {
@@ -565,10 +740,15 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 	synchronize_rcu();	/* notifier walkers are done with it */
 
 	cancel_delayed_work_sync(&proxy->flush);
+	flush_work(&proxy->event_work);	/* what was announced is sent */
+	kmlbus_nl_removed_event(proxy);	/* ... before it is gone */
+	mutex_lock(&kmlbus_reg_lock);
 	ida_free(&kmlbus_ida, proxy->id);
+	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&proxy->feedback);
 	ring_free(&proxy->samples);
 	kvfree(proxy->slots);
+	free_percpu(proxy->cnt);	/* RCU walkers count too: after the grace period */
 	mutex_destroy(&proxy->flush_lock);
 	mutex_destroy(&proxy->lock);
 	call_rcu(&proxy->rcu, proxy_free_rcu);
@@ -585,14 +765,25 @@ static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *featur
 	memset(dst + n, 0, (KMLBUS_MAX_FEATURES - n) * sizeof(s32));
 }
 
-/* Append one sample; returns its seq (the seq is assigned even if dropped). */
-static u64 record_sample(struct kml_proxy *p, const struct kml_decision *d,
-			 s32 shadow, const s32 *features)
+/*
+ * Append one sample; returns its seq (assigned even if the ring is full), or
+ * 0 when nobody listens to group telemetry: then nothing is written to the
+ * ring and the sample is counted unheard at once, without a shared write.
+ */
+static __always_inline u64 record_sample(struct kml_proxy *p,
+					 const struct kml_decision *d,
+					 s32 shadow, const s32 *features)
 {
 	struct kmlbus_sample *s;
 	unsigned long flags;
 	u32 count;
 	u64 seq;
+
+	if (!kmlbus_nl_telemetry_heard()) {
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, 1);
+		return 0;
+	}
 
 	spin_lock_irqsave(&p->ring_lock, flags);
 	seq = ++p->seq;
@@ -756,6 +947,11 @@ int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
 
 	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
 		return -EAGAIN;
+	if (!kmlbus_nl_telemetry_heard()) {	/* as record_sample */
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK, 1);
+		kmlbus_count(proxy, KMLBUS_A_COUNTERS_UNHEARD, 1);
+		return 0;
+	}
 	spin_lock_irqsave(&proxy->ring_lock, flags);
 	f = ring_push(&proxy->feedback);
 	if (f) {
@@ -804,7 +1000,7 @@ EXPORT_SYMBOL_GPL(kml_proxy_evaluate);
  */
 int kml_proxy_set_mode(struct kml_proxy *proxy, u32 mode, u32 reason)
 {
-	return kmlbus_change_mode(proxy, mode, reason, false, GFP_ATOMIC);
+	return kmlbus_change_mode(proxy, mode, reason, false);
 }
 EXPORT_SYMBOL_GPL(kml_proxy_set_mode);
 
@@ -832,25 +1028,36 @@ static int __init kmlbus_init(void)
 {
 	int err;
 
-	/* the registry is static; then the release notifier, then the family */
-	err = netlink_register_notifier(&kmlbus_netlink_nb);
+	/*
+	 * The registry is static; then the owners' notifier, the release
+	 * notifier, then the family.
+	 */
+	err = register_module_notifier(&kmlbus_module_nb);
 	if (err)
 		return err;
+	err = netlink_register_notifier(&kmlbus_netlink_nb);
+	if (err)
+		goto err_module_nb;
 	err = kmlbus_nl_register();
 	if (err)
-		goto err_notifier;
+		goto err_netlink_nb;
+	schedule_delayed_work(&kmlbus_sweep, msecs_to_jiffies(KMLBUS_SWEEP_MS));
 	return 0;
 
-err_notifier:
+err_netlink_nb:
 	netlink_unregister_notifier(&kmlbus_netlink_nb);
+err_module_nb:
+	unregister_module_notifier(&kmlbus_module_nb);
 	return err;
 }
 
 static void __exit kmlbus_exit(void)
 {
+	cancel_delayed_work_sync(&kmlbus_sweep);
 	kmlbus_nl_unregister();
 	netlink_unregister_notifier(&kmlbus_netlink_nb);
-	/* proxies hold symbol references to us: none can be left */
+	unregister_module_notifier(&kmlbus_module_nb);
+	/* owners hold symbol references to us and their leftovers are gone */
 	WARN_ON(!list_empty(&kmlbus_proxies));
 	rcu_barrier();	/* proxy_free_rcu callbacks */
 	ida_destroy(&kmlbus_ida);

@@ -9,12 +9,15 @@
 #include <linux/atomic.h>
 #include <linux/list.h>
 #include <linux/mutex.h>
+#include <linux/percpu.h>
 #include <linux/rcupdate.h>
 #include <linux/spinlock.h>
 #include <linux/workqueue.h>
 #include <net/genetlink.h>
 
 #include <kmlbus/kmlbus.h>
+
+#include "kmlbus_nl_gen.h"
 
 /*
  * Buffering: bounded rings, flushed by count or by time.  The sizes
@@ -23,14 +26,37 @@
  * 32 * 64 B samples per message keep a message under 4 KiB.
  */
 static_assert(KMLBUS_MSG_SAMPLES * sizeof(struct kmlbus_sample) <= 4096);
+static_assert(!(KMLBUS_RING_SAMPLES & (KMLBUS_RING_SAMPLES - 1)) &&
+	      !(KMLBUS_RING_FEEDBACK & (KMLBUS_RING_FEEDBACK - 1)));
+#define KMLBUS_SWEEP_MS		1000	/* stale recommendation slots cleared */
+#define KMLBUS_EVENTS		16	/* queued mode events; the oldest is lost */
 
-/* A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock. */
+/*
+ * A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock.
+ * cap is a power of two (asserted below): indexes wrap with a mask.
+ */
 struct kml_ring {
 	u8 *buf;
 	u32 esize;
 	u32 cap;
 	u32 head;	/* index of the oldest record */
 	u32 count;
+};
+
+/*
+ * One mode change as announced: taken under mode_lock, so seq orders the
+ * changes of one proxy; sent later from process context (event_work).
+ */
+struct kml_mode_event {
+	u32 seq;
+	u32 old;
+	u32 mode;
+	u32 reason;
+};
+
+/* One CPU's share of a proxy's counters, indexed by counters attribute. */
+struct kml_counters {
+	u64 c[KMLBUS_A_COUNTERS_MAX + 1];
 };
 
 struct kml_proxy {
@@ -49,6 +75,12 @@ struct kml_proxy {
 	u32 mode;			/* READ_ONCE in the decision path */
 	u32 reason;
 	unsigned long mode_since;	/* jiffies */
+	u32 mode_seq;			/* announced changes, under mode_lock */
+	/* mode events not yet sent, oldest first, under mode_lock */
+	struct kml_mode_event events[KMLBUS_EVENTS];
+	u32 ev_head;
+	u32 ev_count;
+	struct work_struct event_work;	/* sends them, in order */
 
 	u32 share;			/* permille, READ_ONCE */
 	u32 explore;			/* permille, READ_ONCE */
@@ -61,28 +93,43 @@ struct kml_proxy {
 	/*
 	 * Recommendation slots: value in the high 32 bits, expiry (low 32 bits
 	 * of jiffies) in the low 32 bits; 0 = empty.  One u64 so a reader in
-	 * any context sees value and expiry together without a lock.
+	 * any context sees value and expiry together without a lock.  Stale
+	 * slots are swept (kmlbus_sweep) long before the expiry can wrap.
 	 */
 	u64 *slots;
 
-	spinlock_t ring_lock;		/* irq-safe: producers may be in irq */
+	/* counters, per CPU: the decision path adds without a shared write */
+	struct kml_counters __percpu *cnt;
+
+	/* written by every recorded decision: its own cache line */
+	spinlock_t ring_lock ____cacheline_aligned_in_smp;	/* irq-safe */
 	u64 seq;			/* last sample seq, under ring_lock */
 	struct kml_ring samples;
 	struct kml_ring feedback;
 
 	struct mutex flush_lock;	/* single consumer of both rings */
 	struct delayed_work flush;
-
-	atomic64_t cnt[KMLBUS_A_COUNTERS_MAX + 1];	/* by counters attribute */
 };
 
 extern struct list_head kmlbus_proxies;
 extern struct mutex kmlbus_reg_lock;
 extern struct genl_family kmlbus_family;
 
-static inline void kmlbus_count(struct kml_proxy *p, int counter, s64 n)
+/* Any context: this_cpu_add is safe against interrupts on the same CPU. */
+static inline void kmlbus_count(struct kml_proxy *p, int counter, u64 n)
 {
-	atomic64_add(n, &p->cnt[counter]);
+	this_cpu_add(p->cnt->c[counter], n);
+}
+
+/* The sum over all CPUs; concurrent adds may or may not be in it. */
+static inline u64 kmlbus_counter(struct kml_proxy *p, int counter)
+{
+	u64 sum = 0;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		sum += READ_ONCE(per_cpu_ptr(p->cnt, cpu)->c[counter]);
+	return sum;
 }
 
 /* Registry lookups; caller holds kmlbus_reg_lock. */
@@ -90,16 +137,21 @@ struct kml_proxy *kmlbus_find_by_id(u32 id);
 struct kml_proxy *kmlbus_find_by_name(const char *name);
 
 /* Mode gate.  @force skips the graph check (kernel fallback to emergency). */
-int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force,
-		       gfp_t gfp);
+int kmlbus_change_mode(struct kml_proxy *p, u32 mode, u32 reason, bool force);
 int kmlbus_store_recs(struct kml_proxy *p, const struct kmlbus_rec *recs,
 		      u32 n);
 
 /* kmlbus_nl.c */
 int kmlbus_nl_register(void);
 void kmlbus_nl_unregister(void);
-void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
-			  gfp_t gfp);
-bool kmlbus_nl_telemetry_heard(void);
+void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev);
+void kmlbus_nl_removed_event(struct kml_proxy *p);
+
+/* Does anyone listen to group telemetry?  Any context; inline: decide asks. */
+static inline bool kmlbus_nl_telemetry_heard(void)
+{
+	return genl_has_listeners(&kmlbus_family, &init_net,
+				  KMLBUS_NLGRP_TELEMETRY);
+}
 
 #endif /* _KMLBUS_INTERNAL_H */

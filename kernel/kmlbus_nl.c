@@ -24,16 +24,10 @@ struct genl_family kmlbus_family __ro_after_init = {
 	.module		= THIS_MODULE,
 	.ops		= kmlbus_nl_ops,
 	.n_ops		= ARRAY_SIZE(kmlbus_nl_ops),
-	.resv_start_op	= KMLBUS_NL_RESV_START_OP,
+	/* resv_start_op 0: every op gets the reserved header byte checked */
 	.mcgrps		= kmlbus_nl_mcgrps,
 	.n_mcgrps	= ARRAY_SIZE(kmlbus_nl_mcgrps),
 };
-
-bool kmlbus_nl_telemetry_heard(void)
-{
-	return genl_has_listeners(&kmlbus_family, &init_net,
-				  KMLBUS_NLGRP_TELEMETRY);
-}
 
 /* ---- message builders ----------------------------------------------- */
 
@@ -65,7 +59,7 @@ static int put_counters(struct sk_buff *skb, struct kml_proxy *p)
 	for (i = 1; i <= KMLBUS_A_COUNTERS_MAX; i++) {
 		if (i == KMLBUS_A_COUNTERS_PAD)
 			continue;
-		if (nla_put_u64_64bit(skb, i, atomic64_read(&p->cnt[i]),
+		if (nla_put_u64_64bit(skb, i, kmlbus_counter(p, i),
 				      KMLBUS_A_COUNTERS_PAD)) {
 			nla_nest_cancel(skb, nest);
 			return -EMSGSIZE;
@@ -109,7 +103,8 @@ static int fill_proxy(struct sk_buff *skb, struct kml_proxy *p, u32 portid,
 			      KMLBUS_A_PROXY_PAD) ||
 	    nla_put_u32(skb, KMLBUS_A_PROXY_EFFICIENCY_SCALE,
 			p->desc.efficiency_scale) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_STALE_MS, READ_ONCE(p->stale_ms)))
+	    nla_put_u32(skb, KMLBUS_A_PROXY_STALE_MS, READ_ONCE(p->stale_ms)) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
 		goto cancel;
 	genlmsg_end(skb, hdr);
 	return 0;
@@ -119,15 +114,16 @@ cancel:
 	return -EMSGSIZE;
 }
 
-void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
-			  gfp_t gfp)
+/* Process context (the proxy's event_work). */
+void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev)
 {
 	struct sk_buff *skb;
 	void *hdr;
 
 	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
 		return;
-	skb = genlmsg_new(NLMSG_GOODSIZE, gfp);
+	skb = genlmsg_new(5 * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
 	if (!skb)
 		return;
 	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_MODE_EVENT);
@@ -135,12 +131,42 @@ void kmlbus_nl_mode_event(struct kml_proxy *p, u32 old, u32 mode, u32 reason,
 		goto err_free;
 	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
 	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE, mode) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, old) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_REASON, reason))
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE, ev->mode) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, ev->old) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_REASON, ev->reason) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, ev->seq))
 		goto err_cancel;
 	genlmsg_end(skb, hdr);
-	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, gfp);
+	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
+	return;
+
+err_cancel:
+	genlmsg_cancel(skb, hdr);
+err_free:
+	nlmsg_free(skb);
+}
+
+/* Process context (kml_proxy_destroy): the proxy is unlisted, not yet freed. */
+void kmlbus_nl_removed_event(struct kml_proxy *p)
+{
+	struct sk_buff *skb;
+	void *hdr;
+
+	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
+		return;
+	skb = genlmsg_new(2 * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
+	if (!skb)
+		return;
+	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_PROXY_REMOVED);
+	if (!hdr)
+		goto err_free;
+	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
+	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
+		goto err_cancel;
+	genlmsg_end(skb, hdr);
+	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
 	return;
 
 err_cancel:
@@ -178,6 +204,25 @@ static void put_proxy(struct kml_proxy *p)
 {
 	module_put(p->desc.owner);
 	mutex_unlock(&kmlbus_reg_lock);
+}
+
+/*
+ * Requests that steer an attached proxy come only from its bus: another
+ * CAP_NET_ADMIN socket, say a bus that missed a destroy and re-create, must
+ * not reach it.  Exceptions (set-mode only): the operator's word (reason
+ * operator, what `kmlbus mode` sends; the bus follows the event) and the
+ * brake (mode emergency).  Anyone may also detach it.
+ */
+static int check_bus(struct kml_proxy *p, struct genl_info *info)
+{
+	u32 bus = READ_ONCE(p->bus_portid);
+
+	if (!bus || (bus == info->snd_portid &&
+		     READ_ONCE(p->bus_net) == genl_info_net(info)))
+		return 0;
+	NL_SET_ERR_MSG_ATTR(info->extack, info->attrs[KMLBUS_A_PROXY_ID],
+			    "proxy is attached to another bus socket: only that bus may steer it (others: reason operator, mode emergency, or detach)");
+	return -EBUSY;
 }
 
 /* ---- handlers ------------------------------------------------------- */
@@ -246,6 +291,7 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 	struct nlattr *mode = info->attrs[KMLBUS_A_PROXY_MODE];
 	struct nlattr *reason = info->attrs[KMLBUS_A_PROXY_REASON];
 	struct kml_proxy *p;
+	u32 why;
 	int err;
 
 	if (GENL_REQ_ATTR_CHECK(info, KMLBUS_A_PROXY_MODE)) {
@@ -255,12 +301,18 @@ int kmlbus_nl_set_mode_doit(struct sk_buff *skb, struct genl_info *info)
 	p = get_proxy(info);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
-	err = kmlbus_change_mode(p, nla_get_u32(mode),
-				 reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR,
-				 false, GFP_KERNEL);
+	why = reason ? nla_get_u32(reason) : KMLBUS_REASON_OPERATOR;
+	if (why != KMLBUS_REASON_OPERATOR &&
+	    nla_get_u32(mode) != KMLBUS_MODE_EMERGENCY) {
+		err = check_bus(p, info);
+		if (err)
+			goto out;
+	}
+	err = kmlbus_change_mode(p, nla_get_u32(mode), why, false);
 	if (err)
 		NL_SET_ERR_MSG_ATTR(info->extack, mode,
 				    "mode change not allowed by the mode graph (kmlbus/contract/graph.yaml)");
+out:
 	put_proxy(p);
 	return err;
 }
@@ -334,8 +386,7 @@ int kmlbus_nl_detach_doit(struct sk_buff *skb, struct genl_info *info)
 		err = -ENOTCONN;
 		goto out;
 	}
-	kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_DETACH, true,
-			   GFP_KERNEL);
+	kmlbus_change_mode(p, KMLBUS_MODE_EMERGENCY, KMLBUS_REASON_DETACH, true);
 out:
 	put_proxy(p);
 	return err;
@@ -351,8 +402,8 @@ int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 	struct nlattr *attr = info->attrs[KMLBUS_A_PROXY_RECS];
 	const struct kmlbus_rec *recs;
 	struct kml_proxy *p;
+	int len, err;
 	u32 n, i;
-	int len;
 
 	if (GENL_REQ_ATTR_CHECK(info, KMLBUS_A_PROXY_RECS)) {
 		NL_SET_ERR_MSG(info->extack, "missing recs (KMLBUS_A_PROXY_RECS)");
@@ -382,17 +433,21 @@ int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 	p = get_proxy(info);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
+	err = check_bus(p, info);
+	if (err)
+		goto out;
 	for (i = 0; i < n; i++) {
 		if (recs[i].key >= p->desc.nkeys) {
 			NL_SET_ERR_MSG_ATTR(info->extack, (const struct nlattr *)&recs[i],
 					    "recs[offset]: key >= the proxy's nkeys");
-			put_proxy(p);
-			return -EINVAL;
+			err = -EINVAL;
+			goto out;
 		}
 	}
 	kmlbus_store_recs(p, recs, n);
+out:
 	put_proxy(p);
-	return 0;
+	return err;
 }
 
 /* ---- registration --------------------------------------------------- */

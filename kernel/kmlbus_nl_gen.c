@@ -90,6 +90,6 @@ const struct genl_ops kmlbus_nl_ops[6] = {
 };
 
 const struct genl_multicast_group kmlbus_nl_mcgrps[2] = {
-	[KMLBUS_NLGRP_TELEMETRY] = { "telemetry", },
-	[KMLBUS_NLGRP_EVENTS] = { "events", },
+	[KMLBUS_NLGRP_TELEMETRY] = { .name = "telemetry", .flags = GENL_MCAST_CAP_NET_ADMIN, },
+	[KMLBUS_NLGRP_EVENTS] = { .name = "events", .flags = GENL_MCAST_CAP_NET_ADMIN, },
 };

@@ -34,7 +34,4 @@ enum {
 extern const struct genl_ops kmlbus_nl_ops[6];
 extern const struct genl_multicast_group kmlbus_nl_mcgrps[2];
 
-/* First command number reserved for future (strictly validated) ops. */
-#define KMLBUS_NL_RESV_START_OP	(KMLBUS_CMD_MAX + 1)
-
 #endif /* _KMLBUS_NL_GEN_H */

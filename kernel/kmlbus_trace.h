@@ -6,26 +6,40 @@
 #define _KMLBUS_TRACE_H
 
 #include <linux/tracepoint.h>
+#include <linux/version.h>
+
+/*
+ * Since 6.10, __assign_str() takes only the field: the source is the one
+ * given to __string() (Debian 12 carries 6.1 and 6.12).
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 10, 0)
+#define kmlbus_assign_str(field, src)	__assign_str(field)
+#else
+#define kmlbus_assign_str(field, src)	__assign_str(field, src)
+#endif
 
 TRACE_EVENT(kmlbus_mode_change,
-	TP_PROTO(u32 id, const char *name, u32 old_mode, u32 mode, u32 reason),
-	TP_ARGS(id, name, old_mode, mode, reason),
+	TP_PROTO(u32 id, const char *name, u32 seq, u32 old_mode, u32 mode,
+		 u32 reason),
+	TP_ARGS(id, name, seq, old_mode, mode, reason),
 	TP_STRUCT__entry(
 		__field(u32, id)
 		__string(name, name)
+		__field(u32, seq)
 		__field(u32, old_mode)
 		__field(u32, mode)
 		__field(u32, reason)
 	),
 	TP_fast_assign(
 		__entry->id = id;
-		__assign_str(name, name);
+		kmlbus_assign_str(name, name);
+		__entry->seq = seq;
 		__entry->old_mode = old_mode;
 		__entry->mode = mode;
 		__entry->reason = reason;
 	),
-	TP_printk("proxy=%u name=%s old_mode=%u mode=%u reason=%u",
-		  __entry->id, __get_str(name), __entry->old_mode,
+	TP_printk("proxy=%u name=%s seq=%u old_mode=%u mode=%u reason=%u",
+		  __entry->id, __get_str(name), __entry->seq, __entry->old_mode,
 		  __entry->mode, __entry->reason)
 );
 

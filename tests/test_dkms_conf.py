@@ -8,8 +8,8 @@ from pathlib import Path
 import kmlbus
 
 ROOT = Path(__file__).resolve().parents[1]
-#: built for the benchmarks only, never installed
-NOT_INSTALLED = {"kmlbus_bench"}
+#: built for the benchmarks and the tests only, never installed
+NOT_INSTALLED = {"kmlbus_bench", "kmlbus_testmod"}
 
 
 def _conf() -> dict[str, str]:
@@ -32,7 +32,7 @@ def test_dkms_version_is_the_packages() -> None:
     assert c["PACKAGE_NAME"] == "kmlbus" and c["PACKAGE_VERSION"] == kmlbus.__version__
 
 
-def test_dkms_installs_every_module_kbuild_makes_except_the_benchmark() -> None:
+def test_dkms_installs_every_module_kbuild_makes_but_the_bench_and_test_ones() -> None:
     c = _conf()
     built = {c[k]: c[k.replace("NAME", "LOCATION")] for k in c if k.startswith("BUILT_MODULE_NAME")}
     want = {n: loc for n, loc in _kbuild_modules().items() if n not in NOT_INSTALLED}

@@ -264,6 +264,16 @@ def test_detach_drops_to_emergency_with_reason_detach(c: StandinLink) -> None:
     assert ei.value.errno == errno.ENOTCONN and ei.value.extack
 
 
+def test_unprivileged_links_cannot_join_the_groups(k: StandinKernel) -> None:
+    with k.open(cap_net_admin=False) as nobody:
+        for g in ("telemetry", "events"):
+            with pytest.raises(PermissionError) as ei:
+                nobody.join(g)
+            assert ei.value.errno == errno.EPERM, g
+    with pytest.raises(PermissionError):
+        k.open(groups=("telemetry",), cap_net_admin=False)
+
+
 def test_unprivileged_control_requests_get_eperm_and_change_nothing(k: StandinKernel) -> None:
     with k.open() as root, k.open(cap_net_admin=False) as nobody:
         pid = sid(root)
@@ -640,10 +650,13 @@ def test_the_sample_module_alone_can_be_removed_and_added_again(k: StandinKernel
         c.set_mode(sid(c), "learning")
         c.recv(timeout=0)
         k.remove_proxy("sample")
-        assert c.proxies() == [] and c.recv(timeout=0.1) == []  # destroy sends no event
+        assert c.proxies() == []
+        assert [(m.op, m.attrs) for m in c.recv(timeout=0.1)] == [
+            ("proxy-removed", {"id": 1, "name": "sample", "mode-seq": 1})]
         k.add_proxy(lambda: SampleWorkload(7))
         p = c.proxy("sample")
-        assert p["id"] == 1 and p["bus-portid"] == 0 and p["mode"] == MODE.value("emergency")
+        assert p["id"] == 2, "ids are not reused within a load"
+        assert p["bus-portid"] == 0 and p["mode"] == MODE.value("emergency")
     k.unload()
     k.load()
     assert [p.desc.name for p in k.proxies] == ["sample"], "load re-creates what is registered, once"

@@ -25,9 +25,24 @@
  *
  * (one line; *_model count the decisions of that phase made by the model arm,
  * so fresh_model == iters proves the fresh path was measured).
+ *
+ * Writing N to `run_parallel` measures decisions per second without a
+ * recommendation, first one kthread on one CPU, then one per online CPU at
+ * once, N decisions each; `par_result` reads
+ *
+ *   cpus=.. iters=.. one_cpu_dps=.. all_cpus_dps=..
+ *
+ * `insmod kmlbus_bench.ko run=1` runs once at the end of init: parameters are
+ * parsed before init, when there is no proxy yet.  A parameter store holds
+ * no module reference, so exit can run during a run: it asks the run to stop
+ * (bench_stop, checked between chunks) and takes bench_lock before it frees
+ * the proxy.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
+#include <linux/completion.h>
+#include <linux/cpumask.h>
+#include <linux/kthread.h>
 #include <linux/ktime.h>
 #include <linux/module.h>
 #include <linux/moduleparam.h>
@@ -52,9 +67,12 @@ enum bench_phase { BENCH_BASELINE, BENCH_DEFAULT_PATH, BENCH_FRESH, BENCH_PHASES
 typedef int (*bench_fn_t)(struct kml_proxy *proxy, u32 key, const s32 *features,
 			  struct kml_decision *out);
 
-static DEFINE_MUTEX(bench_lock);	/* one run at a time; bench_result */
-static struct kml_proxy *bench_proxy;
+static DEFINE_MUTEX(bench_lock);	/* runs, bench_proxy, bench_result */
+static struct kml_proxy *bench_proxy;	/* NULL before init and from exit on */
+static bool bench_run_at_init;		/* run=1 given to insmod */
+static bool bench_stop;			/* exit wants the running run to end */
 static char bench_result[BENCH_RESULT_LEN] = "none\n";
+static char bench_par_result[BENCH_RESULT_LEN] = "none\n";
 static bench_fn_t bench_fns[BENCH_PHASES];
 
 static s32 bench_default(struct kml_proxy *proxy, u32 key, const s32 *features)
@@ -194,6 +212,10 @@ static int bench_run(void)
 
 	/* dec.arm is written by decide; the empty callback leaves it alone */
 	for (c = 0; c < nchunks; c++) {
+		if (READ_ONCE(bench_stop)) {
+			err = -ECANCELED;	/* exit is waiting for bench_lock */
+			goto out_free;
+		}
 		for (ph = 0; ph < BENCH_PHASES; ph++)
 			cost[ph][c] = bench_chunk(ph, features, &model[ph]);
 		cond_resched();	/* lets the flush work drain the ring */
@@ -226,10 +248,144 @@ static int run_set(const char *val, const struct kernel_param *kp)
 	if (!go)
 		return 0;
 	mutex_lock(&bench_lock);
-	err = bench_run();
+	if (!bench_proxy) {
+		/* insmod's own parameters: no proxy yet, init runs it */
+		if (!bench_stop)
+			bench_run_at_init = true;
+		err = bench_stop ? -ENODEV : 0;
+	} else {
+		err = bench_run();
+	}
 	mutex_unlock(&bench_lock);
 	return err;
 }
+
+static int run_get(char *buffer, const struct kernel_param *kp);
+
+/*
+ * Decisions per second on one CPU, then on every online CPU at once: one
+ * kthread per CPU, bound to it, released together, each making @n default
+ * decisions (keys 32..63).  Rate = decisions / the slowest thread's time.
+ */
+struct bench_par {
+	struct completion done;
+	u64 ns;
+	u32 n;
+};
+
+static atomic_t bench_par_go;
+
+static int bench_par_fn(void *arg)
+{
+	static const s32 features[3] = { 500, 8000, 250 };
+	struct bench_par *bp = arg;
+	struct kml_decision dec;
+	u64 t0;
+	u32 i;
+
+	while (!atomic_read(&bench_par_go))
+		cond_resched();	/* the creator may need this CPU */
+	t0 = ktime_get_ns();
+	for (i = 0; i < bp->n; i++) {
+		kml_proxy_decide(bench_proxy, BENCH_FRESH_KEYS + (i % BENCH_FRESH_KEYS),
+				 features, &dec);
+		if (!(i % BENCH_CHUNK))
+			cond_resched();
+	}
+	bp->ns = ktime_get_ns() - t0;
+	kthread_complete_and_exit(&bp->done, 0);
+}
+
+/* Decisions per second with @ncpus threads (CPUs 0.. in cpu_online_mask). */
+static int bench_par_once(u32 ncpus, u32 n, u64 *dps)
+{
+	struct task_struct *t;
+	struct bench_par *bp;
+	u32 started = 0, i;
+	u64 slowest = 0;
+	int cpu, err = 0;
+
+	bp = kcalloc(ncpus, sizeof(*bp), GFP_KERNEL);
+	if (!bp)
+		return -ENOMEM;
+	atomic_set(&bench_par_go, 0);
+	for_each_online_cpu(cpu) {
+		if (started == ncpus)
+			break;
+		init_completion(&bp[started].done);
+		bp[started].n = n;
+		t = kthread_create_on_cpu(bench_par_fn, &bp[started], cpu,
+					  "kmlbus_bench/%u");
+		if (IS_ERR(t)) {
+			err = PTR_ERR(t);
+			break;
+		}
+		wake_up_process(t);
+		started++;
+	}
+	atomic_set(&bench_par_go, 1);	/* also releases the started ones on error */
+	for (i = 0; i < started; i++) {
+		wait_for_completion(&bp[i].done);
+		slowest = max(slowest, bp[i].ns);
+	}
+	if (!err && started == ncpus)
+		*dps = div64_u64((u64)n * ncpus * NSEC_PER_SEC, max(slowest, 1ULL));
+	else if (!err)
+		err = -ENODEV;
+	kfree(bp);
+	return err;
+}
+
+static int run_parallel_set(const char *val, const struct kernel_param *kp)
+{
+	u32 n, ncpus = num_online_cpus();
+	u64 one = 0, all = 0;
+	int err;
+
+	err = kstrtou32(val, 0, &n);
+	if (err)
+		return err;
+	if (n < BENCH_MIN_ITERS || n > BENCH_MAX_ITERS)
+		return -EINVAL;
+	mutex_lock(&bench_lock);
+	if (!bench_proxy || bench_stop) {
+		err = -ENODEV;	/* before init, or exit is waiting */
+		goto out;
+	}
+	err = bench_par_once(1, n, &one);
+	if (!err)
+		err = bench_par_once(ncpus, n, &all);
+	if (!err)
+		scnprintf(bench_par_result, sizeof(bench_par_result),
+			  "cpus=%u iters=%u one_cpu_dps=%llu all_cpus_dps=%llu\n",
+			  ncpus, n, one, all);
+out:
+	mutex_unlock(&bench_lock);
+	return err;
+}
+
+static const struct kernel_param_ops run_parallel_ops = {
+	.set	= run_parallel_set,
+	.get	= run_get,
+};
+module_param_cb(run_parallel, &run_parallel_ops, NULL, 0644);
+MODULE_PARM_DESC(run_parallel, "write N: N default decisions on one CPU, then N on each online CPU at once");
+
+static int par_result_get(char *buffer, const struct kernel_param *kp)
+{
+	int n;
+
+	mutex_lock(&bench_lock);
+	n = sysfs_emit(buffer, "%s", bench_par_result);
+	mutex_unlock(&bench_lock);
+	return n;
+}
+
+static const struct kernel_param_ops par_result_ops = {
+	.get	= par_result_get,
+};
+module_param_cb(par_result, &par_result_ops, NULL, 0444);
+MODULE_PARM_DESC(par_result, "the last run_parallel: decisions/s on one CPU and on all (\"none\" before)");
 
 static int run_get(char *buffer, const struct kernel_param *kp)
 {
@@ -280,7 +436,16 @@ static int __init bench_init(void)
 	err = bench_to_recommendation(p);
 	if (err)
 		goto err_destroy;
+
+	mutex_lock(&bench_lock);
 	bench_proxy = p;
+	if (bench_run_at_init)
+		err = bench_run();
+	if (err)
+		bench_proxy = NULL;
+	mutex_unlock(&bench_lock);
+	if (err)
+		goto err_destroy;
 	return 0;
 
 err_destroy:
@@ -290,8 +455,15 @@ err_destroy:
 
 static void __exit bench_exit(void)
 {
-	kml_proxy_stop(bench_proxy);
-	kml_proxy_destroy(bench_proxy);
+	struct kml_proxy *p;
+
+	WRITE_ONCE(bench_stop, true);	/* a run in a parameter store ends early */
+	mutex_lock(&bench_lock);
+	p = bench_proxy;
+	bench_proxy = NULL;
+	mutex_unlock(&bench_lock);
+	kml_proxy_stop(p);
+	kml_proxy_destroy(p);
 }
 
 module_init(bench_init);

@@ -46,6 +46,19 @@ _NLA_TYPE = {
     "flag": "NLA_FLAG", "pad": "NLA_PAD",
 }
 S16_MIN, S16_MAX = -(1 << 15), (1 << 15) - 1
+#: multicast group flags of the spec (YNL's mcast-groups flags) -> the kernel's
+_MCAST_FLAG = {"admin-perm": "GENL_MCAST_CAP_NET_ADMIN"}
+
+
+def mcast_flags(s: kspec.Spec) -> dict[str, list[str]]:
+    """Each multicast group's kernel flags, from the spec's YNL flags."""
+    out = {}
+    for g, fl in s.mcast_flags.items():
+        bad = [x for x in fl if x not in _MCAST_FLAG]
+        if bad:
+            raise SystemExit(f"{SPEC_REL}: mcast group {g}: unknown flags {bad}; known: {sorted(_MCAST_FLAG)}")
+        out[g] = [_MCAST_FLAG[x] for x in fl]
+    return out
 
 
 def c_id(name: str) -> str:
@@ -233,8 +246,6 @@ class Gen:
               f"extern const struct genl_ops {lc}_nl_ops[{len(self.request_ops())}];",
               f"extern const struct genl_multicast_group {lc}_nl_mcgrps[{len(s.mcast_groups)}];",
               "",
-              "/* First command number reserved for future (strictly validated) ops. */",
-              f"#define {fam}_NL_RESV_START_OP\t({fam}_CMD_MAX + 1)", "",
               f"#endif /* {guard} */", ""]
         return "\n".join(o)
 
@@ -279,8 +290,10 @@ class Gen:
                 o.append("\t\t.flags\t\t= GENL_ADMIN_PERM,")
             o.append("\t},")
         o += ["};", "", f"const struct genl_multicast_group {lc}_nl_mcgrps[{len(s.mcast_groups)}] = {{"]
+        flags = mcast_flags(s)
         for g in s.mcast_groups:
-            o.append(f'\t[{fam}_NLGRP_{up(g)}] = {{ "{g}", }},')
+            f = "".join(f" .flags = {x}," for x in flags[g])
+            o.append(f'\t[{fam}_NLGRP_{up(g)}] = {{ .name = "{g}",{f} }},')
         o += ["};", ""]
         return "\n".join(o)
 

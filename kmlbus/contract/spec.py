@@ -174,6 +174,8 @@ class Spec:
     mcast_groups: tuple[str, ...]
     doc: str
     path: Path
+    #: each multicast group's ``flags`` (YNL: ``admin-perm`` = joining needs CAP_NET_ADMIN)
+    mcast_flags: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @functools.cached_property
     def op_by_name(self) -> dict[str, Op]:
@@ -280,6 +282,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Spec:
     spec = Spec(
         raw["name"], int(raw.get("version", 1)), consts, enums, structs, sets, tuple(ops),
         tuple(g["name"] for g in raw["mcast-groups"]["list"]), raw.get("doc", ""), path,
+        {g["name"]: tuple(g.get("flags", ())) for g in raw["mcast-groups"]["list"]},
     )
     _check(spec)
     return spec

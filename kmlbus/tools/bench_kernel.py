@@ -37,7 +37,7 @@ from kmlbus.vm.guest import (
 from kmlbus.vm.kernels import project_root
 from kmlbus.wire.netlink import Connection
 
-__all__ = ["BENCH_KO", "decide_ns", "main", "parse_result", "telemetry_rate"]
+__all__ = ["BENCH_KO", "decide_ns", "main", "parallel_dps", "parse_result", "telemetry_rate"]
 
 BENCH_KO = project_root() / "kernel" / "bench" / "kmlbus_bench.ko"
 FRESH_KEYS = 32  # the bench module measures the fresh path on keys 0..31
@@ -102,6 +102,14 @@ def decide_ns(iters: int) -> dict[str, float]:
         _write_param("kmlbus_bench", "iters", iters)
         _write_param("kmlbus_bench", "run", 1)
         return parse_result(_read_param("kmlbus_bench", "result"))
+
+
+def parallel_dps(iters: int) -> dict[str, float]:
+    """Default decisions per second on one CPU and on every online CPU at once (kmlbus_bench.ko's
+    ``run_parallel``): keys ``cpus``, ``iters`` (per thread), ``one_cpu_dps``, ``all_cpus_dps``."""
+    with _loaded("kmlbus", KMLBUS_KO), _loaded("kmlbus_bench", BENCH_KO):
+        _write_param("kmlbus_bench", "run_parallel", iters)
+        return parse_result(_read_param("kmlbus_bench", "par_result"))
 
 
 class _TelemetryReader(TelemetryReader):
@@ -196,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     rates = args.rate or [20_000, 200_000]
 
     d = decide_ns(args.iters)
+    par = parallel_dps(args.iters)
     tele = [(telemetry_rate(args.seconds, 32, r), telemetry_rate(args.seconds, 1, r)) for r in rates]
     if args.json:
-        print(json.dumps({"decide": d, "telemetry": [{"batched": b, "single": s} for b, s in tele]}))
+        print(json.dumps({"decide": d, "parallel": par,
+                          "telemetry": [{"batched": b, "single": s} for b, s in tele]}))
         return 0
 
     base = d["baseline_ns"]
@@ -211,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<38} {ns:>9.2f} {_ratio(ns, base):>9} {ns - base:>9.2f}")
     print(f"model arm: default path {int(d['default_model'])}, fresh path {int(d['fresh_model'])}"
           f" of {int(d['iters'])}")
+    print(f"default decisions/s, {int(par['iters'])} per thread: one CPU {par['one_cpu_dps']:.0f}, "
+          f"{int(par['cpus'])} CPUs at once {par['all_cpus_dps']:.0f} "
+          f"({_ratio(par['all_cpus_dps'], par['one_cpu_dps'])} of one)")
     print()
     print(f"telemetry to a raw reader, {args.seconds:g} s per run (made = decisions' samples; "
           "buffered = made - drops; ENOBUFS = reader socket overflows)")

@@ -18,12 +18,17 @@ What it models
       dicts and telemetry/feedback the same read-only numpy views of the spec
       structs that ``Connection`` returns.
     * Requests as ``kmlbus_nl.c`` handles them: admin ops refused with EPERM for
-      a link opened without ``cap_net_admin``; the generated policy's range
+      a link opened without ``cap_net_admin``, and so is joining a group whose
+      spec flags say cap-net-admin (PermissionError, as the socket option); the generated policy's range
       checks (ERANGE, "integer out of range"); set-mode checked against
       :func:`kmlbus.contract.graph.load` (EINVAL + extack); set-params (stale-ms bound,
       ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
-      without a bus; otherwise emergency, reason detach); recommend checked
-      all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT, key).
+      without a bus; otherwise emergency, reason detach); recommend, and
+      set-mode with a reason other than operator to a mode other than
+      emergency, of an attached proxy from another port (EBUSY); recommend
+      checked all-or-nothing in the kernel's order (length, E2BIG, ttl, ENOENT,
+      bus, key).  Proxy ids are not reused within a load; a destroyed proxy
+      announces proxy-removed.
       Errors are raised as :class:`kmlbus.wire.netlink.NetlinkError` with the extack
       text formatted as ``Connection`` formats it (``[attribute x]``,
       ``: missing attribute x``).
@@ -34,10 +39,11 @@ What it models
     * Buffering: rings of 1024 samples / 1024 feedback records, a flush when 32
       samples are buffered or every 20 ms, telemetry in messages of at most 32
       records, feedback of at most 128, records counted ``unheard`` (and
-      dropped) when nobody listens to group telemetry; the stale check runs
-      after every flush like ``flush_work_fn``.
+      dropped) when nobody listens to group telemetry, at the decision (then
+      without a seq) or at the flush; the stale check runs
+      before every flush like ``flush_work_fn``.
     * Mode events on every change (and on every forced fallback) to group
-      events; closing the attached link drops the proxy to emergency with
+      events, each with the proxy's next ``mode-seq``; closing the attached link drops the proxy to emergency with
       reason bus-gone, like the netlink release notifier.
     * The sample workload bit for bit: splitmix64 seeded with ``seed``, 64
       streams with hidden s_k, features seq_ratio/req_size/noise, default window
@@ -151,6 +157,10 @@ FLUSH_MS = int(_SPEC.consts["flush-ms"])
 MSG_SAMPLES = int(_SPEC.consts["msg-samples"])
 MSG_FEEDBACK = int(_SPEC.consts["msg-feedback"])
 _EMERGENCY = _MODES.value("emergency")
+
+
+#: groups whose spec flags say joining needs CAP_NET_ADMIN (GENL_MCAST_CAP_NET_ADMIN)
+_ADMIN_GROUPS = frozenset(g for g, fl in _SPEC.mcast_flags.items() if "admin-perm" in fl)
 
 
 class SimClock:
@@ -342,6 +352,7 @@ class StandinProxy:
         self.mode = _MODES.value(kernel.graph.initial)
         self.reason = _REASONS.value("none")
         self.mode_since = now
+        self.mode_seq = 0  # announced changes (struct kml_proxy.mode_seq)
         self.share = int(g.collaboration_share)  # KMLBUS_DEFAULT_SHARE is generated from the graph
         self.explore = int(g.exploration_share)
         self.stale_ms = 0
@@ -385,6 +396,7 @@ class StandinProxy:
             "bus-portid": self.bus_portid, "share": self.share, "explore": self.explore,
             "reason": self.reason, "mode-ms": (now - self.mode_since) // MS,
             "efficiency-scale": self.desc.efficiency_scale, "stale-ms": self.stale_ms,
+            "mode-seq": self.mode_seq,
         }
 
     # -- lifecycle and workload ------------------------------------------------
@@ -471,6 +483,16 @@ class StandinProxy:
         c["recs-applied"] += nmodel
         c["decisions-default"] += n - nmodel
 
+        eff = self.workload.efficiency(keys, value)
+        if not self.kernel._listeners("telemetry"):
+            # record_sample / kml_proxy_report with nobody listening: counted, not kept, no seq
+            c["samples"] += n
+            c["unheard"] += n
+            if eff is not None:
+                c["feedback"] += n
+                c["unheard"] += n
+            return
+
         s = np.zeros(n, dtype=_SAMPLE_DT)
         s["seq"] = self.seq + 1 + np.arange(n)
         self.seq += n  # assigned even to dropped samples
@@ -486,7 +508,6 @@ class StandinProxy:
         c["samples"] += kept
         c["drops"] += n - kept
 
-        eff = self.workload.efficiency(keys, value)
         if eff is not None:
             f = np.zeros(n, dtype=_FEEDBACK_DT)
             f["seq"] = s["seq"]
@@ -501,9 +522,9 @@ class StandinProxy:
     # -- flushing, staleness, modes --------------------------------------------------
 
     def flush(self, now: int) -> None:
-        """``flush_work_fn``: send both rings, check staleness, re-arm the 20 ms timer."""
-        self.flush_now()
+        """``flush_work_fn``: check staleness, send both rings, re-arm the 20 ms timer."""
         self._check_stale(now)
+        self.flush_now()
         self.next_flush = now + FLUSH_MS * MS
 
     def flush_now(self) -> None:
@@ -542,9 +563,16 @@ class StandinProxy:
             self.mode_since = self.kernel.clock.now_ns() if now is None else now
             self.counters["mode-changes"] += 1
         if old != mode or force:  # a forced fallback is announced even if already in emergency
+            self.mode_seq += 1
             self.kernel._multicast("events", "mode-event", {
-                "id": self.id, "name": self.desc.name, "mode": mode, "old-mode": old, "reason": reason})
+                "id": self.id, "name": self.desc.name, "mode": mode, "old-mode": old, "reason": reason,
+                "mode-seq": self.mode_seq})
         return 0
+
+    def announce_removed(self) -> None:
+        """``kmlbus_nl_removed_event``, sent by ``kml_proxy_destroy``."""
+        self.kernel._multicast("events", "proxy-removed",
+                               {"id": self.id, "name": self.desc.name, "mode-seq": self.mode_seq})
 
     def store_recs(self, recs: npt.NDArray[Any], now: int) -> None:
         """``kmlbus_store_recs`` (already checked)."""
@@ -607,9 +635,10 @@ class StandinKernel:
     def load(self, *, first_id: int = 1) -> None:
         """insmod: a new family id, and every registered workload's proxy created and started.
 
-        Ids come from a fresh IDA, so like the real modules the proxies get
-        1, 2, ... again; pass *first_id* to have them numbered differently (as
-        when another module's proxy registers first).
+        Ids restart at 1 with a fresh kmlbus.ko, so like the real modules the
+        proxies get 1, 2, ... again; within one load they are never reused
+        (kmlbus_alloc_id is cyclic).  Pass *first_id* to have them numbered
+        differently (as when another module's proxy registers first).
         """
         if self.loaded:
             raise RuntimeError("stand-in kmlbus is already loaded")
@@ -626,6 +655,7 @@ class StandinKernel:
         self._sync()
         for p in self.proxies:
             p.flush_now()  # kml_proxy_stop flushes what is buffered
+            p.announce_removed()
         self.proxies.clear()
         self.loaded = False
         for ln in self.links:
@@ -642,10 +672,11 @@ class StandinKernel:
 
     def remove_proxy(self, name: str) -> None:
         """rmmod of the subsystem that owns proxy *name* (e.g. kmlbus_sample): stopped, flushed,
-        destroyed; no mode event (``kml_proxy_destroy`` sends none).  Not re-created by load."""
+        destroyed with a proxy-removed event.  Not re-created by load."""
         self._sync()
         p = self.find(name)
         p.flush_now()
+        p.announce_removed()
         self.proxies.remove(p)
         self._factories = [(f, r) for f, r in self._factories if f is not p.factory]
 
@@ -654,9 +685,10 @@ class StandinKernel:
         if any(p.desc.name == w.desc.name for p in self.proxies):
             raise ValueError(f"a proxy named {w.desc.name} exists (kml_proxy_create: -EEXIST)")
         used = {p.id for p in self.proxies}
-        pid = self._next_id
+        pid = self._next_id  # kmlbus_alloc_id: cyclic, a destroyed proxy's id is not reused
         while pid in used:
             pid += 1
+        self._next_id = pid + 1
         p = StandinProxy(self, pid, w, rate)
         p.factory = factory
         self.proxies.append(p)
@@ -776,6 +808,8 @@ class StandinKernel:
                 raise _Refused(-errno_mod.EINVAL, "missing mode (KMLBUS_A_PROXY_MODE)", missing="mode")
             p = self._proxy_of(a)
             reason = a.get("reason")
+            if reason not in (None, _REASONS.value("operator")) and a["mode"] != _EMERGENCY:
+                self._check_bus(p, ln)
             err = p.change_mode(int(a["mode"]), _REASONS.value("operator") if reason is None else int(reason),
                                 force=False)
             if err:
@@ -803,7 +837,7 @@ class StandinKernel:
             p.bus_portid = 0
             p.change_mode(_EMERGENCY, _REASONS.value("detach"), force=True)
         elif op == "recommend":
-            self._recommend(a, now)
+            self._recommend(ln, a, now)
         return []
 
     @staticmethod
@@ -844,7 +878,15 @@ class StandinKernel:
             raise _Refused(-errno_mod.ENOENT, "no proxy with this id (and name)", "id")
         raise _Refused(-errno_mod.ENOENT, "no proxy with this name", "name")
 
-    def _recommend(self, a: Mapping[str, Any], now: int) -> None:
+    @staticmethod
+    def _check_bus(p: StandinProxy, ln: StandinLink) -> None:
+        """``check_bus``: an attached proxy is steered by its bus only (recommend; set-mode
+        unless the reason is operator or the mode emergency)."""
+        if p.bus_portid and p.bus_portid != ln.portid:
+            raise _Refused(-errno_mod.EBUSY, "proxy is attached to another bus socket: only that bus may "
+                           "steer it (others: reason operator, mode emergency, or detach)", "id")
+
+    def _recommend(self, ln: StandinLink, a: Mapping[str, Any], now: int) -> None:
         """``kmlbus_nl_recommend_doit``: the whole batch is checked before any slot is written."""
         recs = a.get("recs")
         if recs is None:
@@ -859,6 +901,7 @@ class StandinKernel:
             raise _Refused(-errno_mod.EINVAL, "recs[offset]: ttl-ms must be 1..KMLBUS_MAX_TTL_MS",
                            f"recs[{int(bad[0])}]")
         p = self._proxy_of(a)
+        self._check_bus(p, ln)
         bad = np.flatnonzero(recs["key"] >= p.desc.nkeys)
         if len(bad):
             raise _Refused(-errno_mod.EINVAL, "recs[offset]: key >= the proxy's nkeys", f"recs[{int(bad[0])}]")
@@ -922,6 +965,8 @@ class StandinLink(ControlOps):
         if group not in _SPEC.mcast_groups:
             raise KmlbusError(f"{_SPEC.name} has no multicast group {group!r}; the kernel offers "
                               f"{sorted(_SPEC.mcast_groups)}")
+        if group in _ADMIN_GROUPS and not self.cap_net_admin:  # genl_bind
+            raise PermissionError(errno_mod.EPERM, f"joining group {group} needs CAP_NET_ADMIN")
         if self.alive:
             self.kernel._sync()  # records made before we joined were not heard by us
             self.groups.add(group)

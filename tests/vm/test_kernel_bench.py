@@ -8,16 +8,20 @@ noise, and that ``flush_batch`` really sets the records per telemetry message.
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kmlbus.tools.bench_kernel import BENCH_KO, decide_ns, parse_result, telemetry_rate
-from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
+from kmlbus.tools.bench_kernel import BENCH_KO, decide_ns, parallel_dps, parse_result, telemetry_rate
 from kmlbus.wire import codec
 from kmlbus.wire.netlink import Connection
+from kmlbus.vm.guest import dmesg_mark, dmesg_since, insmod, is_loaded, rmmod
 
 pytestmark = pytest.mark.vm
 
@@ -87,3 +91,51 @@ def test_flush_batch_rejects_invalid_values(kmlbus_module: int) -> None:
         assert FLUSH_BATCH.read_text().strip() == "7"
     finally:
         FLUSH_BATCH.write_text("32\n")
+
+
+def test_insmod_with_run_1_runs_once_after_init(kmlbus_module: int) -> None:
+    # parameters are parsed before init: run=1 used to reach a NULL proxy
+    insmod(BENCH_KO, iters=1000, run=1)
+    try:
+        r = parse_result((BENCH_PARAMS / "result").read_text())
+        assert r["iters"] == 1000 and r["fresh_model"] == 0, r
+    finally:
+        rmmod("kmlbus_bench")
+
+
+def test_rmmod_during_a_run_stops_it_before_the_proxy_is_freed(kmlbus_module: int) -> None:
+    insmod(BENCH_KO)
+    outcome: list[object] = []
+
+    def run() -> None:
+        fd = os.open(BENCH_PARAMS / "run", os.O_WRONLY)
+        try:
+            os.write(fd, b"1\n")
+            outcome.append("finished")
+        except OSError as e:
+            outcome.append(e.errno)
+        finally:
+            os.close(fd)
+
+    (BENCH_PARAMS / "iters").write_text("50000000\n")  # minutes under TCG: still running at rmmod
+    writer = threading.Thread(target=run)
+    writer.start()
+    try:
+        with Connection() as c:
+            while not c.proxy("bench")["counters"]["samples"] and writer.is_alive():
+                time.sleep(0.05)
+        assert writer.is_alive(), outcome
+        rmmod("kmlbus_bench")  # exit ends the run, then frees the proxy
+    finally:
+        writer.join(timeout=120)
+    assert not writer.is_alive(), "the run outlived rmmod"
+    assert outcome == [errno.ECANCELED], outcome
+
+
+def test_parallel_bench_reports_both_rates(kmlbus_module: int) -> None:
+    mark = dmesg_mark()
+    r = parallel_dps(1000)
+    assert not is_loaded("kmlbus_bench")
+    assert r["cpus"] == os.cpu_count() and r["iters"] == 1000, r
+    assert r["one_cpu_dps"] > 0 and r["all_cpus_dps"] > 0, r
+    assert not _noise(mark), _noise(mark)

@@ -281,11 +281,17 @@ with Connection() as c:
             out[op] = 0
         except NetlinkError as e:
             out[op] = e.errno
+    for g in ("telemetry", "events"):
+        try:
+            c.join(g)
+            out["join " + g] = 0
+        except OSError as e:
+            out["join " + g] = e.errno
 print(json.dumps(out))
 """
 
 
-def test_unprivileged_control_requests_get_eperm_and_change_nothing(modules: Any) -> None:
+def test_unprivileged_control_requests_and_group_joins_get_eperm_and_change_nothing(modules: Any) -> None:
     with Connection() as c:
         pid = sample_id(c)
         before = c.proxy(pid)

@@ -19,7 +19,7 @@
  *
  * kml_proxy_decide(), kml_proxy_report(), kml_proxy_evaluate(),
  * kml_proxy_submit() and kml_proxy_set_mode() never sleep and may be called
- * from any context, including hard and soft interrupts.  The lifecycle verbs
+ * from any context but NMI, including hard and soft interrupts.  The lifecycle verbs
  * sleep.  The owner must stop calling decide/report/submit before
  * kml_proxy_destroy().
  */

@@ -211,6 +211,12 @@ def recommend_all(c: Connection, pid: int, window: int) -> None:
     c.recommend(pid, [(k, window, 60000) for k in range(NKEYS)])
 
 
+def decisions_taken() -> int:
+    """Decisions counted by kmlbus_readahead's read-only ``stats`` parameter."""
+    text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
+    return int(dict(part.split("=") for part in text.split())["decisions"])
+
+
 def probed_symbols() -> list[str]:
     """Symbols of ours still in the kernel's kprobe list (debugfs)."""
     if not KPROBES_LIST.exists():
@@ -235,9 +241,12 @@ def test_emergency_issues_the_same_requests_as_no_module(
     with Connection() as c:
         p = c.proxy("readahead")
         assert p["mode"] == MODE.value("emergency")
+        taken = decisions_taken()
         got = pattern(d, path)
         counters = c.proxy(p["id"])["counters"]
+        taken = decisions_taken() - taken
     assert got == stock
+    assert taken == counters["decisions-default"] > 0
     # the proxy was on the path: it decided (by default) at the readahead points
     assert counters["decisions-default"] > 0 and counters["decisions-model"] == 0
     assert [f["name"] for f in p["feature"]][:2] == ["seq", "req_pages"]

@@ -82,10 +82,12 @@ def _echo_request(family_id: int, proxy_id: int) -> bytearray:
                                       flags=codec.NLM_F_REQUEST))
 
 
-def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> Lat:
-    """Raw echo: answer each telemetry batch with one pre-encoded recommend (no ACK asked)."""
-    peer = TelemetryReader(conn.family_id, conn.groups["telemetry"], timeout=0.2)
-    req = _echo_request(conn.family_id, proxy_id)
+def floor_roundtrip(sender: netlink.Connection, proxy_id: int, seconds: float) -> Lat:
+    """Raw echo: answer each telemetry batch with one pre-encoded recommend (no ACK asked),
+    sent on *sender*, the socket the proxy is attached to (the kernel takes recommendations
+    of an attached proxy from its bus's socket only)."""
+    peer = TelemetryReader(sender.family_id, sender.groups["telemetry"], timeout=0.2)
+    req = _echo_request(sender.family_id, proxy_id)
     out = Lat([], [])
     seq = 1
     end = time.monotonic() + seconds
@@ -96,7 +98,7 @@ def floor_roundtrip(conn: netlink.Connection, proxy_id: int, seconds: float) -> 
                     continue
                 seq += 1
                 struct.pack_into("=I", req, 8, seq)
-                peer.sock.send(req)  # returns once the kernel has run it
+                sender.send_frame(req)  # returns once the kernel has run it
                 t_done = time.monotonic_ns()
                 out.e2e.append(t_done - b.newest_ts)
                 out.user.append(t_done - b.read_ns)
@@ -175,12 +177,13 @@ def bus_roundtrip(bus: Bus, seconds: float) -> Lat:
 ROUNDS = 5
 
 
-def interleaved_roundtrip(ctl: netlink.Connection, proxy_id: int, bus: Bus, seconds: float,
+def interleaved_roundtrip(proxy_id: int, bus: Bus, seconds: float,
                           rounds: int = ROUNDS) -> tuple[Lat, Lat]:
     """(floor, bus) round trips, measured in alternating windows of ``seconds / rounds``.
 
     The bus's socket leaves the telemetry group while the echo runs, so it
-    neither buffers batches nor competes for them.
+    neither buffers batches nor competes for them; the echo sends on the bus's
+    control socket, the one the proxy is attached to.
     """
     conn = bus.conn
     assert conn is not None
@@ -188,7 +191,8 @@ def interleaved_roundtrip(ctl: netlink.Connection, proxy_id: int, bus: Bus, seco
     for _ in range(rounds):
         conn.leave("telemetry")
         bus.handle_all(conn.recv(timeout=0))
-        f = floor_roundtrip(ctl, proxy_id, seconds / rounds)
+        assert isinstance(bus.ctl, netlink.Connection)
+        f = floor_roundtrip(bus.ctl, proxy_id, seconds / rounds)
         conn.join("telemetry")
         b = bus_roundtrip(bus, seconds / rounds)
         floor.e2e += f.e2e
@@ -241,7 +245,7 @@ def _run(seconds: float, rate: int) -> int:
         bus = _bus(work)
         try:
             bus_roundtrip(bus, 1.0)  # warm up onnxruntime and the caches
-            floor, lat = interleaved_roundtrip(ctl, pid, bus, seconds)
+            floor, lat = interleaved_roundtrip(pid, bus, seconds)
 
             _set_rate(rate)
             # The bus's socket must not buffer batches while the floor is measured.

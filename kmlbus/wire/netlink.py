@@ -370,6 +370,15 @@ class GenlSocket:
         """A fresh non-zero sequence number (kernel events use seq 0)."""
         return next(self._seq) & 0xFFFFFFFF or next(self._seq)
 
+    def send_frame(self, data: bytes | bytearray) -> None:
+        """Send one already framed request as it is, and return at once (nothing is awaited).
+
+        Netlink runs a request in the sender's context: when this returns, the
+        kernel has run it.  Its error, if any, comes back later and is dropped
+        (counted in ``stats["dropped"]``).  For the benchmarks' raw floor.
+        """
+        self._sock.sendto(data, (0, 0))
+
     def transact(self, data: bytes, seq: int, *, expect_ack: bool = True, timeout: float | None = None) -> list[Message]:
         """Send one framed request and collect every message answering *seq*.
 

@@ -26,7 +26,7 @@ def test_interleaved_round_trips_are_real_and_applied(modules: Any, tmp_path: Pa
         try:
             received0 = ctl.proxy(pid)["counters"]["recs-received"]
             d0 = bus.dispatcher.counters_of("sample").recs_sent
-            floor, lat = bench.interleaved_roundtrip(ctl, pid, bus, 3.0, rounds=3)
+            floor, lat = bench.interleaved_roundtrip(pid, bus, 3.0, rounds=3)
             received = ctl.proxy(pid)["counters"]["recs-received"] - received0
             sent = bus.dispatcher.counters_of("sample").recs_sent - d0
         finally:

@@ -1,0 +1,237 @@
+"""The log-structured target kmlbus-lsd on a RAM disk, against the real kernel.
+
+fio writes random 4 KiB blocks with crc32c verification until the cleaner has
+run (the target's own counters say write amplification > 1), bad table lines
+are refused with a message in the kernel log and leave no device behind, the
+module cannot go while a target uses it, and ext4 on top survives file churn
+with a clean fsck.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmlbus.vm.guest import (
+    dmesg_mark,
+    dmesg_problems,
+    dmesg_since,
+    insmod,
+    is_loaded,
+    rmmod,
+)
+from kmlbus.vm.kernels import project_root
+
+pytestmark = pytest.mark.vm
+
+LSD_KO = project_root() / "kernel" / "lsd" / "kmlbus_lsd.ko"
+KMLBUS_KO = project_root() / "kernel" / "kmlbus.ko"
+RAM_MIB = 64
+SEG_BLOCKS = 64                 # 256 KiB segments -> 256 segments on the RAM disk
+NAME = "lsdtest"
+# no udev in the guest: libdevmapper makes the /dev/mapper nodes itself
+DM_ENV = {**os.environ, "DM_DISABLE_UDEV": "1"}
+
+
+def _run(*cmd: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=DM_ENV, check=False,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}): "
+                             f"{proc.stdout.strip()} {proc.stderr.strip()}")
+    return proc
+
+
+def _sectors(mib: float) -> int:
+    """Sectors of *mib* MiB rounded down to whole 4 KiB blocks."""
+    return int(mib * 2048) // 8 * 8
+
+
+@dataclass
+class Lsd:
+    """A live kmlbus-lsd device."""
+
+    name: str
+    sectors: int
+
+    @property
+    def path(self) -> str:
+        return f"/dev/mapper/{self.name}"
+
+    def status(self) -> dict[str, str]:
+        """The target's counters from ``dmsetup status`` as key -> text."""
+        line = _run("dmsetup", "status", self.name).stdout.strip()
+        return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def _create(name: str, table: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return _run("dmsetup", "create", name, "--table", table, check=check)
+
+
+def _remove(name: str) -> None:
+    _run("dmsetup", "remove", name)
+
+
+@pytest.fixture
+def lsd_module() -> Iterator[int]:
+    """dm-mod, brd (one RAM disk) and kmlbus_lsd.ko; afterwards all gone, dmesg clean."""
+    mark = dmesg_mark()
+    _run("modprobe", "dm-mod")
+    _run("modprobe", "brd", "rd_nr=1", f"rd_size={RAM_MIB * 1024}")
+    if not is_loaded("kmlbus"):
+        insmod(KMLBUS_KO)
+    insmod(LSD_KO)
+    try:
+        yield mark
+    finally:
+        for dev in _run("dmsetup", "ls", check=False).stdout.split("\n"):
+            if dev.startswith(NAME):
+                _run("dmsetup", "remove", dev.split()[0], check=False)
+        rmmod("kmlbus_lsd")
+        rmmod("kmlbus")
+        _run("rmmod", "brd", check=False)
+    assert not is_loaded("kmlbus_lsd")
+    noise = dmesg_problems(mark)
+    assert not noise, f"kernel log problems during the test: {noise[:5]}"
+
+
+def _make(utilization: float, streams: int = 1, opts: str = "") -> Lsd:
+    sectors = _sectors(RAM_MIB * utilization)
+    table = f"0 {sectors} kmlbus-lsd /dev/ram0 {SEG_BLOCKS} {streams}{opts}"
+    _create(NAME, table)
+    return Lsd(NAME, sectors)
+
+
+def _fio_verify(dev: Lsd, loops: int, extra: tuple[str, ...] = ()) -> str:
+    """Random 4 KiB writes over the whole device, *loops* passes, each verified (crc32c)."""
+    proc = _run("fio", "--name=lsd", f"--filename={dev.path}", "--rw=randwrite", "--bs=4k",
+                "--direct=1", "--ioengine=psync", f"--size={dev.sectors * 512}",
+                f"--loops={loops}", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                "--randrepeat=0", "--output-format=terse", *extra, check=False, timeout=600)
+    assert proc.returncode == 0, f"fio failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    assert "verify" not in proc.stderr.lower(), proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.parametrize("victim,placement,streams", [
+    ("greedy", "single", 1),
+    ("cost-benefit", "hot-cold", 3),
+])
+def test_random_writes_verify_while_the_cleaner_runs(lsd_module: int, victim: str,
+                                                     placement: str, streams: int) -> None:
+    dev = _make(0.8, streams, f" 2 victim={victim} placement={placement}")
+    before = dev.status()
+    assert before["user_writes"] == "0" and before["victim"] == victim
+    _fio_verify(dev, loops=3)
+    st = dev.status()
+    user, gc = int(st["user_writes"]), int(st["gc_writes"])
+    assert user >= 3 * dev.sectors // 8, st
+    assert int(st["segs_cleaned"]) > 0 and gc > 0, st
+    assert float(st["wa"]) > 1.0, st
+    assert float(st["wa"]) == pytest.approx((user + gc) / user, abs=1e-3)
+    _remove(NAME)
+    assert _run("dmsetup", "info", NAME, check=False).returncode != 0
+
+
+def test_unwritten_blocks_read_as_zeros_and_discard_forgets(lsd_module: int) -> None:
+    dev = _make(0.5)
+    with open(dev.path, "rb") as f:
+        assert f.read(1 << 20) == bytes(1 << 20)
+    pattern = bytes(range(256)) * 16 * 4
+    fd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(pattern))
+        buf.write(pattern)
+        os.pwrite(fd, buf, 8192)
+    finally:
+        os.close(fd)
+    _run("blockdev", "--flushbufs", dev.path)
+    with open(dev.path, "rb") as f:
+        f.seek(8192)
+        assert f.read(len(pattern)) == pattern
+    assert dev.status()["user_writes"] == str(len(pattern) // 4096)
+    _run("blkdiscard", "-o", "8192", "-l", str(len(pattern)), dev.path)
+    _run("blockdev", "--flushbufs", dev.path)
+    assert dev.status()["discarded"] == str(len(pattern) // 4096)
+    with open(dev.path, "rb") as f:
+        f.seek(8192)
+        assert f.read(len(pattern)) == bytes(len(pattern))
+    _remove(NAME)
+
+
+BAD_TABLES = [
+    ("0 8192 kmlbus-lsd /dev/ram0 64", "Expected <dev> <segment_blocks> <streams>"),
+    ("0 8192 kmlbus-lsd /dev/nonexistent 64 1", "cannot open backing device"),
+    ("0 8192 kmlbus-lsd /dev/ram0 3 1", "Invalid segment size"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 0", "Invalid number of streams"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 9", "Invalid number of streams"),
+    ("0 8193 kmlbus-lsd /dev/ram0 64 1", "multiples of 8 sectors"),
+    (f"0 {RAM_MIB * 2048} kmlbus-lsd /dev/ram0 64 1", "no over-provisioning left"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 1 1 victim=oracle", "unknown victim policy 'oracle'"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 1 1 placement=random", "unknown placement policy"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 1 1 colour=blue", "unknown option 'colour=blue'"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 1 2 victim=greedy", "Invalid number of optional arguments"),
+    ("0 8192 kmlbus-lsd /dev/ram0 64 1 1 victim=greedy extra", "Too many arguments"),
+]
+
+
+def test_bad_table_lines_are_refused_with_a_message(lsd_module: int) -> None:
+    problems = []
+    for table, message in BAD_TABLES:
+        mark = dmesg_mark()
+        proc = _create(NAME, table, check=False)
+        log = "\n".join(dmesg_since(mark))
+        if proc.returncode == 0:
+            problems.append(f"accepted: {table}")
+            _remove(NAME)
+        elif message.lower() not in log.lower():
+            problems.append(f"{table}: no {message!r} in the kernel log: {log!r}")
+        if _run("dmsetup", "info", NAME, check=False).returncode == 0:
+            problems.append(f"{table}: device left behind")
+            _run("dmsetup", "remove", NAME, check=False)
+    assert not problems, "\n".join(problems)
+
+
+def test_module_stays_while_a_target_exists(lsd_module: int) -> None:
+    _make(0.5)
+    assert _run("rmmod", "kmlbus_lsd", check=False).returncode != 0
+    assert is_loaded("kmlbus_lsd")
+    _remove(NAME)
+    rmmod("kmlbus_lsd")
+    insmod(LSD_KO)  # the fixture unloads it again
+
+
+def test_ext4_on_top_survives_churn_and_fscks_clean(lsd_module: int, tmp_path: Path) -> None:
+    dev = _make(0.8)
+    _run("mkfs.ext4", "-q", "-F", "-E", "nodiscard", dev.path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    _run("mount", "-o", "discard", dev.path, str(mnt))
+    try:
+        # create, overwrite and delete files until the target has cleaned
+        for rnd in range(6):
+            for i in range(12):
+                data = os.urandom(1 << 20)
+                (mnt / f"f{i}").write_bytes(data)
+            for i in range(0, 12, 2 + rnd % 2):
+                (mnt / f"f{i}").unlink()
+            os.sync()
+        kept = {p.name: p.read_bytes() for p in mnt.iterdir() if p.is_file()}
+    finally:
+        _run("umount", str(mnt))
+    assert int(dev.status()["segs_cleaned"]) > 0, dev.status()
+    _run("fsck.ext4", "-f", "-n", dev.path)
+    _run("mount", "-o", "ro", dev.path, str(mnt))
+    try:
+        for name, data in kept.items():
+            assert (mnt / name).read_bytes() == data
+    finally:
+        _run("umount", str(mnt))
+    _remove(NAME)

@@ -43,6 +43,7 @@
 
 #include <linux/bio.h>
 #include <linux/device-mapper.h>
+#include <linux/idr.h>
 #include <linux/math64.h>
 #include <linux/module.h>
 #include <linux/slab.h>
@@ -50,6 +51,8 @@
 #include <linux/vmalloc.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
+
+#include <kmlbus/kmlbus.h>
 
 #define LSD_SECTORS_PER_BLOCK	8		/* 4 KiB blocks */
 #define LSD_BLOCK_SHIFT		3
@@ -59,6 +62,9 @@
 #define LSD_MAX_SEG_BLOCKS	65536
 #define LSD_GC_RESERVE		2	/* free segments only the cleaner may take */
 #define LSD_HOT_MAX		255	/* saturating update counter */
+#define LSD_PERMILLE		1000
+#define LSD_SCORE_MAX		1000000000	/* victim scores are clamped to this */
+#define LSD_PLACE_REGIONS	1024	/* placement keys: equal slices of the logical space */
 
 enum lsd_seg_state {
 	LSD_SEG_FREE,
@@ -94,6 +100,7 @@ struct lsd_seg {
 	u8 stream;
 	u64 mtime;		/* write clock of the last block handed out */
 	u64 itime;		/* write clock of the last invalidation */
+	u64 heat;		/* sum of the live blocks' update counts when written */
 	struct list_head free_node;
 	atomic_t writes;	/* bios in flight into this segment */
 	atomic_t reads;		/* bios in flight out of this segment */
@@ -104,6 +111,33 @@ struct lsd_lblk {
 	u64 wtime;		/* write clock when last written */
 	u32 epoch;		/* decay epoch of count */
 	u8 count;		/* writes, halved every epoch */
+	u8 wheat;		/* count when last written (its share of its segment's heat) */
+	bool has_dec;		/* dec is the placement decision of the live version */
+	struct kml_decision dec;
+};
+
+/* Victim features published to the bus (all fixed point, scale 1000 unless noted). */
+enum {
+	LSD_VF_VALID,		/* live blocks, permille of the segment */
+	LSD_VF_AGE,		/* since the last block was written, permille of the logical size */
+	LSD_VF_IDLE,		/* since the last invalidation, same unit */
+	LSD_VF_HEAT,		/* mean update count of the live blocks */
+	LSD_VF_STREAM,		/* stream that wrote it (scale 1; the cleaner's is <streams>) */
+	LSD_VF_N,
+};
+
+/* Placement features: of the logical block being written. */
+enum {
+	LSD_PF_COUNT,		/* update count, halved every logical-size of writes (scale 1) */
+	LSD_PF_AGE,		/* since its last write, permille of the logical size */
+	LSD_PF_FIRST,		/* 1 if never written (or discarded) before (scale 1) */
+	LSD_PF_N,
+};
+
+/* The cleaner's snapshot of one candidate segment. */
+struct lsd_cand {
+	u32 seg;
+	s32 f[LSD_VF_N];
 };
 
 enum lsd_io_kind {
@@ -154,7 +188,18 @@ struct lsd {
 	wait_queue_head_t drain_wq;
 	struct page *gc_page;
 	bool dying;
+
+	/* kmlbus decision points; NULL where the table makes one pointless */
+	int id;				/* lsd<id>.victim, lsd<id>.place */
+	struct kml_proxy *victim_proxy;	/* NULL with more segments than keys */
+	struct kml_proxy *place_proxy;	/* NULL with one stream */
+	struct lsd_cand *cand;		/* only the cleaner touches it */
+	u64 arm_cleaned[KMLBUS_ARM_MAX + 1];	/* victims chosen per arm */
+	u64 arm_moved[KMLBUS_ARM_MAX + 1];	/* blocks they cost */
+	u64 place_arm[KMLBUS_ARM_MAX + 1];	/* placements per arm */
 };
+
+static DEFINE_IDA(lsd_ida);
 
 static inline u32 lsd_seg_of(const struct lsd *lsd, u32 pblk)
 {
@@ -180,6 +225,8 @@ static int lsd_alloc(struct lsd *lsd, u32 stream, u32 *pblk)
 		seg->stream = stream;
 		seg->wp = 0;
 		seg->valid = 0;
+		seg->heat = 0;
+		seg->itime = lsd->wclock;
 		lsd->open[stream] = s;
 		if (lsd->nr_free < lsd->gc_low)
 			queue_work(lsd->wq, &lsd->gc_work);
@@ -200,6 +247,7 @@ static void lsd_invalidate(struct lsd *lsd, u32 pblk)
 	struct lsd_seg *seg = &lsd->segs[lsd_seg_of(lsd, pblk)];
 
 	lockdep_assert_held(&lsd->lock);
+	seg->heat -= lsd->lblk[lsd->p2l[pblk]].wheat;
 	lsd->p2l[pblk] = LSD_NONE;
 	seg->valid--;
 	seg->itime = lsd->wclock;
@@ -219,10 +267,8 @@ static u32 lsd_touch(struct lsd *lsd, u32 lba)
 	return lb->count;
 }
 
-static u32 lsd_place(struct lsd *lsd, u32 lba)
+static u32 lsd_place_default(const struct lsd *lsd, u32 count)
 {
-	u32 count = lsd_touch(lsd, lba);
-
 	switch (lsd->placement) {
 	case LSD_PLACE_HOT_COLD:
 		/* 1 write: stream 0, 2-3: stream 1, 4-7: stream 2, ... */
@@ -233,6 +279,67 @@ static u32 lsd_place(struct lsd *lsd, u32 lba)
 	}
 }
 
+static s32 lsd_place_default_cb(struct kml_proxy *proxy, u32 key, const s32 *f)
+{
+	return lsd_place_default(kml_proxy_priv(proxy), f[LSD_PF_COUNT]);
+}
+
+static s32 lsd_permille_of_capacity(const struct lsd *lsd, u64 ticks)
+{
+	return min_t(u64, div_u64(ticks * LSD_PERMILLE, lsd->nr_lblocks), S32_MAX);
+}
+
+/*
+ * Placement feedback when a block dies: its ideal class is the one whose
+ * lifetime band holds how long it lived (stream 0 for a logical size of
+ * writes or more, each hotter stream half of the one before), and a class
+ * off by the whole range of streams scores 0.
+ */
+static s32 lsd_place_efficiency(const struct lsd *lsd, u32 stream, u64 life)
+{
+	u64 band = lsd->nr_lblocks / 2;
+	u32 ideal = 0;
+
+	while (ideal < lsd->nr_streams - 1 && life < band) {
+		ideal++;
+		band >>= 1;
+	}
+	return LSD_PERMILLE - LSD_PERMILLE * abs((s32)stream - (s32)ideal) /
+	       (s32)max(lsd->nr_streams - 1, 1U);
+}
+
+/* A live block described by @lb dies (overwritten or discarded): report its placement. */
+static void lsd_block_died(struct lsd *lsd, const struct lsd_lblk *lb)
+{
+	if (lb->has_dec)
+		kml_proxy_report(lsd->place_proxy, &lb->dec,
+				 lsd_place_efficiency(lsd, lb->dec.value,
+						      lsd->wclock - lb->wtime));
+}
+
+static u32 lsd_place(struct lsd *lsd, u32 lba)
+{
+	struct lsd_lblk *lb = &lsd->lblk[lba];
+	bool first = lsd->l2p[lba] == LSD_NONE;
+	u64 since = lsd->wclock - lb->wtime;
+	u32 count = lsd_touch(lsd, lba);
+	s32 f[LSD_PF_N];
+	u32 key;
+
+	lb->has_dec = false;
+	if (!lsd->place_proxy)
+		return lsd_place_default(lsd, count);
+	f[LSD_PF_COUNT] = count;
+	f[LSD_PF_AGE] = first ? S32_MAX : lsd_permille_of_capacity(lsd, since);
+	f[LSD_PF_FIRST] = first;
+	key = div_u64((u64)lba * LSD_PLACE_REGIONS, lsd->nr_lblocks);
+	if (kml_proxy_decide(lsd->place_proxy, key, f, &lb->dec))
+		return lsd_place_default(lsd, count);
+	lb->has_dec = true;
+	lsd->place_arm[lb->dec.arm]++;
+	return min_t(u32, lb->dec.value, lsd->nr_streams - 1);
+}
+
 /*
  * Give a user write its physical block and commit it to the map.  Returns
  * false when the device is full (only the cleaner's reserve is left).
@@ -240,18 +347,29 @@ static u32 lsd_place(struct lsd *lsd, u32 lba)
 static bool lsd_map_write_locked(struct lsd *lsd, struct bio *bio, u32 lba)
 {
 	struct lsd_io *io = dm_per_bio_data(bio, sizeof(*io));
+	struct lsd_lblk prev;
 	u32 stream, pblk, old;
 
 	lockdep_assert_held(&lsd->lock);
-	stream = lsd_place(lsd, lba);
-	if (lsd_alloc(lsd, stream, &pblk))
-		return false;
 	old = lsd->l2p[lba];
-	if (old != LSD_NONE)
+	prev = lsd->lblk[lba];
+	stream = lsd_place(lsd, lba);
+	if (lsd_alloc(lsd, stream, &pblk)) {
+		/* parked: placed (and decided) again when it is resubmitted */
+		if (lsd->lblk[lba].has_dec)
+			lsd->place_arm[lsd->lblk[lba].dec.arm]--;
+		lsd->lblk[lba] = prev;
+		return false;
+	}
+	if (old != LSD_NONE) {
+		lsd_block_died(lsd, &prev);
 		lsd_invalidate(lsd, old);
+	}
 	lsd->l2p[lba] = pblk;
 	lsd->p2l[pblk] = lba;
 	lsd->segs[lsd_seg_of(lsd, pblk)].valid++;
+	lsd->lblk[lba].wheat = lsd->lblk[lba].count;
+	lsd->segs[lsd_seg_of(lsd, pblk)].heat += lsd->lblk[lba].count;
 	lsd->lblk[lba].wtime = lsd->wclock;
 	lsd->wclock++;
 	lsd->user_writes++;
@@ -328,6 +446,8 @@ static int lsd_map_discard(struct lsd *lsd, struct bio *bio)
 
 		if (pblk == LSD_NONE)
 			continue;
+		lsd_block_died(lsd, &lsd->lblk[lba]);
+		lsd->lblk[lba].has_dec = false;
 		lsd_invalidate(lsd, pblk);
 		lsd->l2p[lba] = LSD_NONE;
 		lsd->discarded++;
@@ -402,41 +522,126 @@ static void lsd_kick_deferred(struct lsd *lsd)
 	}
 }
 
-/* Victim score: higher is better; 0 means cleaning gains nothing. */
-static u64 lsd_victim_score(struct lsd *lsd, const struct lsd_seg *seg)
+static void lsd_victim_features(const struct lsd *lsd, const struct lsd_seg *seg, s32 *f)
 {
-	u64 dead = lsd->seg_blocks - seg->valid;
-	u64 age;
+	f[LSD_VF_VALID] = seg->valid * LSD_PERMILLE / lsd->seg_blocks;
+	f[LSD_VF_AGE] = lsd_permille_of_capacity(lsd, lsd->wclock - seg->mtime);
+	f[LSD_VF_IDLE] = lsd_permille_of_capacity(lsd, lsd->wclock - seg->itime);
+	f[LSD_VF_HEAT] = seg->valid ? div_u64(seg->heat * LSD_PERMILLE, seg->valid) : 0;
+	f[LSD_VF_STREAM] = seg->stream;
+}
+
+/*
+ * The human-made victim scores, from the published features (higher is
+ * better): greedy = dead permille; cost-benefit (LFS) = (1 - u) * age / (1 + u).
+ * A model's scores are compared with these, so they share the scale.
+ */
+static s32 lsd_victim_default(const struct lsd *lsd, const s32 *f)
+{
+	s64 dead = LSD_PERMILLE - f[LSD_VF_VALID];
 
 	switch (lsd->victim) {
 	case LSD_VICTIM_COST_BENEFIT:
-		/* LFS: (1 - u) * age / (1 + u), in blocks and write-clock ticks */
-		age = lsd->wclock - seg->mtime + 1;
-		return div64_u64(dead * age * 1024, lsd->seg_blocks + seg->valid);
+		return min_t(s64, div_s64(dead * ((s64)f[LSD_VF_AGE] + 1) * LSD_PERMILLE,
+					  LSD_PERMILLE + f[LSD_VF_VALID]), LSD_SCORE_MAX);
 	case LSD_VICTIM_GREEDY:
 	default:
 		return dead;
 	}
 }
 
-static u32 lsd_pick_victim(struct lsd *lsd)
+static s32 lsd_victim_default_cb(struct kml_proxy *proxy, u32 key, const s32 *f)
 {
-	u64 score, best_score = 0;
-	u32 s, best = LSD_NONE;
+	return lsd_victim_default(kml_proxy_priv(proxy), f);
+}
 
-	lockdep_assert_held(&lsd->lock);
-	for (s = 0; s < lsd->nr_segs; s++) {
-		struct lsd_seg *seg = &lsd->segs[s];
+static bool lsd_victim_ok(const struct lsd *lsd, const struct lsd_seg *seg)
+{
+	return seg->state == LSD_SEG_FULL && seg->valid < lsd->seg_blocks;
+}
 
-		if (seg->state != LSD_SEG_FULL || seg->valid >= lsd->seg_blocks)
-			continue;
-		score = lsd_victim_score(lsd, seg);
-		if (best == LSD_NONE || score > best_score) {
-			best = s;
+static bool lsd_need_gc(const struct lsd *lsd)
+{
+	return !lsd->dying && (lsd->nr_free < lsd->gc_high || !bio_list_empty(&lsd->deferred));
+}
+
+/*
+ * Choose the next victim and mark it LSD_SEG_VICTIM; LSD_NONE if there is
+ * nothing to do.  The candidates (full segments with a dead block) are
+ * snapshotted under the lock and scored outside it: by the default alone
+ * in emergency (one decision recorded for the winner, so the bus still
+ * sees the default's choices and their cost), else one decision per
+ * candidate, each the model's fresh score or the default's, per mode.  The
+ * best score wins; the winner is revalidated under the lock, and if it
+ * changed meanwhile the default chooses again, unrecorded.
+ */
+static u32 lsd_choose_victim(struct lsd *lsd, struct kml_decision *dec, bool *has_dec)
+{
+	struct kml_proxy *proxy = lsd->victim_proxy;
+	struct kml_decision d;
+	s32 score, best_score = 0;
+	u32 i, n = 0, best = 0, victim;
+	unsigned long flags;
+
+	*has_dec = false;
+	spin_lock_irqsave(&lsd->lock, flags);
+	if (lsd_need_gc(lsd)) {
+		for (i = 0; i < lsd->nr_segs; i++) {
+			if (!lsd_victim_ok(lsd, &lsd->segs[i]))
+				continue;
+			lsd->cand[n].seg = i;
+			lsd_victim_features(lsd, &lsd->segs[i], lsd->cand[n].f);
+			n++;
+		}
+	}
+	spin_unlock_irqrestore(&lsd->lock, flags);
+	if (!n)
+		return LSD_NONE;
+
+	for (i = 0; i < n; i++) {
+		score = lsd_victim_default(lsd, lsd->cand[i].f);
+		if (!i || score > best_score) {
+			best = i;
 			best_score = score;
 		}
 	}
-	return best;
+	if (proxy && kml_proxy_mode(proxy) == KMLBUS_MODE_EMERGENCY) {
+		*has_dec = !kml_proxy_decide(proxy, lsd->cand[best].seg, lsd->cand[best].f, dec);
+	} else if (proxy) {
+		for (i = 0; i < n; i++) {
+			if (kml_proxy_decide(proxy, lsd->cand[i].seg, lsd->cand[i].f, &d))
+				continue;
+			if (!*has_dec || d.value > dec->value) {
+				best = i;
+				*dec = d;
+				*has_dec = true;
+			}
+		}
+	}
+
+	spin_lock_irqsave(&lsd->lock, flags);
+	victim = lsd->cand[best].seg;
+	if (!lsd_victim_ok(lsd, &lsd->segs[victim])) {
+		*has_dec = false;
+		victim = LSD_NONE;
+		best_score = 0;
+		for (i = 0; i < lsd->nr_segs; i++) {
+			s32 f[LSD_VF_N];
+
+			if (!lsd_victim_ok(lsd, &lsd->segs[i]))
+				continue;
+			lsd_victim_features(lsd, &lsd->segs[i], f);
+			score = lsd_victim_default(lsd, f);
+			if (victim == LSD_NONE || score > best_score) {
+				victim = i;
+				best_score = score;
+			}
+		}
+	}
+	if (victim != LSD_NONE)
+		lsd->segs[victim].state = LSD_SEG_VICTIM;
+	spin_unlock_irqrestore(&lsd->lock, flags);
+	return victim;
 }
 
 /* One synchronous 4 KiB bio to the backing device from the cleaner's page. */
@@ -498,6 +703,7 @@ static int lsd_move_block(struct lsd *lsd, u32 pblk)
 		lsd->l2p[lba] = dst;
 		lsd->p2l[dst] = lba;
 		lsd->segs[dseg].valid++;
+		lsd->segs[dseg].heat += lsd->lblk[lba].wheat;
 		lsd->gc_writes++;
 		moved = 1;
 	}
@@ -508,7 +714,7 @@ static int lsd_move_block(struct lsd *lsd, u32 pblk)
 }
 
 /* Clean one victim: move its live blocks, wait for readers, free it. */
-static int lsd_clean(struct lsd *lsd, u32 victim)
+static int lsd_clean(struct lsd *lsd, u32 victim, u32 *moved)
 {
 	struct lsd_seg *seg = &lsd->segs[victim];
 	u32 base = victim * lsd->seg_blocks;
@@ -516,12 +722,14 @@ static int lsd_clean(struct lsd *lsd, u32 victim)
 	u32 off;
 	int ret;
 
+	*moved = 0;
 	/* The last blocks handed out may still be on their way to the disk. */
 	wait_event(lsd->drain_wq, !atomic_read(&seg->writes));
 	for (off = 0; off < lsd->seg_blocks; off++) {
 		ret = lsd_move_block(lsd, base + off);
 		if (ret < 0)
 			goto fail;
+		*moved += ret;
 	}
 	/* Nothing maps into the victim any more, so no new reads can start. */
 	wait_event(lsd->drain_wq, !atomic_read(&seg->reads));
@@ -547,22 +755,27 @@ fail:
 static void lsd_gc_work(struct work_struct *work)
 {
 	struct lsd *lsd = container_of(work, struct lsd, gc_work);
+	struct kml_decision dec;
 	unsigned long flags;
-	u32 victim;
+	bool has_dec;
+	u32 victim, moved;
+	u8 arm;
 
 	for (;;) {
-		spin_lock_irqsave(&lsd->lock, flags);
-		victim = LSD_NONE;
-		if (!lsd->dying && (lsd->nr_free < lsd->gc_high ||
-				    !bio_list_empty(&lsd->deferred)))
-			victim = lsd_pick_victim(lsd);
-		if (victim != LSD_NONE)
-			lsd->segs[victim].state = LSD_SEG_VICTIM;
-		spin_unlock_irqrestore(&lsd->lock, flags);
+		victim = lsd_choose_victim(lsd, &dec, &has_dec);
 		if (victim == LSD_NONE)
 			break;
-		if (lsd_clean(lsd, victim))
+		if (lsd_clean(lsd, victim, &moved))
 			break;
+		/* feedback: dead permille of the segment, what cleaning it won */
+		if (has_dec)
+			kml_proxy_report(lsd->victim_proxy, &dec,
+					 (lsd->seg_blocks - moved) * LSD_PERMILLE / lsd->seg_blocks);
+		arm = has_dec ? dec.arm : KMLBUS_ARM_DEFAULT;
+		spin_lock_irqsave(&lsd->lock, flags);
+		lsd->arm_cleaned[arm]++;
+		lsd->arm_moved[arm] += moved;
+		spin_unlock_irqrestore(&lsd->lock, flags);
 		lsd_kick_deferred(lsd);
 		cond_resched();
 	}
@@ -643,10 +856,111 @@ static int lsd_parse(struct lsd *lsd, struct dm_arg_set *as, char **error)
 	return 0;
 }
 
+static const struct kml_proxy_ops lsd_victim_ops = {
+	.default_decision	= lsd_victim_default_cb,
+};
+
+static const struct kml_proxy_ops lsd_place_ops = {
+	.default_decision	= lsd_place_default_cb,
+};
+
+static void lsd_proxy_put(struct kml_proxy *proxy)
+{
+	if (!proxy)
+		return;
+	kml_proxy_stop(proxy);
+	kml_proxy_destroy(proxy);
+}
+
+static struct kml_proxy *lsd_proxy_get(const struct kml_proxy_desc *desc)
+{
+	struct kml_proxy *proxy = kml_proxy_create(desc);
+	int err;
+
+	if (IS_ERR(proxy))
+		return proxy;
+	err = kml_proxy_init(proxy);
+	if (!err)
+		err = kml_proxy_start(proxy);
+	if (err) {
+		kml_proxy_destroy(proxy);
+		return ERR_PTR(err);
+	}
+	return proxy;
+}
+
+/*
+ * The two decision points.  Victim keys are segment numbers, so the proxy
+ * exists only when every segment has one; placement keys are 1024 equal
+ * slices of the logical space, and one stream leaves nothing to decide.
+ */
+static int lsd_proxies(struct lsd *lsd, char **error)
+{
+	struct kml_proxy_desc desc = {
+		.owner		= THIS_MODULE,
+		.efficiency_scale = LSD_PERMILLE,
+		.priv		= lsd,
+	};
+	char name[KMLBUS_NAME_LEN];
+
+	if (lsd->nr_segs <= KMLBUS_MAX_KEYS) {
+		snprintf(name, sizeof(name), "lsd%d.victim", lsd->id);
+		desc.name = name;
+		desc.nkeys = lsd->nr_segs;
+		desc.nfeatures = LSD_VF_N;
+		desc.features[LSD_VF_VALID] = (struct kml_field_desc){ "valid", LSD_PERMILLE };
+		desc.features[LSD_VF_AGE] = (struct kml_field_desc){ "age", LSD_PERMILLE };
+		desc.features[LSD_VF_IDLE] = (struct kml_field_desc){ "idle", LSD_PERMILLE };
+		desc.features[LSD_VF_HEAT] = (struct kml_field_desc){ "heat", LSD_PERMILLE };
+		desc.features[LSD_VF_STREAM] = (struct kml_field_desc){ "stream", 1 };
+		desc.recommendation = (struct kml_rec_desc){
+			"score", LSD_PERMILLE, 0, LSD_SCORE_MAX };
+		desc.ops = &lsd_victim_ops;
+		lsd->victim_proxy = lsd_proxy_get(&desc);
+		if (IS_ERR(lsd->victim_proxy)) {
+			DMERR("cannot register kmlbus proxy %s: %ld", name,
+			      PTR_ERR(lsd->victim_proxy));
+			*error = "Cannot register the victim proxy";
+			return PTR_ERR(lsd->victim_proxy);
+		}
+	} else {
+		DMINFO("%u segments are more than kmlbus's %u keys: victims stay with the default",
+		       lsd->nr_segs, KMLBUS_MAX_KEYS);
+	}
+	if (lsd->nr_streams < 2)
+		return 0;
+
+	memset(desc.features, 0, sizeof(desc.features));
+	snprintf(name, sizeof(name), "lsd%d.place", lsd->id);
+	desc.name = name;
+	desc.nkeys = LSD_PLACE_REGIONS;
+	desc.nfeatures = LSD_PF_N;
+	desc.features[LSD_PF_COUNT] = (struct kml_field_desc){ "count", 1 };
+	desc.features[LSD_PF_AGE] = (struct kml_field_desc){ "age", LSD_PERMILLE };
+	desc.features[LSD_PF_FIRST] = (struct kml_field_desc){ "first", 1 };
+	desc.recommendation = (struct kml_rec_desc){ "stream", 1, 0, lsd->nr_streams - 1 };
+	desc.ops = &lsd_place_ops;
+	lsd->place_proxy = lsd_proxy_get(&desc);
+	if (IS_ERR(lsd->place_proxy)) {
+		DMERR("cannot register kmlbus proxy %s: %ld", name, PTR_ERR(lsd->place_proxy));
+		*error = "Cannot register the placement proxy";
+		return PTR_ERR(lsd->place_proxy);
+	}
+	return 0;
+}
+
 static void lsd_free(struct lsd *lsd)
 {
 	if (lsd->wq)
 		destroy_workqueue(lsd->wq);
+	/* nothing decides any more: no I/O, no cleaner */
+	if (!IS_ERR(lsd->place_proxy))
+		lsd_proxy_put(lsd->place_proxy);
+	if (!IS_ERR(lsd->victim_proxy))
+		lsd_proxy_put(lsd->victim_proxy);
+	if (lsd->id >= 0)
+		ida_free(&lsd_ida, lsd->id);
+	kvfree(lsd->cand);
 	if (lsd->gc_page)
 		__free_page(lsd->gc_page);
 	kvfree(lsd->segs);
@@ -674,8 +988,8 @@ static int lsd_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Start and length must be multiples of 8 sectors (4 KiB)";
 		return -EINVAL;
 	}
-	if (ti->len >> LSD_BLOCK_SHIFT >= LSD_NONE) {
-		ti->error = "Length too large (at most 2^32 - 1 blocks of 4 KiB)";
+	if (!ti->len || ti->len >> LSD_BLOCK_SHIFT >= LSD_NONE) {
+		ti->error = "Length must be 1 to 2^32 - 2 blocks of 4 KiB";
 		return -EINVAL;
 	}
 
@@ -685,6 +999,7 @@ static int lsd_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		return -ENOMEM;
 	}
 	lsd->ti = ti;
+	lsd->id = -1;
 	spin_lock_init(&lsd->lock);
 	INIT_LIST_HEAD(&lsd->free_list);
 	bio_list_init(&lsd->deferred);
@@ -731,8 +1046,9 @@ static int lsd_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	lsd->p2l = kvmalloc_array(nr_pblocks, sizeof(*lsd->p2l), GFP_KERNEL);
 	lsd->lblk = kvcalloc(lsd->nr_lblocks, sizeof(*lsd->lblk), GFP_KERNEL);
 	lsd->segs = kvcalloc(lsd->nr_segs, sizeof(*lsd->segs), GFP_KERNEL);
+	lsd->cand = kvcalloc(lsd->nr_segs, sizeof(*lsd->cand), GFP_KERNEL);
 	lsd->gc_page = alloc_page(GFP_KERNEL);
-	if (!lsd->l2p || !lsd->p2l || !lsd->lblk || !lsd->segs || !lsd->gc_page)
+	if (!lsd->l2p || !lsd->p2l || !lsd->lblk || !lsd->segs || !lsd->cand || !lsd->gc_page)
 		goto fail;
 	memset(lsd->l2p, 0xff, array_size(lsd->nr_lblocks, sizeof(*lsd->l2p)));
 	memset(lsd->p2l, 0xff, array_size(nr_pblocks, sizeof(*lsd->p2l)));
@@ -751,6 +1067,16 @@ static int lsd_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 		ti->error = "Cannot allocate the cleaner's workqueue";
 		goto fail;
 	}
+
+	lsd->id = ida_alloc(&lsd_ida, GFP_KERNEL);
+	if (lsd->id < 0) {
+		err = lsd->id;
+		ti->error = "Cannot allocate an instance number";
+		goto fail;
+	}
+	err = lsd_proxies(lsd, &ti->error);
+	if (err)
+		goto fail;
 
 	err = dm_set_target_max_io_len(ti, LSD_SECTORS_PER_BLOCK);
 	if (err) {
@@ -793,6 +1119,7 @@ static void lsd_status(struct dm_target *ti, status_type_t type,
 {
 	struct lsd *lsd = ti->private;
 	u64 user, gc, cleaned, discarded, throttled, wa;
+	u64 cleaned_arm[2], moved_arm[2], place_arm[2];
 	unsigned long flags;
 	unsigned int sz = 0;
 	u32 nr_free;
@@ -806,6 +1133,9 @@ static void lsd_status(struct dm_target *ti, status_type_t type,
 		discarded = lsd->discarded;
 		throttled = lsd->throttled;
 		nr_free = lsd->nr_free;
+		memcpy(cleaned_arm, lsd->arm_cleaned, sizeof(cleaned_arm));
+		memcpy(moved_arm, lsd->arm_moved, sizeof(moved_arm));
+		memcpy(place_arm, lsd->place_arm, sizeof(place_arm));
 		spin_unlock_irqrestore(&lsd->lock, flags);
 		/* write amplification in thousandths: (user + gc) / user */
 		wa = user ? div64_u64((user + gc) * 1000, user) : 0;
@@ -813,6 +1143,15 @@ static void lsd_status(struct dm_target *ti, status_type_t type,
 		       user, gc, cleaned, div_u64(wa, 1000), wa % 1000, nr_free,
 		       lsd->nr_segs, discarded, throttled, lsd_victim_names[lsd->victim],
 		       lsd_placement_names[lsd->placement]);
+		/* per arm: victims cleaned and the blocks they cost, placements */
+		DMEMIT(" cleaned_default=%llu moved_default=%llu cleaned_model=%llu moved_model=%llu placed_default=%llu placed_model=%llu",
+		       cleaned_arm[KMLBUS_ARM_DEFAULT], moved_arm[KMLBUS_ARM_DEFAULT],
+		       cleaned_arm[KMLBUS_ARM_MODEL], moved_arm[KMLBUS_ARM_MODEL],
+		       place_arm[KMLBUS_ARM_DEFAULT], place_arm[KMLBUS_ARM_MODEL]);
+		if (lsd->victim_proxy)
+			DMEMIT(" victim_proxy=lsd%d.victim", lsd->id);
+		if (lsd->place_proxy)
+			DMEMIT(" place_proxy=lsd%d.place", lsd->id);
 		break;
 	case STATUSTYPE_TABLE:
 		DMEMIT("%s %u %u 2 victim=%s placement=%s", lsd->dev->name, lsd->seg_blocks,
@@ -868,6 +1207,7 @@ static int __init lsd_init(void)
 static void __exit lsd_exit(void)
 {
 	dm_unregister_target(&lsd_target);
+	ida_destroy(&lsd_ida);
 }
 
 module_init(lsd_init);
@@ -875,3 +1215,4 @@ module_exit(lsd_exit);
 
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("kmlbus log-structured device-mapper target (kmlbus-lsd)");
+MODULE_SOFTDEP("pre: kmlbus dm-mod");

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from kmlbus.contract import graph as mgraph
+from kmlbus.contract import spec as kspec
 from kmlbus.vm.guest import (
     dmesg_mark,
     dmesg_problems,
@@ -28,6 +30,8 @@ from kmlbus.vm.guest import (
     rmmod,
 )
 from kmlbus.vm.kernels import project_root
+from kmlbus.wire.netlink import Connection
+from modes.machine import shortest_path
 
 pytestmark = pytest.mark.vm
 
@@ -136,6 +140,14 @@ def test_random_writes_verify_while_the_cleaner_runs(lsd_module: int, victim: st
     assert int(st["segs_cleaned"]) > 0 and gc > 0, st
     assert float(st["wa"]) > 1.0, st
     assert float(st["wa"]) == pytest.approx((user + gc) / user, abs=1e-3)
+    # no bus: both proxies stay in emergency, so the default made every decision
+    assert st["victim_proxy"].startswith("lsd") and st["victim_proxy"].endswith(".victim")
+    assert int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
+    assert int(st["moved_default"]) == gc and st["cleaned_model"] == "0", st
+    if streams > 1:
+        assert int(st["placed_default"]) > 0 and st["placed_model"] == "0", st
+    else:
+        assert "place_proxy" not in st, st
     _remove(NAME)
     assert _run("dmsetup", "info", NAME, check=False).returncode != 0
 
@@ -234,4 +246,45 @@ def test_ext4_on_top_survives_churn_and_fscks_clean(lsd_module: int, tmp_path: P
             assert (mnt / name).read_bytes() == data
     finally:
         _run("umount", str(mnt))
+    _remove(NAME)
+
+
+def _to_mode(c: Connection, pid: int, mode: str) -> None:
+    names = kspec.load().enums["mode"]
+    for m in shortest_path(mgraph.load(), names.name_of(c.proxy(pid)["mode"]), mode):
+        c.set_mode(pid, m)
+
+
+def test_fresh_model_decisions_choose_victims_and_streams_and_data_stays_intact(
+        lsd_module: int) -> None:
+    dev = _make(0.8, 2)
+    st = dev.status()
+    nr_segs = int(st["free_segs"].split("/")[1])
+    with Connection() as c:
+        vid = int(c.proxy(st["victim_proxy"])["id"])
+        pid = int(c.proxy(st["place_proxy"])["id"])
+        for proxy in (vid, pid):
+            c.attach(proxy)
+            _to_mode(c, proxy, "recommendation")
+        fio = subprocess.Popen(
+            ["fio", "--name=lsd", f"--filename={dev.path}", "--rw=randwrite", "--bs=4k",
+             "--direct=1", "--ioengine=psync", f"--size={dev.sectors * 512}", "--loops=3",
+             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0",
+             "--output-format=terse"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # a model that does what greedy would not: the highest-numbered candidate
+        # wins, and every block goes to the second stream; resent well within the ttl
+        while True:
+            c.recommend(vid, [(k, k, 20_000) for k in range(nr_segs)])
+            c.recommend(pid, [(k, 1, 20_000) for k in range(1024)])
+            try:
+                out, err = fio.communicate(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        st = dev.status()
+    assert fio.returncode == 0, f"fio failed: {out[-2000:]} {err[-2000:]}"
+    assert int(st["cleaned_model"]) > 0 and int(st["placed_model"]) > 0, st
+    assert int(st["cleaned_model"]) + int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
+    assert float(st["wa"]) > 1.0, st
     _remove(NAME)

@@ -444,6 +444,11 @@ static int lsd_map_discard(struct lsd *lsd, struct bio *bio)
 	for (lba = first; lba < last; lba++) {
 		u32 pblk = lsd->l2p[lba];
 
+		if (!((lba - first + 1) % 1024)) {	/* bound the time irqs are off */
+			spin_unlock_irqrestore(&lsd->lock, flags);
+			spin_lock_irqsave(&lsd->lock, flags);
+			pblk = lsd->l2p[lba];
+		}
 		if (pblk == LSD_NONE)
 			continue;
 		lsd_block_died(lsd, &lsd->lblk[lba]);

@@ -117,7 +117,7 @@ def _fio_verify(dev: Lsd, loops: int, extra: tuple[str, ...] = ()) -> str:
     """Random 4 KiB writes over the whole device, *loops* passes, each verified (crc32c)."""
     proc = _run("fio", "--name=lsd", f"--filename={dev.path}", "--rw=randwrite", "--bs=4k",
                 "--direct=1", "--ioengine=psync", f"--size={dev.sectors * 512}",
-                f"--loops={loops}", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+                f"--loops={loops}", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
                 "--randrepeat=0", "--output-format=terse", *extra, check=False, timeout=600)
     assert proc.returncode == 0, f"fio failed: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
     assert "verify" not in proc.stderr.lower(), proc.stderr
@@ -273,7 +273,7 @@ def test_fresh_model_decisions_choose_victims_and_streams_and_data_stays_intact(
         fio = subprocess.Popen(
             ["fio", "--name=lsd", f"--filename={dev.path}", "--rw=randwrite", "--bs=4k",
              "--direct=1", "--ioengine=psync", f"--size={dev.sectors * 512}", "--loops=3",
-             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--randrepeat=0",
+             "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0", "--randrepeat=0",
              "--output-format=terse"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # a model that does what greedy would not: the highest-numbered candidate

@@ -13,6 +13,7 @@ import mmap
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,4 +292,48 @@ def test_fresh_model_decisions_choose_victims_and_streams_and_data_stays_intact(
     assert int(st["cleaned_model"]) > 0 and int(st["placed_model"]) > 0, st
     assert int(st["cleaned_model"]) + int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
     assert float(st["wa"]) > 1.0, st
+    _remove(NAME)
+
+
+_FROZEN_BUS = """
+import os, signal, sys
+from kmlbus.contract import graph, spec
+from kmlbus.wire.netlink import Connection
+from modes.machine import shortest_path
+names = spec.load().enums["mode"]
+c = Connection(groups=("telemetry",))
+for name, value, keys in ((sys.argv[1], 1, 1024), (sys.argv[2], 0, int(sys.argv[3]))):
+    pid = int(c.proxy(name)["id"])
+    c.attach(pid)
+    for m in shortest_path(graph.load(), names.name_of(c.proxy(pid)["mode"]), "recommendation"):
+        c.set_mode(pid, m)
+    c.recommend(pid, [(k, value if value else k, 60_000) for k in range(keys)])
+print("ready", flush=True)
+os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+def test_io_goes_on_while_the_bus_is_frozen_then_killed(lsd_module: int) -> None:
+    dev = _make(0.8, 2)
+    st = dev.status()
+    nr_segs = st["free_segs"].split("/")[1]
+    bus = subprocess.Popen([sys.executable, "-c", _FROZEN_BUS, st["place_proxy"],
+                            st["victim_proxy"], nr_segs], stdout=subprocess.PIPE, text=True)
+    try:
+        assert bus.stdout is not None and bus.stdout.readline().strip() == "ready"
+        _, status = os.waitpid(bus.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), "the bus did not stop itself"
+        # the bus holds both proxies in recommendation and reads nothing: I/O must not care
+        _fio_verify(dev, loops=2)
+        frozen = dev.status()
+        assert float(frozen["wa"]) > 1.0 and int(frozen["cleaned_model"]) > 0, frozen
+    finally:
+        bus.kill()
+        bus.wait()
+    with Connection() as c:
+        for name in (st["victim_proxy"], st["place_proxy"]):
+            assert kspec.load().enums["mode"].name_of(c.proxy(name)["mode"]) == "emergency"
+    _fio_verify(dev, loops=1)
+    after = dev.status()
+    assert int(after["cleaned_default"]) > int(frozen["cleaned_default"]), after
     _remove(NAME)

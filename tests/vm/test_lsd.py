@@ -210,13 +210,23 @@ def test_bad_table_lines_are_refused_with_a_message(lsd_module: int) -> None:
             problems.append(f"{table}: device left behind")
             _run("dmsetup", "remove", NAME, check=False)
     assert not problems, "\n".join(problems)
+    with Connection() as c:
+        assert not _lsd_proxies(c), "a refused table left kmlbus proxies registered"
+
+
+def _lsd_proxies(c: Connection) -> list[str]:
+    return [str(p["name"]) for p in c.proxies() if str(p["name"]).startswith("lsd")]
 
 
 def test_module_stays_while_a_target_exists(lsd_module: int) -> None:
     _make(0.5)
     assert _run("rmmod", "kmlbus_lsd", check=False).returncode != 0
     assert is_loaded("kmlbus_lsd")
+    with Connection() as c:
+        assert len(_lsd_proxies(c)) == 1  # one stream: the victim proxy only
     _remove(NAME)
+    with Connection() as c:
+        assert not _lsd_proxies(c), "dmsetup remove left kmlbus proxies registered"
     rmmod("kmlbus_lsd")
     insmod(LSD_KO)  # the fixture unloads it again
 

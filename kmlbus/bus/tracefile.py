@@ -49,6 +49,7 @@ __all__ = [
     "TraceHeader",
     "TraceReader",
     "TraceWriter",
+    "collect",
     "VERSION",
     "open_trace",
     "read_header",
@@ -387,3 +388,59 @@ def read_header(path: str | os.PathLike[str]) -> TraceHeader:
 def replay(path: str | os.PathLike[str]) -> Iterator[TraceEvent]:
     """Yield the recorded batches of *path* in order, as numpy arrays."""
     yield from open_trace(path)
+
+
+def collect(path: str | os.PathLike[str], proxy: str | None
+             ) -> tuple[TraceReader, str, ProxySchema, npt.NDArray[np.void], npt.NDArray[np.void]]:
+    """All telemetry and feedback of one proxy (default: the first one recorded), each joined
+    into one array of this spec's layout; with the reader (for its header and schemas).
+
+    Raises :class:`TraceError` when the trace holds no batch or no schema of the proxy.
+    """
+    reader = open_trace(path)
+    tel: list[npt.NDArray[np.void]] = []
+    fb: list[npt.NDArray[np.void]] = []
+    for ev in reader:
+        if proxy is None and ev.kind in ("telemetry", "feedback"):
+            proxy = ev.proxy
+        if ev.proxy != proxy:
+            continue
+        if ev.kind == "telemetry":
+            tel.append(ev.data)
+        elif ev.kind == "feedback":
+            fb.append(ev.data)
+    if proxy is None:
+        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
+    schema = reader.schemas.get(proxy)
+    if schema is None:
+        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
+    sample_dt, fb_dt = codec.struct_dtype("sample"), codec.struct_dtype("feedback")
+    t = _by_name(reader.path, tel, sample_dt)
+    f = _by_name(reader.path, fb, fb_dt)
+    return reader, proxy, schema, t, f
+
+
+def _by_name(path: Path, parts: list[npt.NDArray[np.void]], dt: np.dtype[np.void]
+             ) -> npt.NDArray[np.void]:
+    """Concatenate recorded batches into this spec's layout, field by field name.
+
+    (numpy's structured ``astype`` matches fields by position, which would
+    silently mix fields if a later spec reordered them.)
+    """
+    if not parts:
+        return np.zeros(0, dt)
+    try:
+        src = np.concatenate(parts)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"{path}: recorded batches have differing layouts: {e}") from None
+    if src.dtype == dt:
+        return src
+    out = np.zeros(len(src), dt)
+    for name in dt.names or ():
+        if src.dtype.names is None or name not in src.dtype.names:
+            raise TraceError(f"{path}: recorded struct lacks field {name!r} that this kmlbus needs")
+        try:
+            out[name] = src[name]
+        except (TypeError, ValueError) as e:
+            raise TraceError(f"{path}: recorded field {name!r} does not convert: {e}") from None
+    return out

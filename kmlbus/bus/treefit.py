@@ -131,20 +131,10 @@ def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool 
     xs, ds, es = [], [], []
     lo = hi = 0
     for path in paths:
-        reader = traces.open_trace(path)
-        tel, fb = [], []
-        for ev in reader:
-            if ev.proxy != proxy:
-                continue
-            if ev.kind == "telemetry":
-                tel.append(ev.data)
-            elif ev.kind == "feedback":
-                fb.append(ev.data)
-        schema = reader.schemas.get(proxy)
-        if schema is None or not tel or not fb:
-            raise ValueError(f"{path}: no telemetry, feedback or schema of proxy {proxy!r}")
+        _, _, schema, t, f = traces.collect(path, proxy)
+        if not len(t) or not len(f):
+            raise ValueError(f"{path}: no telemetry or feedback of proxy {proxy!r}")
         lo, hi = int(schema.recommendation.min or 0), int(schema.recommendation.max or 0)
-        t, f = np.concatenate(tel), np.concatenate(fb)
         _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
         t, f = t[ti], f[fi]
         if explored_only:

@@ -14,69 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
-from kmlbus.bus.config import ProxyConfig, ProxySchema, bind
+from kmlbus.bus.config import ProxyConfig, bind
 from kmlbus.bus.fixedpoint import features_to_float, to_fixed
 from kmlbus.bus.learner import EfficiencyTable, Estimate, Learner
 from kmlbus.bus.registry import ModelError, check_session, make_session
-from kmlbus.bus.tracefile import TraceError, TraceReader, open_trace
+from kmlbus.bus.tracefile import TraceError, collect, open_trace
 from kmlbus.contract import spec as _spec
-from kmlbus.wire import codec
 
 __all__ = ["Evaluation", "evaluate", "learn", "main", "summary"]
-
-def _collect(path: str | os.PathLike[str], proxy: str | None
-             ) -> tuple[TraceReader, str, ProxySchema, npt.NDArray[np.void], npt.NDArray[np.void]]:
-    """All telemetry and feedback of one proxy (default: the first one recorded)."""
-    reader = open_trace(path)
-    tel: list[npt.NDArray[np.void]] = []
-    fb: list[npt.NDArray[np.void]] = []
-    for ev in reader:
-        if proxy is None and ev.kind in ("telemetry", "feedback"):
-            proxy = ev.proxy
-        if ev.proxy != proxy:
-            continue
-        if ev.kind == "telemetry":
-            tel.append(ev.data)
-        elif ev.kind == "feedback":
-            fb.append(ev.data)
-    if proxy is None:
-        raise TraceError(f"{reader.path}: no telemetry or feedback recorded")
-    schema = reader.schemas.get(proxy)
-    if schema is None:
-        raise TraceError(f"{reader.path}: no schema recorded for proxy {proxy!r}")
-    sample_dt, fb_dt = codec.struct_dtype("sample"), codec.struct_dtype("feedback")
-    t = _by_name(reader.path, tel, sample_dt)
-    f = _by_name(reader.path, fb, fb_dt)
-    return reader, proxy, schema, t, f
-
-
-def _by_name(path: Path, parts: list[npt.NDArray[np.void]], dt: np.dtype[np.void]
-             ) -> npt.NDArray[np.void]:
-    """Concatenate recorded batches into this spec's layout, field by field name.
-
-    (numpy's structured ``astype`` matches fields by position, which would
-    silently mix fields if a later spec reordered them.)
-    """
-    if not parts:
-        return np.zeros(0, dt)
-    try:
-        src = np.concatenate(parts)
-    except (TypeError, ValueError) as e:
-        raise TraceError(f"{path}: recorded batches have differing layouts: {e}") from None
-    if src.dtype == dt:
-        return src
-    out = np.zeros(len(src), dt)
-    for name in dt.names or ():
-        if src.dtype.names is None or name not in src.dtype.names:
-            raise TraceError(f"{path}: recorded struct lacks field {name!r} that this kmlbus needs")
-        try:
-            out[name] = src[name]
-        except (TypeError, ValueError) as e:
-            raise TraceError(f"{path}: recorded field {name!r} does not convert: {e}") from None
-    return out
-
 
 def learn(path: str | os.PathLike[str], *, proxy: str | None = None,
           config: ProxyConfig | None = None, **learner_options: Any) -> Learner:
@@ -85,7 +31,7 @@ def learn(path: str | os.PathLike[str], *, proxy: str | None = None,
     ``learn(path).fit()`` fits a model offline from a run recorded in
     learning mode (with exploration); :func:`evaluate` then estimates it.
     """
-    _, proxy, schema, t, f = _collect(path, proxy)
+    _, proxy, schema, t, f = collect(path, proxy)
     learner = Learner(bind(schema, config), **learner_options)
     # join here rather than through observe_*: a whole trace exceeds the pending buffers
     _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)
@@ -146,7 +92,7 @@ def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str]
     the default, which is why learning mode explores.  The default is reported
     as measured (all default-arm feedback) and as measured on the covered samples.
     """
-    reader, proxy, schema, t, f = _collect(path, proxy)
+    reader, proxy, schema, t, f = collect(path, proxy)
     sp = _spec.load()
     b = bind(schema, config)
     _, ti, fi = np.intersect1d(t["seq"], f["seq"], return_indices=True)

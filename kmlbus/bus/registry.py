@@ -139,6 +139,21 @@ def _shape(s: Sequence[Any]) -> str:
     return "[" + ", ".join(str(d) if isinstance(d, int) else (d or "?") for d in s) + "]"
 
 
+def _pick_tensor(proxy: str, where: str, kind: str, tensors: list[Any], name: str | None) -> Any:
+    """The tensor called *name* among *tensors* (the first when *name* is None).
+
+    Raises :class:`ModelContractError` listing the names found when there is no such tensor.
+    """
+    if name is None:
+        return tensors[0]
+    for tensor in tensors:
+        if tensor.name == name:
+            return tensor
+    raise ModelContractError(proxy, (
+        f"proxy {proxy}: model{where} has no {kind} '{name}' "
+        f"(found {kind}s: {', '.join(t.name for t in tensors)})"))
+
+
 def check_session(proxy: str, session: Any, n_features: int, *, input_name: str | None = None,
                   output_name: str | None = None, source: str = "") -> tuple[str, str]:
     """Check *session* against the contract for a proxy with *n_features* inputs.
@@ -151,24 +166,8 @@ def check_session(proxy: str, session: Any, n_features: int, *, input_name: str 
     where = f" {source}" if source else ""
     inputs = session.get_inputs()
     outputs = session.get_outputs()
-    if input_name is None:
-        inp = inputs[0]
-    else:
-        found = [i for i in inputs if i.name == input_name]
-        if not found:
-            raise ModelContractError(proxy, (
-                f"proxy {proxy}: model{where} has no input '{input_name}' "
-                f"(found inputs: {', '.join(i.name for i in inputs)})"))
-        inp = found[0]
-    if output_name is None:
-        out = outputs[0]
-    else:
-        found = [o for o in outputs if o.name == output_name]
-        if not found:
-            raise ModelContractError(proxy, (
-                f"proxy {proxy}: model{where} has no output '{output_name}' "
-                f"(found outputs: {', '.join(o.name for o in outputs)})"))
-        out = found[0]
+    inp = _pick_tensor(proxy, where, "input", inputs, input_name)
+    out = _pick_tensor(proxy, where, "output", outputs, output_name)
 
     want_in = f"tensor(float) [N, {n_features}]"
     got_in = f"{inp.type} {_shape(inp.shape)}"

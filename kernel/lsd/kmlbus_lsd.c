@@ -65,6 +65,8 @@
 #define LSD_PERMILLE		1000
 #define LSD_SCORE_MAX		1000000000	/* victim scores are clamped to this */
 #define LSD_PLACE_REGIONS	1024	/* placement keys: equal slices of the logical space */
+#define LSD_VICTIM_CANDS	8	/* candidates scored per cleaning pass */
+#define LSD_REGION_MAX		U16_MAX	/* saturating region write counter */
 
 enum lsd_seg_state {
 	LSD_SEG_FREE,
@@ -116,6 +118,19 @@ struct lsd_lblk {
 	struct kml_decision dec;
 };
 
+/*
+ * Per placement region (key of lsd<N>.place): how recently and how often it
+ * is written.  A region's counts halve every quarter of a logical size of
+ * writes, four times as fast as a block's, so they follow a moving hot set
+ * within a fraction of the time per-block counts need.
+ */
+struct lsd_region {
+	u64 wtime;		/* write clock of its last write */
+	u32 epoch;		/* decay epoch of count */
+	u16 count;		/* writes, halved every epoch */
+	bool written;		/* wtime is valid */
+};
+
 /* Victim features published to the bus (all fixed point, scale 1000 unless noted). */
 enum {
 	LSD_VF_VALID,		/* live blocks, permille of the segment */
@@ -131,6 +146,8 @@ enum {
 	LSD_PF_COUNT,		/* update count, halved every logical-size of writes (scale 1) */
 	LSD_PF_AGE,		/* since its last write, permille of the logical size */
 	LSD_PF_FIRST,		/* 1 if never written (or discarded) before (scale 1) */
+	LSD_PF_RIDLE,		/* since the region's previous write, permille of the logical size */
+	LSD_PF_RRATE,		/* region's decayed writes per block of the region, permille */
 	LSD_PF_N,
 };
 
@@ -169,6 +186,7 @@ struct lsd {
 	u32 *l2p;		/* logical -> physical block */
 	u32 *p2l;		/* physical -> logical block, LSD_NONE if dead */
 	struct lsd_lblk *lblk;
+	struct lsd_region *region;	/* LSD_PLACE_REGIONS of them */
 	struct lsd_seg *segs;
 	struct list_head free_list;
 	u32 nr_free;
@@ -194,6 +212,7 @@ struct lsd {
 	struct kml_proxy *victim_proxy;	/* NULL with more segments than keys */
 	struct kml_proxy *place_proxy;	/* NULL with one stream */
 	struct lsd_cand *cand;		/* only the cleaner touches it */
+	u32 top[LSD_VICTIM_CANDS];	/* indexes into cand, best default score first */
 	u64 arm_cleaned[KMLBUS_ARM_MAX + 1];	/* victims chosen per arm */
 	u64 arm_moved[KMLBUS_ARM_MAX + 1];	/* blocks they cost */
 	u64 place_arm[KMLBUS_ARM_MAX + 1];	/* placements per arm */
@@ -317,14 +336,41 @@ static void lsd_block_died(struct lsd *lsd, const struct lsd_lblk *lb)
 						      lsd->wclock - lb->wtime));
 }
 
+static u32 lsd_region_of(const struct lsd *lsd, u32 lba)
+{
+	return div_u64((u64)lba * LSD_PLACE_REGIONS, lsd->nr_lblocks);
+}
+
+/*
+ * Region features before this write is counted: idle since its previous
+ * write, and its decayed write count per block of the region.
+ */
+static void lsd_region_touch(struct lsd *lsd, u32 key, s32 *f)
+{
+	struct lsd_region *r = &lsd->region[key];
+	u32 epoch = div_u64(lsd->wclock * 4, lsd->nr_lblocks);
+	u32 age = epoch - r->epoch;
+	u32 blocks = max_t(u32, lsd->nr_lblocks / LSD_PLACE_REGIONS, 1);
+
+	r->count = age >= 16 ? 0 : r->count >> age;
+	r->epoch = epoch;
+	f[LSD_PF_RIDLE] = r->written ?
+			  lsd_permille_of_capacity(lsd, lsd->wclock - r->wtime) : S32_MAX;
+	f[LSD_PF_RRATE] = r->count * LSD_PERMILLE / blocks;
+	if (r->count < LSD_REGION_MAX)
+		r->count++;
+	r->wtime = lsd->wclock;
+	r->written = true;
+}
+
 static u32 lsd_place(struct lsd *lsd, u32 lba)
 {
 	struct lsd_lblk *lb = &lsd->lblk[lba];
 	bool first = lsd->l2p[lba] == LSD_NONE;
 	u64 since = lsd->wclock - lb->wtime;
 	u32 count = lsd_touch(lsd, lba);
+	u32 key = lsd_region_of(lsd, lba);
 	s32 f[LSD_PF_N];
-	u32 key;
 
 	lb->has_dec = false;
 	if (!lsd->place_proxy)
@@ -332,7 +378,7 @@ static u32 lsd_place(struct lsd *lsd, u32 lba)
 	f[LSD_PF_COUNT] = count;
 	f[LSD_PF_AGE] = first ? S32_MAX : lsd_permille_of_capacity(lsd, since);
 	f[LSD_PF_FIRST] = first;
-	key = div_u64((u64)lba * LSD_PLACE_REGIONS, lsd->nr_lblocks);
+	lsd_region_touch(lsd, key, f);
 	if (kml_proxy_decide(lsd->place_proxy, key, f, &lb->dec))
 		return lsd_place_default(lsd, count);
 	lb->has_dec = true;
@@ -347,6 +393,8 @@ static u32 lsd_place(struct lsd *lsd, u32 lba)
 static bool lsd_map_write_locked(struct lsd *lsd, struct bio *bio, u32 lba)
 {
 	struct lsd_io *io = dm_per_bio_data(bio, sizeof(*io));
+	struct lsd_region *region = &lsd->region[lsd_region_of(lsd, lba)];
+	struct lsd_region rprev = *region;
 	struct lsd_lblk prev;
 	u32 stream, pblk, old;
 
@@ -359,6 +407,7 @@ static bool lsd_map_write_locked(struct lsd *lsd, struct bio *bio, u32 lba)
 		if (lsd->lblk[lba].has_dec)
 			lsd->place_arm[lsd->lblk[lba].dec.arm]--;
 		lsd->lblk[lba] = prev;
+		*region = rprev;
 		return false;
 	}
 	if (old != LSD_NONE) {
@@ -571,22 +620,56 @@ static bool lsd_need_gc(const struct lsd *lsd)
 }
 
 /*
+ * Keep in lsd->top the (at most LSD_VICTIM_CANDS) candidates with the best
+ * default scores, best first; returns how many there are.
+ */
+static u32 lsd_top_candidates(struct lsd *lsd, u32 n)
+{
+	s32 score[LSD_VICTIM_CANDS];
+	u32 i, j, k = 0;
+	s32 sc;
+
+	for (i = 0; i < n; i++) {
+		sc = lsd_victim_default(lsd, lsd->cand[i].f);
+		if (k == LSD_VICTIM_CANDS && sc <= score[k - 1])
+			continue;
+		j = k < LSD_VICTIM_CANDS ? k++ : k - 1;
+		for (; j && score[j - 1] < sc; j--) {
+			score[j] = score[j - 1];
+			lsd->top[j] = lsd->top[j - 1];
+		}
+		score[j] = sc;
+		lsd->top[j] = i;
+	}
+	return k;
+}
+
+/*
  * Choose the next victim and mark it LSD_SEG_VICTIM; LSD_NONE if there is
  * nothing to do.  The candidates (full segments with a dead block) are
- * snapshotted under the lock and scored outside it: by the default alone
- * in emergency (one decision recorded for the winner, so the bus still
- * sees the default's choices and their cost), else one decision per
- * candidate, each the model's fresh score or the default's, per mode.  The
- * best score wins; the winner is revalidated under the lock, and if it
- * changed meanwhile the default chooses again, unrecorded.
+ * snapshotted under the lock and scored outside it; the default's best
+ * LSD_VICTIM_CANDS make the pass's bounded candidate set, so a pass
+ * publishes at most that many samples whatever the device's size.
+ *
+ * One decision per pass says which arm chooses: the one made for the
+ * default's favourite.  If the default decides it, that segment is the
+ * victim and the other candidates are only published (telemetry, so the
+ * bus learns their features and can score them).  If the model decides it,
+ * the other candidates are decided too and the best score among those the
+ * model decided wins: scores of the two arms are never compared.  The
+ * winner's decision is the one credited and reported.  The winner is
+ * revalidated under the lock; if it changed meanwhile the default chooses
+ * again over all segments, unrecorded.
  */
 static u32 lsd_choose_victim(struct lsd *lsd, struct kml_decision *dec, bool *has_dec)
 {
 	struct kml_proxy *proxy = lsd->victim_proxy;
+	struct lsd_cand *c;
 	struct kml_decision d;
 	s32 score, best_score = 0;
-	u32 i, n = 0, best = 0, victim;
+	u32 i, n = 0, k, best, victim;
 	unsigned long flags;
+	bool model;
 
 	*has_dec = false;
 	spin_lock_irqsave(&lsd->lock, flags);
@@ -603,23 +686,23 @@ static u32 lsd_choose_victim(struct lsd *lsd, struct kml_decision *dec, bool *ha
 	if (!n)
 		return LSD_NONE;
 
-	for (i = 0; i < n; i++) {
-		score = lsd_victim_default(lsd, lsd->cand[i].f);
-		if (!i || score > best_score) {
-			best = i;
-			best_score = score;
-		}
-	}
-	if (proxy && kml_proxy_mode(proxy) == KMLBUS_MODE_EMERGENCY) {
-		*has_dec = !kml_proxy_decide(proxy, lsd->cand[best].seg, lsd->cand[best].f, dec);
-	} else if (proxy) {
-		for (i = 0; i < n; i++) {
-			if (kml_proxy_decide(proxy, lsd->cand[i].seg, lsd->cand[i].f, &d))
+	k = lsd_top_candidates(lsd, n);
+	best = lsd->top[0];
+	if (proxy) {
+		c = &lsd->cand[best];
+		*has_dec = !kml_proxy_decide(proxy, c->seg, c->f, dec);
+		model = *has_dec && dec->arm == KMLBUS_ARM_MODEL;
+		for (i = 1; i < k; i++) {
+			c = &lsd->cand[lsd->top[i]];
+			if (!model) {
+				kml_proxy_submit(proxy, c->seg, c->f);
 				continue;
-			if (!*has_dec || d.value > dec->value) {
-				best = i;
+			}
+			if (kml_proxy_decide(proxy, c->seg, c->f, &d) || d.arm != KMLBUS_ARM_MODEL)
+				continue;
+			if (d.value > dec->value) {
+				best = lsd->top[i];
 				*dec = d;
-				*has_dec = true;
 			}
 		}
 	}
@@ -629,7 +712,6 @@ static u32 lsd_choose_victim(struct lsd *lsd, struct kml_decision *dec, bool *ha
 	if (!lsd_victim_ok(lsd, &lsd->segs[victim])) {
 		*has_dec = false;
 		victim = LSD_NONE;
-		best_score = 0;
 		for (i = 0; i < lsd->nr_segs; i++) {
 			s32 f[LSD_VF_N];
 
@@ -943,6 +1025,8 @@ static int lsd_proxies(struct lsd *lsd, char **error)
 	desc.features[LSD_PF_COUNT] = (struct kml_field_desc){ "count", 1 };
 	desc.features[LSD_PF_AGE] = (struct kml_field_desc){ "age", LSD_PERMILLE };
 	desc.features[LSD_PF_FIRST] = (struct kml_field_desc){ "first", 1 };
+	desc.features[LSD_PF_RIDLE] = (struct kml_field_desc){ "region_idle", LSD_PERMILLE };
+	desc.features[LSD_PF_RRATE] = (struct kml_field_desc){ "region_rate", LSD_PERMILLE };
 	desc.recommendation = (struct kml_rec_desc){ "stream", 1, 0, lsd->nr_streams - 1 };
 	desc.ops = &lsd_place_ops;
 	lsd->place_proxy = lsd_proxy_get(&desc);
@@ -968,6 +1052,7 @@ static void lsd_free(struct lsd *lsd)
 	kvfree(lsd->cand);
 	if (lsd->gc_page)
 		__free_page(lsd->gc_page);
+	kvfree(lsd->region);
 	kvfree(lsd->segs);
 	kvfree(lsd->lblk);
 	kvfree(lsd->p2l);
@@ -1051,9 +1136,11 @@ static int lsd_ctr(struct dm_target *ti, unsigned int argc, char **argv)
 	lsd->p2l = kvmalloc_array(nr_pblocks, sizeof(*lsd->p2l), GFP_KERNEL);
 	lsd->lblk = kvcalloc(lsd->nr_lblocks, sizeof(*lsd->lblk), GFP_KERNEL);
 	lsd->segs = kvcalloc(lsd->nr_segs, sizeof(*lsd->segs), GFP_KERNEL);
+	lsd->region = kvcalloc(LSD_PLACE_REGIONS, sizeof(*lsd->region), GFP_KERNEL);
 	lsd->cand = kvcalloc(lsd->nr_segs, sizeof(*lsd->cand), GFP_KERNEL);
 	lsd->gc_page = alloc_page(GFP_KERNEL);
-	if (!lsd->l2p || !lsd->p2l || !lsd->lblk || !lsd->segs || !lsd->cand || !lsd->gc_page)
+	if (!lsd->l2p || !lsd->p2l || !lsd->lblk || !lsd->segs || !lsd->region || !lsd->cand ||
+	    !lsd->gc_page)
 		goto fail;
 	memset(lsd->l2p, 0xff, array_size(lsd->nr_lblocks, sizeof(*lsd->l2p)));
 	memset(lsd->p2l, 0xff, array_size(nr_pblocks, sizeof(*lsd->p2l)));

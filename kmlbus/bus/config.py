@@ -20,6 +20,7 @@ kernel's fixed-point numbers map to the model's float tensors::
     explore_spread = 0.25                 # explored values: model's +- 25% of the range
     learn_every_s = 5                     # refit at most this often
     learned_model = "learned.onnx"        # also write each learned model here
+    learner = "linear"                    # or "tree": a tree over a small integer range
 
 With ``learn = true`` a proxy needs no ``model``: in learning the bus
 explores uniformly over the recommendation's range until the first fit.
@@ -183,6 +184,9 @@ class ProxyConfig:
     learn_every_s: float = 5.0
     #: where each learned model is also written (atomically), so a restart keeps it
     learned_model: Path | None = None
+    #: what the learner fits: ``linear`` (:class:`kmlbus.bus.learner.Learner`) or ``tree``
+    #: (:class:`kmlbus.bus.placefit.PlaceLearner`, a choice among a few values such as streams)
+    learner: str = "linear"
 
     def explore_share(self, graph_default: int) -> int:
         """The ``explore`` permille to give the kernel for this proxy."""
@@ -207,7 +211,10 @@ class Config:
 
 _BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
-               "learn", "explore", "explore_spread", "learn_every_s", "learned_model"}
+               "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner"}
+
+#: values of a proxy's ``learner`` key
+LEARNERS = ("linear", "tree")
 
 
 class _Where:
@@ -345,8 +352,11 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     if saved is not None and model is not None and saved == model:
         raise w.err(f"{pre}.learned_model", "a file other than the configured model "
                     "(the bus never overwrites the model you gave it)", str(saved))
+    kind = t.get("learner", ProxyConfig.learner)
+    if kind not in LEARNERS:
+        raise w.err(f"{pre}.learner", " or ".join(f'"{k}"' for k in LEARNERS), kind)
     return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl,
-                       learn, explore, float(spread), every, saved)
+                       learn, explore, float(spread), every, saved, kind)
 
 
 def load(path: str | Path) -> Config:

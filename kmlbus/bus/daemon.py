@@ -53,6 +53,7 @@ from kmlbus.bus.config import Config, ConfigError, ProxySchema, load
 from kmlbus.bus.dispatcher import Dispatcher
 from kmlbus.bus import fastlane
 from kmlbus.bus.learner import Learner, LearningLoop
+from kmlbus.bus.placefit import PlaceLearner
 from kmlbus.bus.proxy import Proxy
 from kmlbus.bus.registry import ModelError, ModelRegistry
 from kmlbus.bus.sdnotify import Notifier
@@ -248,7 +249,8 @@ class Bus:
         if loop is not None and loop.binding == b:
             loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
             return loop
-        loop = LearningLoop(Learner(b), self.registry, every_s=pc.learn_every_s,
+        learner = PlaceLearner(b) if pc.learner == "tree" else Learner(b)
+        loop = LearningLoop(learner, self.registry, every_s=pc.learn_every_s,
                             spread=pc.explore_spread, save_to=pc.learned_model, background=True)
         self._loops[schema.name] = loop
         return loop

@@ -56,7 +56,8 @@ class Fitted:
     onnx: bytes
     n_samples: int
     #: geometric mean over the samples of the predicted efficiency of the policy's
-    #: choice / of the recorded decision (the value model's opinion, not a measurement)
+    #: choice / of the recorded decision (the value model's opinion, not a measurement;
+    #: the ratio of the means when the value model fits efficiency itself)
     predicted_gain: float
 
 
@@ -66,12 +67,16 @@ def _value_features(x: F32, decision: npt.NDArray[np.float64]) -> F32:
 
 def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
                lo: int, hi: int, max_depth: int = 6, seed: int = 0,
-               max_rows: int = 20000) -> Fitted:
+               max_rows: int = 20000, candidates: npt.ArrayLike | None = None,
+               log_value: bool = True) -> Fitted:
     """Fit a value model on (x, decision) -> efficiency, distil its argmax into one tree.
 
     *x*: float32 [N, F] features as the model sees them; *decision*, *efficiency*:
-    [N]; [*lo*, *hi*]: the recommendation's bounds.  Raises ValueError with
-    fewer than 50 samples.
+    [N]; [*lo*, *hi*]: the recommendation's bounds.  *candidates*: the decisions
+    the policy chooses among (default :func:`candidate_windows`).  *log_value*:
+    fit the logarithm of efficiency (for efficiencies spanning orders of
+    magnitude); off, the efficiency itself (for a bounded score where 0 is a
+    real value).  Raises ValueError with fewer than 50 samples.
     """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -90,18 +95,25 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     # Efficiencies of different kinds of state can differ by orders of magnitude (a sequential
     # reader's pages/ms against a random one's): the value model fits their logarithm, so the
     # squared error weighs every state alike; the argmax within a state is unchanged by it.
-    floor = max(float(np.percentile(e[e > 0], 1)) if np.any(e > 0) else 1e-6, 1e-9)
+    if log_value:
+        floor = max(float(np.percentile(e[e > 0], 1)) if np.any(e > 0) else 1e-6, 1e-9)
+        target = np.log(np.maximum(e, floor))
+    else:
+        target = e
     value = RandomForestRegressor(n_estimators=60, min_samples_leaf=5, random_state=seed, n_jobs=1)
-    value.fit(_value_features(x, d), np.log(np.maximum(e, floor)))
+    value.fit(_value_features(x, d), target)
 
-    cands = candidate_windows(lo, hi)
+    cands = (candidate_windows(lo, hi) if candidates is None
+             else np.asarray(candidates, dtype=np.float64))
     scores = np.stack([value.predict(_value_features(x, np.full(len(x), c))) for c in cands], axis=1)
     best = cands[np.argmax(scores, axis=1)]
     policy = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=10, random_state=seed)
     policy.fit(x, best)
     chosen = policy.predict(x)
-    gain = float(np.exp(np.mean(value.predict(_value_features(x, chosen))
-                            - value.predict(_value_features(x, d)))))
+    served = value.predict(_value_features(x, chosen))
+    recorded = value.predict(_value_features(x, d))
+    gain = float(np.exp(np.mean(served - recorded)) if log_value
+                 else np.mean(served) / max(float(np.mean(recorded)), 1e-9))
 
     onx = convert_sklearn(policy, initial_types=[("features", FloatTensorType([None, x.shape[1]]))],
                           target_opset={"": 13, "ai.onnx.ml": 3})

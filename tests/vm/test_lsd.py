@@ -40,6 +40,7 @@ LSD_KO = project_root() / "kernel" / "lsd" / "kmlbus_lsd.ko"
 KMLBUS_KO = project_root() / "kernel" / "kmlbus.ko"
 RAM_MIB = 64
 SEG_BLOCKS = 64                 # 256 KiB segments -> 256 segments on the RAM disk
+VICTIM_CANDS = 8                # candidates a cleaning pass scores (LSD_VICTIM_CANDS)
 NAME = "lsdtest"
 # no udev in the guest: libdevmapper makes the /dev/mapper nodes itself
 DM_ENV = {**os.environ, "DM_DISABLE_UDEV": "1"}
@@ -149,6 +150,13 @@ def test_random_writes_verify_while_the_cleaner_runs(lsd_module: int, victim: st
         assert int(st["placed_default"]) > 0 and st["placed_model"] == "0", st
     else:
         assert "place_proxy" not in st, st
+    # one decision per cleaning pass (plus the passes of a victim that changed under it,
+    # which the default takes unrecorded), and a bounded candidate set published per pass
+    with Connection() as c:
+        counters = c.proxy(st["victim_proxy"])["counters"]
+    cleaned = int(dev.status()["segs_cleaned"])  # read after: the cleaner may be in a pass
+    assert 0 < counters["decisions-default"] <= cleaned + 1 and counters["decisions-model"] == 0
+    assert counters["samples"] <= VICTIM_CANDS * counters["decisions-default"], counters
     _remove(NAME)
     assert _run("dmsetup", "info", NAME, check=False).returncode != 0
 
@@ -298,10 +306,14 @@ def test_fresh_model_decisions_choose_victims_and_streams_and_data_stays_intact(
             except subprocess.TimeoutExpired:
                 continue
         st = dev.status()
+        counters = c.proxy(vid)["counters"]
     assert fio.returncode == 0, f"fio failed: {out[-2000:]} {err[-2000:]}"
     assert int(st["cleaned_model"]) > 0 and int(st["placed_model"]) > 0, st
     assert int(st["cleaned_model"]) + int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
     assert float(st["wa"]) > 1.0, st
+    # in recommendation every candidate of a pass is decided by the model, at most 8 a pass
+    assert counters["decisions-model"] <= VICTIM_CANDS * int(st["segs_cleaned"]), counters
+    assert counters["decisions-model"] > int(st["cleaned_model"]), counters
     _remove(NAME)
 
 

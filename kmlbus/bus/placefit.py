@@ -1,0 +1,110 @@
+"""Learned data placement: which stream a written block goes to, fitted from its death times.
+
+kmlbus-lsd's placement proxy (``lsd<N>.place``, keyed by region of the logical
+space) decides the stream of every user write and, when the block dies
+(overwritten or discarded), reports how well its stream matched the life it
+actually had (1 for the stream whose lifetime band holds it, 0 for the one
+farthest from it).  The best stream is a class of the block's lifetime, which
+is not a linear function of the features (the region's idle time, its write
+rate, the block's own update count): a linear fit cannot express "hot region
+-> stream 2, cold -> stream 0".  So this learner keeps the
+:class:`~kmlbus.bus.learner.Learner`'s data, join and efficiency table (the
+table still estimates the served and the fitted policy, and scores shadows for
+maturity) and replaces only the fit: :func:`kmlbus.bus.treefit.fit_policy` over
+the streams, on the efficiency itself (0 is a real score here, not a floor).
+
+Selected per proxy with ``learner = "tree"`` in the bus configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from kmlbus.contract import spec as _spec
+
+from . import treefit
+from .config import Binding
+from .learner import Estimate, Learner
+
+__all__ = ["PlaceLearner", "TreeFit"]
+
+log = logging.getLogger(__name__)
+log.addHandler(logging.NullHandler())
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+
+_ARM_MODEL = _spec.load().enums["arm"].value("model")
+
+
+@dataclass(frozen=True)
+class TreeFit:
+    """A fitted tree policy (what :class:`~kmlbus.bus.learner.LearningLoop` installs)."""
+
+    onnx: bytes
+    n_samples: int
+    #: in-sample estimate of the fitted policy (from the learner's table) and the observed mean
+    estimated: Estimate
+    observed: float
+    #: the value model's predicted efficiency of the policy over the recorded decisions'
+    predicted_gain: float
+
+    def to_onnx(self, binding: Binding) -> bytes:
+        """The serialized model; its tensors are ``features`` and ``value``."""
+        if binding.input_name not in (None, "features") or binding.output_name not in (None, "value"):
+            raise ValueError(f"proxy {binding.proxy}: a tree policy's tensors are 'features' and "
+                             f"'value', the binding asks for {binding.input_name!r} and "
+                             f"{binding.output_name!r}")
+        return self.onnx
+
+
+def _run_onnx(data: bytes, x: F32) -> F64:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    (y,) = sess.run(["value"], {"features": np.ascontiguousarray(x, dtype=np.float32)})
+    return np.asarray(y, dtype=np.float64).reshape(-1)
+
+
+class PlaceLearner(Learner):
+    """A :class:`~kmlbus.bus.learner.Learner` whose fit is a tree over a small integer range.
+
+    The recommendation's range must be bounded and small (streams): every value
+    in it is a candidate, and the efficiency table has one decision bin each.
+    """
+
+    def __init__(self, binding: Binding, *, max_depth: int = 6, **kw: object) -> None:
+        if not binding.bounded:
+            raise ValueError(f"proxy {binding.proxy}: a tree placement needs a bounded "
+                             "recommendation (the stream range)")
+        lo, hi = binding.rec_min, binding.rec_max
+        if hi - lo > 64:
+            raise ValueError(f"proxy {binding.proxy}: a tree placement chooses among at most 65 "
+                             f"values, the recommendation spans {lo}..{hi}")
+        kw.setdefault("decision_bins", hi - lo + 1)
+        super().__init__(binding, **kw)  # type: ignore[arg-type]
+        self.max_depth = max_depth
+        self.candidates = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
+
+    def fit(self, min_samples: int = 256) -> TreeFit | None:  # type: ignore[override]
+        """Fit on the explored decisions (the model arm's); None while there are too few."""
+        x, d, e, arm = self.data()
+        explored = arm == _ARM_MODEL
+        if int(explored.sum()) < max(min_samples, 50):
+            return None
+        t = self.last_table = self.table()
+        b = self.binding
+        fitted = treefit.fit_policy(x[explored], d[explored], e[explored],
+                                    lo=b.rec_min, hi=b.rec_max, max_depth=self.max_depth,
+                                    candidates=self.candidates, log_value=False)
+        chosen = np.clip(np.rint(_run_onnx(fitted.onnx, x) * b.out_scale), b.rec_min, b.rec_max)
+        est = t.estimate(x, chosen / b.out_scale)
+        fit = TreeFit(fitted.onnx, fitted.n_samples, est, float(e.mean()), fitted.predicted_gain)
+        log.info("proxy %s: tree placement fitted on %d explored decisions, estimated %.3f "
+                 "(observed %.3f, value model's gain %.2fx)", b.proxy, fitted.n_samples,
+                 est.efficiency, fit.observed, fitted.predicted_gain)
+        return fit

@@ -1,9 +1,10 @@
-"""Write amplification of kmlbus-lsd's human-made cleaners and placements under fio workloads.
+"""Write amplification of kmlbus-lsd's cleaners and placements, human-made and learned, under fio.
 
 Needs ``kernel/lsd/kmlbus_lsd.ko``, brd, device-mapper and fio; on a kernel that cannot
 load modules it boots the Debian kernel under QEMU and runs itself there (``--here`` inside)::
 
     python3 -m kmlbus.tools.bench_gc [--reps 3] [--utilization 0.8 0.9] [--workload uniform 80/20 ...]
+        [--policy greedy learned ...] [--png vm-out/gc.png]
 
 For every workload, utilization and policy it creates a fresh target on a RAM
 disk, fills it once sequentially, then writes ``--multiple`` times its logical
@@ -12,6 +13,14 @@ before and after: WA = (user + cleaner writes) / user writes over the measured
 phase.  Every combination is repeated ``--reps`` times; the table shows the
 median and each policy's ratio to greedy measured in the same run.  Numbers are
 printed, never asserted.
+
+The ``learned`` policy is cost-benefit + hot-cold streams (the best human-made
+pair) with a bus: a fresh ``kmlbus run`` starts after the fill with its
+placement proxy set to learn from scratch (``learner = "tree"``,
+:mod:`kmlbus.bus.placefit`), so the measured phase includes its exploration in
+learning and whatever climb the mode machine allows on evidence.  The PNG
+shows cumulative WA against logical sizes written for the first repetition of
+every policy, with the learned policy's placement mode shaded behind it.
 """
 
 from __future__ import annotations
@@ -20,17 +29,21 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
 from kmlbus.vm.kernels import project_root
 
-__all__ = ["POLICIES", "WORKLOADS", "Policy", "main", "measure", "moving_hot_set"]
+__all__ = ["POLICIES", "WORKLOADS", "Policy", "Run", "main", "measure", "moving_hot_set"]
 
 LSD_KO = project_root() / "kernel" / "lsd" / "kmlbus_lsd.ko"
 DM_NAME = "lsdbench"
@@ -45,13 +58,30 @@ class Policy:
     victim: str
     placement: str
     streams: int
+    #: a bus learns the placement from scratch during the measured phase
+    learned: bool = False
 
 
 POLICIES = [
     Policy("greedy", "greedy", "single", 1),
     Policy("cost-benefit", "cost-benefit", "single", 1),
     Policy("cb+hot-cold", "cost-benefit", "hot-cold", 3),
+    Policy("learned", "cost-benefit", "hot-cold", 3, learned=True),
 ]
+
+
+@dataclass
+class Run:
+    """One measured phase: its WA and how WA and the placement mode went along the way."""
+
+    wa: float
+    seconds: float
+    #: logical sizes written so far, cumulative WA then, the placement proxy's mode then
+    written: list[float] = field(default_factory=list)
+    wa_so_far: list[float] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    #: the placement proxy's mode changes: (logical sizes written, mode)
+    transitions: list[tuple[float, str]] = field(default_factory=list)
 
 #: workload name -> fio --random_distribution (None: the moving hot set, run in phases)
 WORKLOADS: dict[str, str | None] = {
@@ -109,24 +139,120 @@ def _fio(size: int, dist: str, io_size: int, seed: int, rw: str = "randwrite") -
          "--output-format=terse")
 
 
+def _fio_cmd(size: int, dist: str, io_size: int, seed: int) -> list[str]:
+    return ["fio", "--name=gc", f"--filename=/dev/mapper/{DM_NAME}", "--rw=randwrite", "--bs=4k",
+            "--direct=1", "--ioengine=psync", f"--size={size}", f"--io_size={io_size}",
+            f"--random_distribution={dist}", "--norandommap", f"--randseed={seed}",
+            "--output-format=terse"]
+
+
+def _place_mode(proxy: str | None) -> str:
+    """The placement proxy's mode as the kernel has it ('' without one)."""
+    if proxy is None:
+        return ""
+    from kmlbus.wire import codec, netlink
+
+    with netlink.Connection() as c:
+        return codec.enum_name("mode", int(c.proxy(proxy)["mode"]))
+
+
+class _Bus:
+    """``python -m kmlbus run`` learning one placement proxy from scratch, in a temporary dir."""
+
+    def __init__(self, proxy: str, log_to: Path | None) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="kmlbus-gc-")
+        work = Path(self.dir.name)
+        (work / "bus.toml").write_text(
+            "[bus]\nttl_ms = 2000\nlatency_budget_ms = 1000\n"
+            f'[proxy."{proxy}"]\nlearn = true\nlearner = "tree"\nlearn_every_s = 5\n',
+            encoding="utf-8")
+        self.log = log_to if log_to is not None else work / "bus.log"
+        env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
+                stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.proxy = proxy
+
+    def wait_learning(self, timeout: float = 300) -> None:
+        """Until the bus has taken the proxy out of emergency (it explores from then on)."""
+        end = time.monotonic() + timeout
+        while _place_mode(self.proxy) == "emergency":
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"the bus did not take {self.proxy} into learning: "
+                                   f"{self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.dir.cleanup()
+
+
 def measure(workload: str, utilization: float, policy: Policy, *, ram_mib: int, seg_blocks: int,
-            multiple: float, seed: int, phases: int = 8) -> float:
-    """WA of one run: fill, then write *multiple* x the logical size with *workload*."""
+            multiple: float, seed: int, phases: int = 8, poll_s: float = 1.0,
+            bus_log: Path | None = None) -> Run:
+    """One run: fill, then write *multiple* x the logical size with *workload*, sampled as it goes."""
     with _target(ram_mib, utilization, seg_blocks, policy) as size:
         _fio(size, "random", size, seed, rw="write")  # sequential fill
-        before = _status()
-        total = int(size * multiple) // 4096 * 4096
-        dist = WORKLOADS[workload]
-        if dist is None:
-            step = total // phases // 4096 * 4096
-            for phase in range(phases):
-                _fio(size, moving_hot_set(phase), step, seed + phase)
-        else:
-            _fio(size, dist, total, seed)
-        after = _status()
+        place = re.search(r"place_proxy=(\S+)", _run("dmsetup", "status", DM_NAME))
+        proxy = place.group(1) if place and policy.learned else None
+        bus = _Bus(proxy, bus_log) if proxy is not None else None
+        try:
+            if bus is not None:
+                bus.wait_learning()
+            before = _status()
+            nblocks = size // 4096
+            total = int(size * multiple) // 4096 * 4096
+            dist = WORKLOADS[workload]
+            if dist is None:
+                step = total // phases // 4096 * 4096
+                jobs = [_fio_cmd(size, moving_hot_set(ph), step, seed + ph) for ph in range(phases)]
+            else:
+                jobs = [_fio_cmd(size, dist, total, seed)]
+            run = Run(float("nan"), 0.0)
+            start = time.monotonic()
+            for cmd in jobs:
+                fio = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True, env=DM_ENV)
+                while True:
+                    try:
+                        _, err = fio.communicate(timeout=poll_s)
+                        break
+                    except subprocess.TimeoutExpired:
+                        _sample(run, before, nblocks, proxy)
+                if fio.returncode != 0:
+                    raise RuntimeError(f"fio failed ({fio.returncode}): {err[-500:]}")
+            after = _sample(run, before, nblocks, proxy)
+            run.seconds = time.monotonic() - start
+        finally:
+            if bus is not None:
+                bus.stop()
     user = after["user_writes"] - before["user_writes"]
     gc = after["gc_writes"] - before["gc_writes"]
-    return (user + gc) / user if user else float("nan")
+    run.wa = (user + gc) / user if user else float("nan")
+    return run
+
+
+def _sample(run: Run, before: dict[str, int], nblocks: int, proxy: str | None) -> dict[str, int]:
+    """Append the counters' state now to *run*; returns the counters."""
+    now = _status()
+    user = now["user_writes"] - before["user_writes"]
+    gc = now["gc_writes"] - before["gc_writes"]
+    mode = _place_mode(proxy)
+    written = user / nblocks
+    if user:
+        run.written.append(written)
+        run.wa_so_far.append((user + gc) / user)
+        run.modes.append(mode)
+    if mode and (not run.transitions or run.transitions[-1][1] != mode):
+        run.transitions.append((written, mode))
+    return now
 
 
 @contextmanager
@@ -146,16 +272,16 @@ def _modules(ram_mib: int) -> Iterator[None]:
         subprocess.run(["rmmod", "brd"], check=False)
 
 
-def _table(results: dict[tuple[str, float, str], list[float]], workloads: Sequence[str],
-           utils: Sequence[float]) -> str:
-    lines = ["| workload | util | " + " | ".join(p.name for p in POLICIES) + " |",
-             "|---|---|" + "---|" * len(POLICIES)]
+def _table(results: dict[tuple[str, float, str], list[Run]], workloads: Sequence[str],
+           utils: Sequence[float], policies: Sequence[Policy]) -> str:
+    lines = ["| workload | util | " + " | ".join(p.name for p in policies) + " |",
+             "|---|---|" + "---|" * len(policies)]
     for w in workloads:
         for u in utils:
-            base = statistics.median(results[(w, u, POLICIES[0].name)])
+            base = statistics.median(r.wa for r in results[(w, u, policies[0].name)])
             cells = []
-            for p in POLICIES:
-                vals = results[(w, u, p.name)]
+            for p in policies:
+                vals = [r.wa for r in results[(w, u, p.name)]]
                 med = statistics.median(vals)
                 spread = f"{min(vals):.2f}-{max(vals):.2f}"
                 cells.append(f"{med:.2f} ({spread}; {med / base:.2f}x)")
@@ -163,20 +289,81 @@ def _table(results: dict[tuple[str, float, str], list[float]], workloads: Sequen
     return "\n".join(lines)
 
 
+def _timelines(results: dict[tuple[str, float, str], list[Run]]) -> str:
+    """The learned runs' placement modes, as 'mode@logical sizes written' per run."""
+    lines = []
+    for (w, u, p), runs in results.items():
+        for i, r in enumerate(runs):
+            if r.transitions:
+                steps = " -> ".join(f"{m}@{x:.2f}" for x, m in r.transitions)
+                lines.append(f"{p} {w} {u:.0%} rep {i}: {steps} (WA {r.wa:.3f}, {r.seconds:.0f} s)")
+    return "\n".join(lines)
+
+
+def _mode_spans(run: Run) -> list[tuple[float, float, str]]:
+    """Contiguous stretches of one mode along the written axis."""
+    spans: list[tuple[float, float, str]] = []
+    for x, m in zip(run.written, run.modes):
+        if not m:
+            continue
+        if spans and spans[-1][2] == m:
+            spans[-1] = (spans[-1][0], x, m)
+        else:
+            spans.append((spans[-1][1] if spans else 0.0, x, m))
+    return spans
+
+
+def draw(results: dict[tuple[str, float, str], list[Run]], workloads: Sequence[str],
+         utils: Sequence[float], policies: Sequence[Policy], out: Path) -> None:
+    """One panel per (workload, utilization): cumulative WA of every policy's first repetition
+    against logical sizes written, the learned policy's placement mode shaded behind."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from kmlbus.tools.plot import MODE_COLOURS, shade_modes
+
+    cells = [(w, u) for w in workloads for u in utils]
+    fig = Figure(figsize=(7.5, 2.6 * len(cells)), layout="constrained")
+    axes = fig.subplots(len(cells), 1, squeeze=False)[:, 0]
+    for ax, (w, u) in zip(axes, cells):
+        for p in policies:
+            run = results[(w, u, p.name)][0]
+            if p.learned:
+                shade_modes(ax, _mode_spans(run))
+            ax.plot(run.written, run.wa_so_far, label=f"{p.name} ({run.wa:.2f})",
+                    linewidth=2.0 if p.learned else 1.2)
+        ax.set_title(f"{w} at {u:.0%} utilization", fontsize=10)
+        ax.set_ylabel("WA so far")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        modes = [Patch(color=c, alpha=0.3, label=m) for m, c in MODE_COLOURS.items()]
+        ax.legend(handles + modes, labels + list(MODE_COLOURS), fontsize=7, ncol=2, loc="best")
+    axes[-1].set_xlabel("logical sizes written (measured phase)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the grid and print a table of median WA (range; ratio to greedy)."""
+    """Run the grid and print a table of median WA (range; ratio to the first policy)."""
+    names = [p.name for p in POLICIES]
     ap = argparse.ArgumentParser(prog="python -m kmlbus.tools.bench_gc",
                                  description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--reps", type=int, default=3, help="repetitions per cell (default 3)")
     ap.add_argument("--utilization", type=float, nargs="+", default=[0.8, 0.9])
     ap.add_argument("--workload", choices=list(WORKLOADS), nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--policy", choices=names, nargs="+", default=names,
+                    help="policies to measure (the first is the ratios' baseline)")
     ap.add_argument("--ram-mib", type=int, default=64, help="RAM disk size (default 64)")
     ap.add_argument("--segment-blocks", type=int, default=64, help="4 KiB blocks per segment")
     ap.add_argument("--multiple", type=float, default=3.0,
                     help="logical sizes written in the measured phase (default 3)")
-    ap.add_argument("--json", action="store_true", help="print the raw WA values as JSON")
+    ap.add_argument("--png", type=Path, help="draw WA over time per policy into this PNG")
+    ap.add_argument("--bus-log", type=Path, help="append the learned runs' bus output here")
+    ap.add_argument("--json", action="store_true", help="print the raw runs as JSON")
     ap.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     args = ap.parse_args(argv)
+    policies = [p for p in POLICIES if p.name in args.policy]
+    policies.sort(key=lambda p: args.policy.index(p.name))
 
     from kmlbus.tools import demo
 
@@ -189,22 +376,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(vm.run([sys.executable, "-m", "kmlbus.tools.bench_gc", "--here", *rest],
                           timeout=3600))
 
-    results: dict[tuple[str, float, str], list[float]] = {}
+    results: dict[tuple[str, float, str], list[Run]] = {}
     with _modules(args.ram_mib):
         for rep in range(args.reps):
             for w in args.workload:
                 for u in args.utilization:
-                    for p in POLICIES:  # interleaved, so drift falls on every policy
-                        wa = measure(w, u, p, ram_mib=args.ram_mib, seg_blocks=args.segment_blocks,
-                                     multiple=args.multiple, seed=1000 + rep)
-                        results.setdefault((w, u, p.name), []).append(wa)
-                        print(f"rep {rep} {w} {u:.0%} {p.name}: WA {wa:.3f}", file=sys.stderr,
-                              flush=True)
+                    for p in policies:  # interleaved, so drift falls on every policy
+                        run = measure(w, u, p, ram_mib=args.ram_mib,
+                                      seg_blocks=args.segment_blocks, multiple=args.multiple,
+                                      seed=1000 + rep, bus_log=args.bus_log)
+                        results.setdefault((w, u, p.name), []).append(run)
+                        print(f"rep {rep} {w} {u:.0%} {p.name}: WA {run.wa:.3f} "
+                              f"({run.seconds:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
-        print(json.dumps([{"workload": w, "utilization": u, "policy": p, "wa": v}
-                          for (w, u, p), v in results.items()]))
+        print(json.dumps([{"workload": w, "utilization": u, "policy": p, "wa": r.wa,
+                           "seconds": r.seconds, "transitions": r.transitions}
+                          for (w, u, p), runs in results.items() for r in runs]))
     else:
-        print(_table(results, args.workload, args.utilization))
+        print(_table(results, args.workload, args.utilization, policies))
+        timelines = _timelines(results)
+        if timelines:
+            print("\nplacement mode of the learned runs (mode@logical sizes written):")
+            print(timelines)
+    if args.png is not None:
+        draw(results, args.workload, args.utilization, policies, args.png)
+        print(f"\n{args.png}: WA over time per policy", file=sys.stderr)
     return 0
 
 

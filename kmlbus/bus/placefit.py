@@ -77,7 +77,10 @@ class PlaceLearner(Learner):
     in it is a candidate, and the efficiency table has one decision bin each.
     """
 
-    def __init__(self, binding: Binding, *, max_depth: int = 6, **kw: object) -> None:
+    def __init__(self, binding: Binding, *, max_depth: int = 6, max_rows: int = 6000,
+                 **kw: object) -> None:
+        """*max_rows*: explored rows a fit samples (a forest over them takes seconds in a
+        TCG guest, where the daemon's refits run); the rest as :class:`Learner`."""
         if not binding.bounded:
             raise ValueError(f"proxy {binding.proxy}: a tree placement needs a bounded "
                              "recommendation (the stream range)")
@@ -88,6 +91,7 @@ class PlaceLearner(Learner):
         kw.setdefault("decision_bins", hi - lo + 1)
         super().__init__(binding, **kw)  # type: ignore[arg-type]
         self.max_depth = max_depth
+        self.max_rows = max_rows
         self.candidates = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
 
     def fit(self, min_samples: int = 256) -> TreeFit | None:  # type: ignore[override]
@@ -100,6 +104,7 @@ class PlaceLearner(Learner):
         b = self.binding
         fitted = treefit.fit_policy(x[explored], d[explored], e[explored],
                                     lo=b.rec_min, hi=b.rec_max, max_depth=self.max_depth,
+                                    max_rows=self.max_rows,
                                     candidates=self.candidates, log_value=False)
         chosen = np.clip(np.rint(_run_onnx(fitted.onnx, x) * b.out_scale), b.rec_min, b.rec_max)
         est = t.estimate(x, chosen / b.out_scale)

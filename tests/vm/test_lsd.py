@@ -9,14 +9,17 @@ with a clean fsck.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -358,4 +361,52 @@ def test_io_goes_on_while_the_bus_is_frozen_then_killed(lsd_module: int) -> None
     _fio_verify(dev, loops=1)
     after = dev.status()
     assert int(after["cleaned_default"]) > int(frozen["cleaned_default"]), after
+    _remove(NAME)
+
+
+def test_the_bus_learns_a_placement_from_death_times_and_the_data_stays_intact(
+        lsd_module: int, tmp_path: Path) -> None:
+    """``kmlbus run`` with ``learner = "tree"`` on the placement proxy and no model: it explores
+    in learning, fits a tree from the kernel's death-time feedback, installs it, and the
+    model's placements reach the target, while fio verifies every pass it writes."""
+    from .busproc import START_S, wait_for
+
+    dev = _make(0.8, 3, " 2 victim=cost-benefit placement=hot-cold")
+    place = dev.status()["place_proxy"]
+    work = tmp_path / "bus"
+    work.mkdir()
+    (work / "bus.toml").write_text(
+        "[bus]\nttl_ms = 2000\nlatency_budget_ms = 1000\n"
+        f'[proxy."{place}"]\nlearn = true\nlearner = "tree"\nexplore = 200\nlearn_every_s = 3\n')
+    env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+    hot = ("--random_distribution=zoned:90/10:10/90",)  # a hot tenth: its blocks die young
+    with open(work / "bus.log", "wb") as log:
+        bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config",
+                                str(work / "bus.toml")], stdout=log, stderr=subprocess.STDOUT,
+                               env=env)
+    try:
+        def bus_view() -> dict[str, Any]:
+            assert bus.poll() is None, (work / "bus.log").read_text(errors="replace")[-3000:]
+            try:
+                state = json.loads((work / "state.json").read_text())
+            except (OSError, ValueError):
+                return {}
+            return dict(state.get("proxies", {}).get(place) or {})
+
+        wait_for("the bus to take the placement proxy into learning",
+                 lambda: bus_view().get("mode") == "learning", START_S)
+        deadline = time.monotonic() + 900
+        while not (bus_view().get("learning") or {}).get("fits"):
+            assert time.monotonic() < deadline, bus_view()
+            _fio_verify(dev, loops=1, extra=hot)
+        view = bus_view()
+        assert str(view["model"]).startswith("learned("), view
+        before = int(dev.status()["placed_model"])
+        _fio_verify(dev, loops=1, extra=hot)  # a whole verified pass with the learned model served
+        st = dev.status()
+        assert int(st["placed_model"]) > before, st
+        assert float(st["wa"]) > 1.0, st
+    finally:
+        bus.terminate()
+        bus.wait(timeout=120)
     _remove(NAME)

@@ -1214,7 +1214,7 @@ static void lsd_status(struct dm_target *ti, status_type_t type,
 	u64 cleaned_arm[2], moved_arm[2], place_arm[2];
 	unsigned long flags;
 	unsigned int sz = 0;
-	u32 nr_free;
+	u32 nr_free, arm;
 
 	switch (type) {
 	case STATUSTYPE_INFO:
@@ -1240,6 +1240,15 @@ static void lsd_status(struct dm_target *ti, status_type_t type,
 		       cleaned_arm[KMLBUS_ARM_DEFAULT], moved_arm[KMLBUS_ARM_DEFAULT],
 		       cleaned_arm[KMLBUS_ARM_MODEL], moved_arm[KMLBUS_ARM_MODEL],
 		       place_arm[KMLBUS_ARM_DEFAULT], place_arm[KMLBUS_ARM_MODEL]);
+		/* per victim arm: what its cleaning cost, (reclaimed + moved) / reclaimed */
+		for (arm = 0; arm < ARRAY_SIZE(cleaned_arm); arm++) {
+			u64 total = cleaned_arm[arm] * lsd->seg_blocks;
+
+			wa = total > moved_arm[arm] ?
+			     div64_u64(total * 1000, total - moved_arm[arm]) : 0;
+			DMEMIT(" wa_%s=%llu.%03llu", arm == KMLBUS_ARM_MODEL ? "model" : "default",
+			       div_u64(wa, 1000), wa % 1000);
+		}
 		if (lsd->victim_proxy)
 			DMEMIT(" victim_proxy=lsd%d.victim", lsd->id);
 		if (lsd->place_proxy)

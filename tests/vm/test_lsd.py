@@ -149,6 +149,10 @@ def test_random_writes_verify_while_the_cleaner_runs(lsd_module: int, victim: st
     assert st["victim_proxy"].startswith("lsd") and st["victim_proxy"].endswith(".victim")
     assert int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
     assert int(st["moved_default"]) == gc and st["cleaned_model"] == "0", st
+    # the victim arms' own WA: blocks written per block reclaimed by the victims each chose
+    seg_total = int(st["cleaned_default"]) * SEG_BLOCKS
+    assert float(st["wa_default"]) == pytest.approx(seg_total / (seg_total - gc), abs=1e-3)
+    assert float(st["wa_default"]) > 1.0 and st["wa_model"] == "0.000", st
     if streams > 1:
         assert int(st["placed_default"]) > 0 and st["placed_model"] == "0", st
     else:
@@ -313,7 +317,7 @@ def test_fresh_model_decisions_choose_victims_and_streams_and_data_stays_intact(
     assert fio.returncode == 0, f"fio failed: {out[-2000:]} {err[-2000:]}"
     assert int(st["cleaned_model"]) > 0 and int(st["placed_model"]) > 0, st
     assert int(st["cleaned_model"]) + int(st["cleaned_default"]) == int(st["segs_cleaned"]), st
-    assert float(st["wa"]) > 1.0, st
+    assert float(st["wa"]) > 1.0 and float(st["wa_model"]) > 1.0, st
     # in recommendation every candidate of a pass is decided by the model, at most 8 a pass
     assert counters["decisions-model"] <= VICTIM_CANDS * int(st["segs_cleaned"]), counters
     assert counters["decisions-model"] > int(st["cleaned_model"]), counters

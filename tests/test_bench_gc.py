@@ -40,7 +40,8 @@ def test_table_ratios_are_to_the_first_policy_in_the_same_run() -> None:
     table = bench_gc._table(results, ["90/10"], [0.8], pols)
     row = table.splitlines()[-1]
     assert "| 90/10 | 80% | 2.00 (1.80-2.20; 1.00x) | 1.10 (1.00-1.20; 0.55x) |" == row
-    assert "learned 90/10 80% rep 0: learning@0.50" in bench_gc._timelines(results)
+    assert "learned 90/10 80% rep 0: learning@0.50; learned models installed at none" \
+        in bench_gc._timelines(results)
 
 
 def test_png_has_a_panel_per_cell(tmp_path: Path) -> None:

@@ -82,6 +82,8 @@ class Run:
     modes: list[str] = field(default_factory=list)
     #: the placement proxy's mode changes: (logical sizes written, mode)
     transitions: list[tuple[float, str]] = field(default_factory=list)
+    #: logical sizes written when the bus had installed each new learned model (refits)
+    fits: list[float] = field(default_factory=list)
 
 #: workload name -> fio --random_distribution (None: the moving hot set, run in phases)
 WORKLOADS: dict[str, str | None] = {
@@ -167,7 +169,8 @@ class _Bus:
             f'[proxy."{proxy}"]\nlearn = true\nlearner = "tree"\nlearn_every_s = 5\n',
             encoding="utf-8")
         self.log = log_to if log_to is not None else work / "bus.log"
-        env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+        self.state = work / "state.json"
+        env = dict(os.environ, KMLBUS_STATE=str(self.state))
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
@@ -182,6 +185,14 @@ class _Bus:
                 raise RuntimeError(f"the bus did not take {self.proxy} into learning: "
                                    f"{self.log.read_text(errors='replace')[-2000:]}")
             time.sleep(0.5)
+
+    def fits(self) -> int:
+        """Learned models the bus has installed for the proxy so far (its state file)."""
+        try:
+            view = json.loads(self.state.read_text())["proxies"][self.proxy]
+            return int((view.get("learning") or {}).get("fits", 0))
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -225,10 +236,10 @@ def measure(workload: str, utilization: float, policy: Policy, *, ram_mib: int, 
                         _, err = fio.communicate(timeout=poll_s)
                         break
                     except subprocess.TimeoutExpired:
-                        _sample(run, before, nblocks, proxy)
+                        _sample(run, before, nblocks, proxy, bus)
                 if fio.returncode != 0:
                     raise RuntimeError(f"fio failed ({fio.returncode}): {err[-500:]}")
-            after = _sample(run, before, nblocks, proxy)
+            after = _sample(run, before, nblocks, proxy, bus)
             run.seconds = time.monotonic() - start
         finally:
             if bus is not None:
@@ -239,7 +250,8 @@ def measure(workload: str, utilization: float, policy: Policy, *, ram_mib: int, 
     return run
 
 
-def _sample(run: Run, before: dict[str, int], nblocks: int, proxy: str | None) -> dict[str, int]:
+def _sample(run: Run, before: dict[str, int], nblocks: int, proxy: str | None,
+            bus: _Bus | None) -> dict[str, int]:
     """Append the counters' state now to *run*; returns the counters."""
     now = _status()
     user = now["user_writes"] - before["user_writes"]
@@ -252,6 +264,8 @@ def _sample(run: Run, before: dict[str, int], nblocks: int, proxy: str | None) -
         run.modes.append(mode)
     if mode and (not run.transitions or run.transitions[-1][1] != mode):
         run.transitions.append((written, mode))
+    if bus is not None:
+        run.fits.extend([written] * (bus.fits() - len(run.fits)))
     return now
 
 
@@ -296,7 +310,9 @@ def _timelines(results: dict[tuple[str, float, str], list[Run]]) -> str:
         for i, r in enumerate(runs):
             if r.transitions:
                 steps = " -> ".join(f"{m}@{x:.2f}" for x, m in r.transitions)
-                lines.append(f"{p} {w} {u:.0%} rep {i}: {steps} (WA {r.wa:.3f}, {r.seconds:.0f} s)")
+                fits = ", ".join(f"{x:.2f}" for x in r.fits) or "none"
+                lines.append(f"{p} {w} {u:.0%} rep {i}: {steps}; learned models installed at "
+                             f"{fits} (WA {r.wa:.3f}, {r.seconds:.0f} s)")
     return "\n".join(lines)
 
 
@@ -316,7 +332,8 @@ def _mode_spans(run: Run) -> list[tuple[float, float, str]]:
 def draw(results: dict[tuple[str, float, str], list[Run]], workloads: Sequence[str],
          utils: Sequence[float], policies: Sequence[Policy], out: Path) -> None:
     """One panel per (workload, utilization): cumulative WA of every policy's first repetition
-    against logical sizes written, the learned policy's placement mode shaded behind."""
+    against logical sizes written, the learned policy's placement mode shaded behind and its
+    refits (learned models installed) as dotted lines."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -330,6 +347,8 @@ def draw(results: dict[tuple[str, float, str], list[Run]], workloads: Sequence[s
             run = results[(w, u, p.name)][0]
             if p.learned:
                 shade_modes(ax, _mode_spans(run))
+                for x in run.fits:
+                    ax.axvline(x, color="#555555", linewidth=0.6, linestyle=":")
             ax.plot(run.written, run.wa_so_far, label=f"{p.name} ({run.wa:.2f})",
                     linewidth=2.0 if p.learned else 1.2)
         ax.set_title(f"{w} at {u:.0%} utilization", fontsize=10)
@@ -390,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               f"({run.seconds:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps([{"workload": w, "utilization": u, "policy": p, "wa": r.wa,
-                           "seconds": r.seconds, "transitions": r.transitions}
+                           "seconds": r.seconds, "transitions": r.transitions, "fits": r.fits}
                           for (w, u, p), runs in results.items() for r in runs]))
     else:
         print(_table(results, args.workload, args.utilization, policies))

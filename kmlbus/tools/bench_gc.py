@@ -141,11 +141,11 @@ def _fio(size: int, dist: str, io_size: int, seed: int, rw: str = "randwrite") -
          "--output-format=terse")
 
 
-def _fio_cmd(size: int, dist: str, io_size: int, seed: int) -> list[str]:
+def _fio_cmd(size: int, dist: str, io_size: int, seed: int, iops: int = 0) -> list[str]:
     return ["fio", "--name=gc", f"--filename=/dev/mapper/{DM_NAME}", "--rw=randwrite", "--bs=4k",
             "--direct=1", "--ioengine=psync", f"--size={size}", f"--io_size={io_size}",
             f"--random_distribution={dist}", "--norandommap", f"--randseed={seed}",
-            "--output-format=terse"]
+            "--output-format=terse", *([f"--rate_iops={iops}"] if iops else [])]
 
 
 def _place_mode(proxy: str | None) -> str:
@@ -207,8 +207,12 @@ class _Bus:
 
 def measure(workload: str, utilization: float, policy: Policy, *, ram_mib: int, seg_blocks: int,
             multiple: float, seed: int, phases: int = 8, poll_s: float = 1.0,
-            bus_log: Path | None = None) -> Run:
-    """One run: fill, then write *multiple* x the logical size with *workload*, sampled as it goes."""
+            bus_log: Path | None = None, learned_iops: int = 0) -> Run:
+    """One run: fill, then write *multiple* x the logical size with *workload*, sampled as it goes.
+
+    *learned_iops* caps the write rate of a learned run (0: none): the target's
+    WA depends on the order of writes, not their pace, but the bus needs wall time
+    to explore, fit and climb, which an emulated guest makes slow."""
     with _target(ram_mib, utilization, seg_blocks, policy) as size:
         _fio(size, "random", size, seed, rw="write")  # sequential fill
         place = re.search(r"place_proxy=(\S+)", _run("dmsetup", "status", DM_NAME))
@@ -221,11 +225,13 @@ def measure(workload: str, utilization: float, policy: Policy, *, ram_mib: int, 
             nblocks = size // 4096
             total = int(size * multiple) // 4096 * 4096
             dist = WORKLOADS[workload]
+            iops = learned_iops if bus is not None else 0
             if dist is None:
                 step = total // phases // 4096 * 4096
-                jobs = [_fio_cmd(size, moving_hot_set(ph), step, seed + ph) for ph in range(phases)]
+                jobs = [_fio_cmd(size, moving_hot_set(ph), step, seed + ph, iops)
+                        for ph in range(phases)]
             else:
-                jobs = [_fio_cmd(size, dist, total, seed)]
+                jobs = [_fio_cmd(size, dist, total, seed, iops)]
             run = Run(float("nan"), 0.0)
             start = time.monotonic()
             for cmd in jobs:
@@ -376,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--segment-blocks", type=int, default=64, help="4 KiB blocks per segment")
     ap.add_argument("--multiple", type=float, default=3.0,
                     help="logical sizes written in the measured phase (default 3)")
+    ap.add_argument("--learned-iops", type=int, default=1500,
+                    help="write rate of learned runs, to give the bus wall time (default 1500; "
+                         "0: as fast as the others)")
     ap.add_argument("--png", type=Path, help="draw WA over time per policy into this PNG")
     ap.add_argument("--bus-log", type=Path, help="append the learned runs' bus output here")
     ap.add_argument("--json", action="store_true", help="print the raw runs as JSON")
@@ -403,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for p in policies:  # interleaved, so drift falls on every policy
                         run = measure(w, u, p, ram_mib=args.ram_mib,
                                       seg_blocks=args.segment_blocks, multiple=args.multiple,
-                                      seed=1000 + rep, bus_log=args.bus_log)
+                                      seed=1000 + rep, bus_log=args.bus_log,
+                                      learned_iops=args.learned_iops)
                         results.setdefault((w, u, p.name), []).append(run)
                         print(f"rep {rep} {w} {u:.0%} {p.name}: WA {run.wa:.3f} "
                               f"({run.seconds:.0f} s)", file=sys.stderr, flush=True)

@@ -301,7 +301,10 @@ def _table(results: dict[tuple[str, float, str], list[Run]], workloads: Sequence
             base = statistics.median(r.wa for r in results[(w, u, policies[0].name)])
             cells = []
             for p in policies:
-                vals = [r.wa for r in results[(w, u, p.name)]]
+                vals = [r.wa for r in results[(w, u, p.name)] if r.wa == r.wa]  # NaN: failed
+                if not vals:
+                    cells.append("failed")
+                    continue
                 med = statistics.median(vals)
                 spread = f"{min(vals):.2f}-{max(vals):.2f}"
                 cells.append(f"{med:.2f} ({spread}; {med / base:.2f}x)")
@@ -410,13 +413,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in args.workload:
                 for u in args.utilization:
                     for p in policies:  # interleaved, so drift falls on every policy
-                        run = measure(w, u, p, ram_mib=args.ram_mib,
-                                      seg_blocks=args.segment_blocks, multiple=args.multiple,
-                                      seed=1000 + rep, bus_log=args.bus_log,
-                                      learned_iops=args.learned_iops)
+                        try:
+                            run = measure(w, u, p, ram_mib=args.ram_mib,
+                                          seg_blocks=args.segment_blocks, multiple=args.multiple,
+                                          seed=1000 + rep, bus_log=args.bus_log,
+                                          learned_iops=args.learned_iops)
+                        except RuntimeError as e:
+                            if not p.learned:
+                                raise
+                            # the bus failed: say so, keep the human-made measurements
+                            print(f"rep {rep} {w} {u:.0%} {p.name}: failed: {e}", file=sys.stderr)
+                            run = Run(float("nan"), 0.0)
                         results.setdefault((w, u, p.name), []).append(run)
                         print(f"rep {rep} {w} {u:.0%} {p.name}: WA {run.wa:.3f} "
                               f"({run.seconds:.0f} s)", file=sys.stderr, flush=True)
+                        if run.transitions:
+                            print(_timelines({(w, u, p.name): [run]}).replace(" rep 0:", f" rep {rep}:"),
+                                  file=sys.stderr, flush=True)
     if args.json:
         print(json.dumps([{"workload": w, "utilization": u, "policy": p, "wa": r.wa,
                            "seconds": r.seconds, "transitions": r.transitions, "fits": r.fits}

@@ -19,6 +19,7 @@ Selected per proxy with ``learner = "tree"`` in the bus configuration.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from . import treefit
 from .config import Binding
 from .learner import Estimate, Learner
 
-__all__ = ["PlaceLearner", "TreeFit"]
+__all__ = ["READY", "PlaceLearner", "TreeFit"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -39,6 +40,20 @@ F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 
 _ARM_MODEL = _spec.load().enums["arm"].value("model")
+
+#: logged (INFO) once scikit-learn and skl2onnx are imported and a fit can start
+READY = "placefit: tree fitting ready"
+
+
+def _warm_up() -> None:
+    """Import what a fit needs.  Under emulation (a TCG guest) these imports take a minute or
+    more; done in a thread when the learner is made, so the first fit does not pay them."""
+    import onnxruntime  # noqa: F401
+    import skl2onnx  # noqa: F401
+    import sklearn.ensemble
+    import sklearn.tree  # noqa: F401
+
+    log.info(READY)
 
 
 @dataclass(frozen=True)
@@ -92,6 +107,7 @@ class PlaceLearner(Learner):
         super().__init__(binding, **kw)  # type: ignore[arg-type]
         self.max_depth = max_depth
         self.max_rows = max_rows
+        threading.Thread(target=_warm_up, daemon=True, name="kmlbus-placefit-imports").start()
         self.candidates = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
 
     def fit(self, min_samples: int = 256) -> TreeFit | None:  # type: ignore[override]

@@ -169,6 +169,7 @@ class _Bus:
             f'[proxy."{proxy}"]\nlearn = true\nlearner = "tree"\nlearn_every_s = 5\n',
             encoding="utf-8")
         self.log = log_to if log_to is not None else work / "bus.log"
+        self.log_from = self.log.stat().st_size if self.log.exists() else 0  # this bus's part
         self.state = work / "state.json"
         env = dict(os.environ, KMLBUS_STATE=str(self.state))
         with open(self.log, "ab") as out:
@@ -178,13 +179,22 @@ class _Bus:
         self.proxy = proxy
 
     def wait_learning(self, timeout: float = 300) -> None:
-        """Until the bus has taken the proxy out of emergency (it explores from then on)."""
+        """Until the bus has taken the proxy out of emergency (it explores from then on) and can
+        fit (its learner's imports, a minute or more in an emulated guest, are done)."""
+        from kmlbus.bus.placefit import READY
+
         end = time.monotonic() + timeout
-        while _place_mode(self.proxy) == "emergency":
+        while (_place_mode(self.proxy) == "emergency"
+               or READY not in self._output()):
             if self.proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"the bus did not take {self.proxy} into learning: "
-                                   f"{self.log.read_text(errors='replace')[-2000:]}")
+                                   f"{self._output()[-2000:]}")
             time.sleep(0.5)
+
+    def _output(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
 
     def fits(self) -> int:
         """Learned models the bus has installed for the proxy so far (its state file)."""

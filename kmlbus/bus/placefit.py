@@ -92,10 +92,11 @@ class PlaceLearner(Learner):
     in it is a candidate, and the efficiency table has one decision bin each.
     """
 
-    def __init__(self, binding: Binding, *, max_depth: int = 6, max_rows: int = 6000,
-                 **kw: object) -> None:
-        """*max_rows*: explored rows a fit samples (a forest over them takes seconds in a
-        TCG guest, where the daemon's refits run); the rest as :class:`Learner`."""
+    def __init__(self, binding: Binding, *, max_depth: int = 6, max_rows: int = 4000,
+                 n_estimators: int = 20, **kw: object) -> None:
+        """*max_rows*, *n_estimators*: explored rows a fit samples and trees in its value
+        forest (small: a fit takes seconds natively and tens of them in a TCG guest, while
+        the proxy keeps exploring on the default); the rest as :class:`Learner`."""
         if not binding.bounded:
             raise ValueError(f"proxy {binding.proxy}: a tree placement needs a bounded "
                              "recommendation (the stream range)")
@@ -107,6 +108,7 @@ class PlaceLearner(Learner):
         super().__init__(binding, **kw)  # type: ignore[arg-type]
         self.max_depth = max_depth
         self.max_rows = max_rows
+        self.n_estimators = n_estimators
         threading.Thread(target=_warm_up, daemon=True, name="kmlbus-placefit-imports").start()
         self.candidates = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
 
@@ -120,7 +122,7 @@ class PlaceLearner(Learner):
         b = self.binding
         fitted = treefit.fit_policy(x[explored], d[explored], e[explored],
                                     lo=b.rec_min, hi=b.rec_max, max_depth=self.max_depth,
-                                    max_rows=self.max_rows,
+                                    max_rows=self.max_rows, n_estimators=self.n_estimators,
                                     candidates=self.candidates, log_value=False)
         chosen = np.clip(np.rint(_run_onnx(fitted.onnx, x) * b.out_scale), b.rec_min, b.rec_max)
         est = t.estimate(x, chosen / b.out_scale)

@@ -68,7 +68,7 @@ def _value_features(x: F32, decision: npt.NDArray[np.float64]) -> F32:
 def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
                lo: int, hi: int, max_depth: int = 6, seed: int = 0,
                max_rows: int = 20000, candidates: npt.ArrayLike | None = None,
-               log_value: bool = True) -> Fitted:
+               log_value: bool = True, n_estimators: int = 60) -> Fitted:
     """Fit a value model on (x, decision) -> efficiency, distil its argmax into one tree.
 
     *x*: float32 [N, F] features as the model sees them; *decision*, *efficiency*:
@@ -76,7 +76,8 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     the policy chooses among (default :func:`candidate_windows`).  *log_value*:
     fit the logarithm of efficiency (for efficiencies spanning orders of
     magnitude); off, the efficiency itself (for a bounded score where 0 is a
-    real value).  Raises ValueError with fewer than 50 samples.
+    real value).  *n_estimators*: trees in the value model's forest.  Raises ValueError
+    with fewer than 50 samples.
     """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
@@ -100,7 +101,8 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
         target = np.log(np.maximum(e, floor))
     else:
         target = e
-    value = RandomForestRegressor(n_estimators=60, min_samples_leaf=5, random_state=seed, n_jobs=1)
+    value = RandomForestRegressor(n_estimators=n_estimators, min_samples_leaf=5, random_state=seed,
+                                  n_jobs=1)
     value.fit(_value_features(x, d), target)
 
     cands = (candidate_windows(lo, hi) if candidates is None

@@ -48,11 +48,15 @@ READY = "placefit: tree fitting ready"
 def _warm_up() -> None:
     """Import what a fit needs.  Under emulation (a TCG guest) these imports take a minute or
     more; done in a thread when the learner is made, so the first fit does not pay them."""
-    import onnxruntime  # noqa: F401
-    import skl2onnx  # noqa: F401
-    import sklearn.ensemble
-    import sklearn.tree  # noqa: F401
-
+    try:
+        import onnxruntime  # noqa: F401
+        import skl2onnx  # noqa: F401
+        import sklearn.ensemble
+        import sklearn.tree  # noqa: F401
+    except ImportError as e:
+        log.error('placefit: learner = "tree" needs scikit-learn and skl2onnx '
+                  "(pip install 'kmlbus[learn]'): %s", e)
+        return
     log.info(READY)
 
 

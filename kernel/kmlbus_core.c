@@ -209,6 +209,22 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 /* ---- flushing ------------------------------------------------------- */
 
 /*
+ * Account one multicast of @n records by its result: delivered to every
+ * listener (a batch), to nobody because the last listener left meanwhile
+ * (-ESRCH: unheard), or not to every listener (-ENOBUFS: a listener's
+ * receive buffer was full, that socket sees an overrun; send-failed).
+ */
+static void kmlbus_count_sent(struct kml_proxy *p, u32 n, int err)
+{
+	if (!err)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
+	else if (err == -ESRCH)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+	else
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
+}
+
+/*
  * Send the records @r held when the call began, in messages of at most
  * @batch records, or count them unheard when nobody listens.  Records that
  * arrive meanwhile wait for the next run, so a producer that outpaces the
@@ -266,14 +282,13 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
 				      KMLBUS_A_PROXY_PAD)) {
 			nlmsg_free(skb);
-			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
 			continue;
 		}
 		genlmsg_end(skb, hdr);
-		/* -ESRCH when the last listener left meanwhile: nothing to do */
-		genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_TELEMETRY,
-				  GFP_KERNEL);
-		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
+		kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
+							  KMLBUS_NLGRP_TELEMETRY,
+							  GFP_KERNEL));
 	}
 	return READ_ONCE(r->count) != 0;
 

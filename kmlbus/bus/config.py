@@ -7,6 +7,8 @@ kernel's fixed-point numbers map to the model's float tensors::
     ttl_ms = 200               # freshness of every recommendation sent
     latency_budget_ms = 20     # a batch slower than this is a fault for the daemon
     trace = "bus.kmltrace"     # optional msgpack trace of every batch
+    rate = 20000               # decisions/s of all proxies together: sizes the socket buffer
+    rcvbuf = 33554432          # or the telemetry socket's receive buffer in bytes, as is
 
     [proxy.sample]
     model = "models/sample_good.onnx"     # relative to this file
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from kmlbus.contract import spec as _spec
+from kmlbus.bus import sockbuf
 
 __all__ = [
     "Binding",
@@ -154,6 +157,14 @@ class BusConfig:
     ttl_ms: int = 200
     latency_budget_ms: float = 50.0
     trace: Path | None = None
+    #: decisions per second of all the bus's proxies together (sizes the receive buffer)
+    rate: int = 20000
+    #: the telemetry socket's receive buffer in bytes; None: computed from :attr:`rate`
+    rcvbuf: int | None = None
+
+    def receive_buffer(self) -> int:
+        """``SO_RCVBUF`` of the telemetry socket: :attr:`rcvbuf`, else sized for :attr:`rate`."""
+        return self.rcvbuf if self.rcvbuf is not None else sockbuf.receive_buffer(self.rate)
 
 
 @dataclass(frozen=True)
@@ -205,7 +216,7 @@ class Config:
     path: Path | None = None
 
 
-_BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace"}
+_BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace", "rate", "rcvbuf"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
                "learn", "explore", "explore_spread", "learn_every_s", "learned_model"}
 
@@ -240,6 +251,12 @@ def _positive(w: _Where, key: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise w.err(key, "a positive number", v)
     return float(v)
+
+
+def _int_in(w: _Where, key: str, v: Any, lo: int, hi: int, unit: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise w.err(key, f"an integer in {lo}..{hi} ({unit})", v)
+    return v
 
 
 def _name(w: _Where, key: str, v: Any) -> str:
@@ -278,6 +295,10 @@ def loads(text: str, path: Path | None = None) -> Config:
         latency_budget_ms=(_positive(w, "bus.latency_budget_ms", bus_raw["latency_budget_ms"])
                            if "latency_budget_ms" in bus_raw else 50.0),
         trace=_path(w, "bus.trace", bus_raw["trace"], base) if "trace" in bus_raw else None,
+        rate=(_int_in(w, "bus.rate", bus_raw["rate"], 1, 100_000_000, "decisions per second")
+              if "rate" in bus_raw else 20000),
+        rcvbuf=(_int_in(w, "bus.rcvbuf", bus_raw["rcvbuf"], 64 << 10, sockbuf.MAX_RCVBUF, "bytes")
+                if "rcvbuf" in bus_raw else None),
     )
 
     proxies_raw = raw.get("proxy", {})

@@ -83,6 +83,9 @@ class Link(Protocol):
     family_id: int
     stats: dict[str, int]
 
+    @property
+    def rcvbuf(self) -> int: ...
+
     def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
     def wait_datagram(self, timeout: float | None = None) -> bytes | None: ...
     def accept(self, data: bytes) -> list[codec.Message]: ...
@@ -99,13 +102,15 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
-#: Opens a link joined to the given multicast groups; raises
-#: :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent.
-Opener = Callable[[Sequence[str]], Link]
+class Opener(Protocol):
+    """Opens a link joined to *groups* with a receive buffer of *rcvbuf* bytes; raises
+    :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent."""
+
+    def __call__(self, groups: Sequence[str], *, rcvbuf: int = ...) -> Link: ...
 
 
-def _open_netlink(groups: Sequence[str]) -> Link:
-    return netlink.Connection(groups=groups)
+def _open_netlink(groups: Sequence[str], *, rcvbuf: int = 8 << 20) -> Link:
+    return netlink.Connection(groups=groups, rcvbuf=rcvbuf)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,11 +185,16 @@ class Bus:
             ctl = self.opener(())
         except netlink.ModuleNotLoaded:
             return False
+        want = self.config.bus.receive_buffer()
         try:
-            conn = self.opener(("telemetry", "events"))
+            conn = self.opener(("telemetry", "events"), rcvbuf=want)
         except BaseException:
             ctl.close()
             raise
+        if conn.rcvbuf < want:
+            log.warning("telemetry socket: receive buffer %d bytes, %d asked for [bus] rate %d "
+                        "(no CAP_NET_ADMIN? raise net.core.rmem_max); expect overruns",
+                        conn.rcvbuf, want, self.config.bus.rate)
         self.conn, self.ctl = conn, ctl
         self._async_seen = 0  # ctl.stats["async_errors"] already counted
         self.proxies.clear()
@@ -426,6 +436,7 @@ class Bus:
         if self.conn is not None:
             # multicast lost because our receive buffer was full (ENOBUFS on the socket)
             stats["socket_overruns"] = self.conn.stats.get("overruns", 0)
+            stats["socket_rcvbuf"] = self.conn.rcvbuf
         out: dict[str, Any] = {"pid": os.getpid(), "at": time.time(), "stats": stats,
                                "portid": 0 if self.ctl is None else self.ctl.portid,
                                "proxies": {}}

@@ -224,6 +224,12 @@ class GenlSocket:
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
+    @property
+    def rcvbuf(self) -> int:
+        """Bytes the kernel lets queue on this socket (``SO_RCVBUF``: twice what was asked,
+        see socket(7); without CAP_NET_ADMIN capped by ``net.core.rmem_max``)."""
+        return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
     # --- lifecycle ---------------------------------------------------------
     def fileno(self) -> int:
         """The socket's file descriptor (for selectors / ``loop.add_reader``)."""

@@ -570,3 +570,21 @@ def test_the_telemetry_socket_is_sized_for_the_rate_and_its_overruns_are_publish
         assert (k.find("sample").counters["send-failed"] > 0) is overruns
     finally:
         bus.shutdown()
+
+
+def test_a_removed_proxy_is_forgotten_at_once_and_its_new_registration_adopted_afresh(
+        good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    old = good.k.find("sample").id
+    held = good.bus.proxies[old]
+    good.k.remove_proxy("sample")  # rmmod kmlbus_sample: proxy-removed on the events group
+    good.bus.receive(0.05)
+    assert old not in good.bus.proxies, "the bus kept a proxy the kernel destroyed"
+    good.k.add_proxy(SampleWorkload)  # insmod again: same name, new id
+    new = good.k.find("sample").id
+    assert new != old
+    good.run(1.5)  # housekeeping adopts the new registration
+    assert good.bus.proxies[new] is not held  # no machine, evidence or hold carried over
+    assert good.bus.proxies[new].modes.mode in ("emergency", "learning")  # starts from the bottom
+    assert good.bus.stats["reconnects"] == 0 and good.bus.stats["send_errors"] == 0, good.bus.stats
+    assert good.run(30, good.at("recommendation"))  # climbs again on its own evidence

@@ -11,7 +11,9 @@ The loop, per message from the kernel:
   dispatcher runs the model on the batch and the recommendations go back in
   one ``recommend`` request;
 * ``feedback`` -> evidence (per-arm efficiency);
-* ``mode-event`` -> the mode machine follows kernel-initiated changes.
+* ``mode-event`` -> the mode machine follows kernel-initiated changes;
+* ``proxy-removed`` -> the proxy's object is dropped (a new registration of
+  the name is a new proxy, adopted at the next housekeeping).
 
 Recommendations go out first; evidence, learning and the trace are updated
 after the send.  When the socket was idle, the loop takes the datagram that
@@ -321,10 +323,25 @@ class Bus:
                     self.stats["malformed"] += 1
                     continue
                 pending.setdefault((pid, m.op), []).append(arr)
+            elif m.op == "proxy-removed":
+                flush()
+                self._forget(pid)
             else:
                 flush()
                 self.proxies[pid].on_event(m)
         flush()
+
+    def _forget(self, pid: int) -> None:
+        """The kernel destroyed proxy *pid*: drop its object (machine, evidence, hold).
+
+        Nothing more goes to that id; the kernel never hands it out again
+        soon (ids are cyclic), and a subsystem that registers the name again
+        gets a new id, which housekeeping adopts as a new proxy.  The learning
+        loop is kept by name, as across a module reload.
+        """
+        p = self.proxies.pop(pid)
+        self._pins_dirty = True
+        log.info("proxy %s (id %d): removed by the kernel; forgotten", p.name, pid)
 
     def _guarded(self, p: Proxy, op: str, step: Callable[[np.ndarray], object],
                  arr: np.ndarray) -> bool:

@@ -209,16 +209,17 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 /* ---- flushing ------------------------------------------------------- */
 
 /*
- * Account one multicast of @n records by its result: delivered to every
- * listener (a batch), to nobody because the last listener left meanwhile
- * (-ESRCH: unheard), or not to every listener (-ENOBUFS: a listener's
- * receive buffer was full, that socket sees an overrun; send-failed).
+ * Account one multicast of @n records by its result.  netlink_broadcast()
+ * returns 0 when some listener took the message, -ENOBUFS when a listener
+ * that set NETLINK_BROADCAST_ERROR could not, and -ESRCH when nobody took
+ * it: either nobody listens any more (unheard) or every listener's receive
+ * buffer was full (send-failed; each of those sockets sees an overrun).
  */
 static void kmlbus_count_sent(struct kml_proxy *p, u32 n, int err)
 {
 	if (!err)
 		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
-	else if (err == -ESRCH)
+	else if (err == -ESRCH && !kmlbus_nl_telemetry_heard())
 		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
 	else
 		kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);

@@ -541,11 +541,11 @@ class StandinProxy:
                 attrs: dict[str, Any] = {"id": self.id, attr: arr[i:i + batch]}
                 if op == "telemetry":
                     attrs["drops"] = self.counters["drops"]
-                # kmlbus_count_sent: a batch only when every listener took it
+                # kmlbus_count_sent: a batch when a listener took it, else unheard or send-failed
                 err = self.kernel._multicast("telemetry", op, attrs)
                 if not err:
                     self.counters["batches"] += 1
-                elif err == -errno_mod.ESRCH:
+                elif not self.kernel._listeners("telemetry"):
                     self.counters["unheard"] += len(attrs[attr])
                 else:
                     self.counters["send-failed"] += len(attrs[attr])
@@ -737,7 +737,8 @@ class StandinKernel:
         return [ln for ln in self.links if group in ln.groups]
 
     def _multicast(self, group: str, op: str, attrs: Mapping[str, Any]) -> int:
-        """``genlmsg_multicast``: 0, -ESRCH (no listener) or -ENOBUFS (one had no room)."""
+        """``genlmsg_multicast``: 0 when some listener took it, else -ESRCH (no listener, or
+        none had room; no stand-in socket sets NETLINK_BROADCAST_ERROR)."""
         targets = self._listeners(group)
         if not targets:
             return -errno_mod.ESRCH
@@ -745,7 +746,7 @@ class StandinKernel:
         data = codec.pack_genlmsg(self.family_id, o.value, _SPEC.version,
                                   codec.encode_attrs(o.attr_set, attrs), seq=0, flags=0)
         delivered = [ln._deliver(data) for ln in targets]
-        return 0 if all(delivered) else -errno_mod.ENOBUFS
+        return 0 if any(delivered) else -errno_mod.ESRCH
 
     def _released(self, ln: StandinLink) -> None:
         """The netlink release notifier: the proxies this port was the bus of fall to emergency."""

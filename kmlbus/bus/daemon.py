@@ -112,7 +112,9 @@ class Opener(Protocol):
 
 
 def _open_netlink(groups: Sequence[str], *, rcvbuf: int = 8 << 20) -> Link:
-    return netlink.Connection(groups=groups, rcvbuf=rcvbuf)
+    # On the telemetry socket, a message the bus had no room for is counted send-failed
+    # by the kernel even if another listener (kmlbus watch) took it.
+    return netlink.Connection(groups=groups, rcvbuf=rcvbuf, broadcast_error="telemetry" in groups)
 
 
 @dataclasses.dataclass(frozen=True)

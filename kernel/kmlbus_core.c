@@ -21,6 +21,7 @@
 #include <linux/vmalloc.h>
 #include <linux/idr.h>
 #include <linux/jiffies.h>
+#include <linux/prandom.h>
 #include <linux/random.h>
 #include <linux/timekeeping.h>
 #include <linux/netlink.h>
@@ -828,13 +829,27 @@ static __always_inline u64 record_sample(struct kml_proxy *p,
 	return seq;
 }
 
+/*
+ * The split between arms (collaboration share, learning exploration) needs
+ * a uniform draw, not secrecy: a per-CPU Tausworthe generator, seeded from
+ * get_random_u64() at load, costs a few instructions where
+ * get_random_u32_below() takes the batched-entropy lock.  Preemption is off
+ * around a draw; an interrupt that decides on the same CPU meanwhile only
+ * shares a step of the sequence.
+ */
+static DEFINE_PER_CPU(struct rnd_state, kmlbus_rnd);
+
 static bool permille_hit(u32 permille)
 {
+	u32 r;
+
 	if (!permille)
 		return false;
 	if (permille >= KMLBUS_PERMILLE)
 		return true;
-	return get_random_u32_below(KMLBUS_PERMILLE) < permille;
+	r = prandom_u32_state(get_cpu_ptr(&kmlbus_rnd));
+	put_cpu_ptr(&kmlbus_rnd);
+	return ((u64)r * KMLBUS_PERMILLE >> 32) < permille;
 }
 
 /**
@@ -1042,8 +1057,10 @@ EXPORT_SYMBOL_GPL(kml_proxy_priv);
 
 static int __init kmlbus_init(void)
 {
-	int err;
+	int err, cpu;
 
+	for_each_possible_cpu(cpu)
+		prandom_seed_state(per_cpu_ptr(&kmlbus_rnd, cpu), get_random_u64());
 	/*
 	 * The registry is static; then the owners' notifier, the release
 	 * notifier, then the family.

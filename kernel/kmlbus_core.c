@@ -21,6 +21,7 @@
 #include <linux/vmalloc.h>
 #include <linux/idr.h>
 #include <linux/jiffies.h>
+#include <linux/prandom.h>
 #include <linux/random.h>
 #include <linux/timekeeping.h>
 #include <linux/netlink.h>
@@ -209,6 +210,23 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 /* ---- flushing ------------------------------------------------------- */
 
 /*
+ * Account one multicast of @n records by its result.  netlink_broadcast()
+ * returns 0 when some listener took the message, -ENOBUFS when a listener
+ * that set NETLINK_BROADCAST_ERROR could not, and -ESRCH when nobody took
+ * it: either nobody listens any more (unheard) or every listener's receive
+ * buffer was full (send-failed; each of those sockets sees an overrun).
+ */
+static void kmlbus_count_sent(struct kml_proxy *p, u32 n, int err)
+{
+	if (!err)
+		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
+	else if (err == -ESRCH && !kmlbus_nl_telemetry_heard())
+		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+	else
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
+}
+
+/*
  * Send the records @r held when the call began, in messages of at most
  * @batch records, or count them unheard when nobody listens.  Records that
  * arrive meanwhile wait for the next run, so a producer that outpaces the
@@ -266,14 +284,13 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
 				      KMLBUS_A_PROXY_PAD)) {
 			nlmsg_free(skb);
-			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
 			continue;
 		}
 		genlmsg_end(skb, hdr);
-		/* -ESRCH when the last listener left meanwhile: nothing to do */
-		genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_TELEMETRY,
-				  GFP_KERNEL);
-		kmlbus_count(p, KMLBUS_A_COUNTERS_BATCHES, 1);
+		kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
+							  KMLBUS_NLGRP_TELEMETRY,
+							  GFP_KERNEL));
 	}
 	return READ_ONCE(r->count) != 0;
 
@@ -812,13 +829,27 @@ static __always_inline u64 record_sample(struct kml_proxy *p,
 	return seq;
 }
 
+/*
+ * The split between arms (collaboration share, learning exploration) needs
+ * a uniform draw, not secrecy: a per-CPU Tausworthe generator, seeded from
+ * get_random_u64() at load, costs a few instructions where
+ * get_random_u32_below() takes the batched-entropy lock.  Preemption is off
+ * around a draw; an interrupt that decides on the same CPU meanwhile only
+ * shares a step of the sequence.
+ */
+static DEFINE_PER_CPU(struct rnd_state, kmlbus_rnd);
+
 static bool permille_hit(u32 permille)
 {
+	u32 r;
+
 	if (!permille)
 		return false;
 	if (permille >= KMLBUS_PERMILLE)
 		return true;
-	return get_random_u32_below(KMLBUS_PERMILLE) < permille;
+	r = prandom_u32_state(get_cpu_ptr(&kmlbus_rnd));
+	put_cpu_ptr(&kmlbus_rnd);
+	return ((u64)r * KMLBUS_PERMILLE >> 32) < permille;
 }
 
 /**
@@ -1026,8 +1057,10 @@ EXPORT_SYMBOL_GPL(kml_proxy_priv);
 
 static int __init kmlbus_init(void)
 {
-	int err;
+	int err, cpu;
 
+	for_each_possible_cpu(cpu)
+		prandom_seed_state(per_cpu_ptr(&kmlbus_rnd, cpu), get_random_u64());
 	/*
 	 * The registry is static; then the owners' notifier, the release
 	 * notifier, then the family.

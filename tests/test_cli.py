@@ -63,6 +63,24 @@ def test_status_table_shows_each_proxy_and_its_last_move(capsys: pytest.CaptureF
     assert "collaboration -> recommendation (promote)" in out[2]
 
 
+def test_status_shows_lost_records_and_the_bus_sockets_overruns(capsys: pytest.CaptureFixture[str]) -> None:
+    v = cli.proxy_view({"id": 1, "name": "sample", "mode": 3, "bus-portid": 77,
+                        "counters": {"drops": 4, "send-failed": 96}},
+                       {"portid": 77, "stats": {"socket_overruns": 3, "socket_rcvbuf": 16777216},
+                        "proxies": {"sample": {"mode": "recommendation"}}})
+    assert v["bus"]["socket"] == {"overruns": 3, "rcvbuf": 16777216}
+    cli.print_status_table([v])
+    out = capsys.readouterr().out.splitlines()
+    col = out[0].index("LOST ring/send")
+    assert out[1][col:].split()[0] == "4/96"
+    assert "bus socket: 3 receive-buffer overrun(s) (multicast lost, ENOBUFS), buffer 16777216 bytes" in out
+    # a stale view (the daemon that wrote it is gone) shows no socket line
+    stale = cli.proxy_view({"id": 1, "name": "sample", "mode": 0, "bus-portid": 0},
+                           {"portid": 77, "stats": {"socket_overruns": 3}, "proxies": {"sample": {"mode": "learning"}}})
+    cli.print_status_table([stale])
+    assert not any(line.startswith("bus socket") for line in capsys.readouterr().out.splitlines())
+
+
 def test_status_table_shows_the_learning_loop(capsys: pytest.CaptureFixture[str]) -> None:
     learning = {"samples": 5000, "fits": 2, "kept": 1, "last_fit": {
         "weights": [62.5, 0.01, -0.2], "bias": 1.25, "samples": 5000, "estimated": 0.951,

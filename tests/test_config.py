@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kmlbus.bus import config as cfg
-from kmlbus.bus.config import ConfigError, FieldSchema, ProxySchema
+from kmlbus.bus import sockbuf
+from kmlbus.bus.config import ConfigError, FieldSchema, ProxySchema, loads
 
 SAMPLE_ATTRS = {
     "id": 1,
@@ -268,3 +270,24 @@ def test_any_value_in_any_key_gives_a_config_or_a_config_error(
         assert "\n" not in str(e)
         return
     assert 1 <= b.ttl_ms <= 60000 and b.out_scale > 0 and all(d > 0 for d in b.divisors)
+
+
+def test_the_telemetry_receive_buffer_is_sized_for_the_configured_rate() -> None:
+    assert loads("").bus.receive_buffer() == sockbuf.MIN_RCVBUF  # 20000 decisions/s fit in 8 MiB
+    fast = loads("[bus]\nrate = 200000\n").bus
+    # half a second of 200000 decisions, each a sample and a feedback record in kernel skbs
+    assert fast.receive_buffer() == 200000 * sockbuf.STALL_S * sockbuf.bytes_per_decision()
+    assert fast.receive_buffer() > sockbuf.MIN_RCVBUF
+    assert loads("[bus]\nrate = 200000\nrcvbuf = 65536\n").bus.receive_buffer() == 65536
+    # a 32-sample message costs a 4 KiB data area plus its sk_buff, not its 2 KiB payload
+    assert sockbuf.bytes_per_decision() >= 4096 // 32
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[bus]\nrate = 0\n", "bus.rate: expected an integer in 1..100000000 (decisions per second), found int 0"),
+    ("[bus]\nrate = 1.5\n", "bus.rate: expected an integer"),
+    ("[bus]\nrcvbuf = 1024\n", "bus.rcvbuf: expected an integer in 65536..1073741824 (bytes), found int 1024"),
+])
+def test_bad_rate_or_receive_buffer_is_refused_with_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        loads(text)

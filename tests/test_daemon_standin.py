@@ -368,7 +368,7 @@ def test_a_stalled_bus_that_lost_events_follows_the_kernels_mode(tmp_path: Path)
     rig = make_rig(tmp_path, models.sample_good_model())
     try:
         rig.bus._lost("test: reopen with a small receive buffer")
-        rig.bus.opener = lambda groups: rig.k.open(groups, rcvbuf=64 << 10)
+        rig.bus.opener = lambda groups, *, rcvbuf=0: rig.k.open(groups, rcvbuf=64 << 10)
         assert rig.run(30, rig.at("recommendation"))
         pid = rig.k.find("sample").id
         rig.k.clock.advance(1.0)  # the bus stalls; its socket fills up meanwhile
@@ -547,3 +547,44 @@ def test_every_refused_recommendation_is_counted_even_past_the_kept_errors(good:
     assert good.bus.stats["send_errors"] - before == 300
     good.bus.housekeeping()  # counted once
     assert good.bus.stats["send_errors"] - before == 300
+
+
+@pytest.mark.parametrize(("bus_table", "overruns"), [("rate = 2000", False), ("rcvbuf = 65536", True)])
+def test_the_telemetry_socket_is_sized_for_the_rate_and_its_overruns_are_published(
+        tmp_path: Path, bus_table: str, overruns: bool) -> None:
+    models.save(models.sample_good_model(), tmp_path / "model.onnx")
+    cfg = loads(f'[bus]\n{bus_table}\n\n[proxy.sample]\nmodel = "model.onnx"\n', tmp_path / "bus.toml")
+    k = StandinKernel(seed=1)  # the sample decides 2000 times a second
+    bus = Bus(cfg, clock=k.clock.now, opener=k.open, state_path=tmp_path / "state.json")
+    try:
+        assert bus.connect() and bus.conn is not None
+        assert bus.conn.rcvbuf == cfg.bus.receive_buffer()
+        bus.step()
+        k.clock.advance(1.0)  # the loop is away for a second; the kernel keeps sending
+        end = k.clock.now() + 1.5
+        while k.clock.now() < end:
+            bus.step()
+        stats = bus.snapshot()["stats"]
+        assert stats["socket_rcvbuf"] == cfg.bus.receive_buffer()
+        assert (stats["socket_overruns"] > 0) is overruns, stats
+        assert (k.find("sample").counters["send-failed"] > 0) is overruns
+    finally:
+        bus.shutdown()
+
+
+def test_a_removed_proxy_is_forgotten_at_once_and_its_new_registration_adopted_afresh(
+        good: Rig) -> None:
+    assert good.run(30, good.at("recommendation"))
+    old = good.k.find("sample").id
+    held = good.bus.proxies[old]
+    good.k.remove_proxy("sample")  # rmmod kmlbus_sample: proxy-removed on the events group
+    good.bus.receive(0.05)
+    assert old not in good.bus.proxies, "the bus kept a proxy the kernel destroyed"
+    good.k.add_proxy(SampleWorkload)  # insmod again: same name, new id
+    new = good.k.find("sample").id
+    assert new != old
+    good.run(1.5)  # housekeeping adopts the new registration
+    assert good.bus.proxies[new] is not held  # no machine, evidence or hold carried over
+    assert good.bus.proxies[new].modes.mode in ("emergency", "learning")  # starts from the bottom
+    assert good.bus.stats["reconnects"] == 0 and good.bus.stats["send_errors"] == 0, good.bus.stats
+    assert good.run(30, good.at("recommendation"))  # climbs again on its own evidence

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,3 +255,10 @@ def test_async_control_without_the_module_raises_module_not_loaded() -> None:
         asyncio.run(control.resolve())
     with pytest.raises(nl.ModuleNotLoaded):
         asyncio.run(main())
+
+
+def test_a_socket_asked_for_broadcast_errors_has_the_option_and_a_plain_one_not() -> None:
+    with nl.GenlSocket(broadcast_error=True) as on, nl.GenlSocket() as off:
+        assert on._sock.getsockopt(nl.SOL_NETLINK, nl.NETLINK_BROADCAST_ERROR) == 1
+        assert off._sock.getsockopt(nl.SOL_NETLINK, nl.NETLINK_BROADCAST_ERROR) == 0
+        assert on.rcvbuf == on._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > 0

@@ -17,11 +17,15 @@ from kmlbus.vm import EXIT_DMESG, EXIT_NO_STATUS, EXIT_TIMEOUT, VMResult, run
 from kmlbus.vm.__main__ import pytest_command
 from kmlbus.vm.dmesg import problems
 from kmlbus.vm.initramfs import Entry, cpio_newc, init_script, parse_show_depends
+from kmlbus.vm import kernels
 from kmlbus.vm.kernels import (
+    DEFAULT_KERNEL,
+    KERNEL_ENV,
+    VMError,
     _version_key,
     has_pvh_note,
-    installed_kernels,
-    newest_kernel,
+    kernel_series,
+    select_kernel,
 )
 from kmlbus.vm.qemu import guest_env, job_script, qemu_argv
 
@@ -76,7 +80,44 @@ def test_init_script_loads_modules_in_order_and_reports_markers() -> None:
 def test_kernel_versions_sort_numerically() -> None:
     assert sorted(["6.1.0-9-amd64", "6.1.0-56-amd64", "6.10.0-1-amd64"], key=_version_key) == [
         "6.1.0-9-amd64", "6.1.0-56-amd64", "6.10.0-1-amd64"]
-    assert newest_kernel() == installed_kernels()[-1]
+    assert kernel_series("6.12.117+deb12-amd64") == "6.12" and kernel_series("6.1.0-57-amd64") == "6.1"
+
+
+@pytest.fixture
+def two_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake /boot and /lib/modules with 6.1 (two ABIs), 6.12, and a 6.13 without an image."""
+    boot, modules = tmp_path / "boot", tmp_path / "modules"
+    for kver in ("6.1.0-9-amd64", "6.1.0-57-amd64", "6.12.117+deb12-amd64", "6.13.1-amd64"):
+        (modules / kver).mkdir(parents=True)
+        if not kver.startswith("6.13"):
+            boot.mkdir(exist_ok=True)
+            (boot / f"vmlinuz-{kver}").write_bytes(b"")
+    monkeypatch.setattr(kernels, "BOOT", boot)
+    monkeypatch.setattr(kernels, "MODULES", modules)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    return tmp_path
+
+
+def test_default_kernel_is_the_6_1_series_not_the_newest_installed(two_kernels: Path) -> None:
+    assert DEFAULT_KERNEL == "6.1"
+    assert select_kernel() == "6.1.0-57-amd64"  # newest ABI of the series, not 6.12
+
+
+def test_kernel_is_chosen_by_option_then_env_by_series_or_release(
+        two_kernels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "6.12")
+    assert select_kernel() == "6.12.117+deb12-amd64"
+    assert select_kernel("6.1") == "6.1.0-57-amd64"  # the option wins over the variable
+    assert select_kernel("6.1.0-9-amd64") == "6.1.0-9-amd64"
+
+
+def test_unknown_kernel_choice_names_what_is_installed(
+        two_kernels: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KERNEL_ENV, "6.13")  # modules but no image: not bootable
+    with pytest.raises(VMError, match=r"'6.13' \(from KMLBUS_KERNEL\).*6.1.0-57-amd64, 6.12.117"):
+        select_kernel()
+    with pytest.raises(VMError, match="from --kver"):
+        select_kernel("6.1.0")
 
 
 def test_pvh_note_detection_rejects_non_elf() -> None:

@@ -7,6 +7,8 @@ kernel's fixed-point numbers map to the model's float tensors::
     ttl_ms = 200               # freshness of every recommendation sent
     latency_budget_ms = 20     # a batch slower than this is a fault for the daemon
     trace = "bus.kmltrace"     # optional msgpack trace of every batch
+    rate = 20000               # decisions/s of all proxies together: sizes the socket buffer
+    rcvbuf = 33554432          # or the telemetry socket's receive buffer in bytes, as is
 
     [proxy.sample]
     model = "models/sample_good.onnx"     # relative to this file
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from kmlbus.contract import spec as _spec
+from kmlbus.bus import sockbuf
 
 __all__ = [
     "Binding",
@@ -155,6 +158,14 @@ class BusConfig:
     ttl_ms: int = 200
     latency_budget_ms: float = 50.0
     trace: Path | None = None
+    #: decisions per second of all the bus's proxies together (sizes the receive buffer)
+    rate: int = 20000
+    #: the telemetry socket's receive buffer in bytes; None: computed from :attr:`rate`
+    rcvbuf: int | None = None
+
+    def receive_buffer(self) -> int:
+        """``SO_RCVBUF`` of the telemetry socket: :attr:`rcvbuf`, else sized for :attr:`rate`."""
+        return self.rcvbuf if self.rcvbuf is not None else sockbuf.receive_buffer(self.rate)
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,7 @@ class Config:
     path: Path | None = None
 
 
-_BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace"}
+_BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace", "rate", "rcvbuf"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
                "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner"}
 
@@ -249,6 +260,12 @@ def _positive(w: _Where, key: str, v: Any) -> float:
     return float(v)
 
 
+def _int_in(w: _Where, key: str, v: Any, lo: int, hi: int, unit: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise w.err(key, f"an integer in {lo}..{hi} ({unit})", v)
+    return v
+
+
 def _name(w: _Where, key: str, v: Any) -> str:
     if not isinstance(v, str) or not v:
         raise w.err(key, "a non-empty string", v)
@@ -285,6 +302,10 @@ def loads(text: str, path: Path | None = None) -> Config:
         latency_budget_ms=(_positive(w, "bus.latency_budget_ms", bus_raw["latency_budget_ms"])
                            if "latency_budget_ms" in bus_raw else 50.0),
         trace=_path(w, "bus.trace", bus_raw["trace"], base) if "trace" in bus_raw else None,
+        rate=(_int_in(w, "bus.rate", bus_raw["rate"], 1, 100_000_000, "decisions per second")
+              if "rate" in bus_raw else 20000),
+        rcvbuf=(_int_in(w, "bus.rcvbuf", bus_raw["rcvbuf"], 64 << 10, sockbuf.MAX_RCVBUF, "bytes")
+                if "rcvbuf" in bus_raw else None),
     )
 
     proxies_raw = raw.get("proxy", {})

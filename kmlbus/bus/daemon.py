@@ -11,7 +11,9 @@ The loop, per message from the kernel:
   dispatcher runs the model on the batch and the recommendations go back in
   one ``recommend`` request;
 * ``feedback`` -> evidence (per-arm efficiency);
-* ``mode-event`` -> the mode machine follows kernel-initiated changes.
+* ``mode-event`` -> the mode machine follows kernel-initiated changes;
+* ``proxy-removed`` -> the proxy's object is dropped (a new registration of
+  the name is a new proxy, adopted at the next housekeeping).
 
 Recommendations go out first; evidence, learning and the trace are updated
 after the send.  When the socket was idle, the loop takes the datagram that
@@ -84,6 +86,9 @@ class Link(Protocol):
     family_id: int
     stats: dict[str, int]
 
+    @property
+    def rcvbuf(self) -> int: ...
+
     def recv(self, timeout: float | None = None) -> list[codec.Message]: ...
     def wait_datagram(self, timeout: float | None = None) -> bytes | None: ...
     def accept(self, data: bytes) -> list[codec.Message]: ...
@@ -100,13 +105,17 @@ class Link(Protocol):
     def close(self) -> None: ...
 
 
-#: Opens a link joined to the given multicast groups; raises
-#: :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent.
-Opener = Callable[[Sequence[str]], Link]
+class Opener(Protocol):
+    """Opens a link joined to *groups* with a receive buffer of *rcvbuf* bytes; raises
+    :class:`kmlbus.wire.netlink.ModuleNotLoaded` when the family is absent."""
+
+    def __call__(self, groups: Sequence[str], *, rcvbuf: int = ...) -> Link: ...
 
 
-def _open_netlink(groups: Sequence[str]) -> Link:
-    return netlink.Connection(groups=groups)
+def _open_netlink(groups: Sequence[str], *, rcvbuf: int = 8 << 20) -> Link:
+    # On the telemetry socket, a message the bus had no room for is counted send-failed
+    # by the kernel even if another listener (kmlbus watch) took it.
+    return netlink.Connection(groups=groups, rcvbuf=rcvbuf, broadcast_error="telemetry" in groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +190,16 @@ class Bus:
             ctl = self.opener(())
         except netlink.ModuleNotLoaded:
             return False
+        want = self.config.bus.receive_buffer()
         try:
-            conn = self.opener(("telemetry", "events"))
+            conn = self.opener(("telemetry", "events"), rcvbuf=want)
         except BaseException:
             ctl.close()
             raise
+        if conn.rcvbuf < want:
+            log.warning("telemetry socket: receive buffer %d bytes, %d asked for [bus] rate %d "
+                        "(no CAP_NET_ADMIN? raise net.core.rmem_max); expect overruns",
+                        conn.rcvbuf, want, self.config.bus.rate)
         self.conn, self.ctl = conn, ctl
         self._async_seen = 0  # ctl.stats["async_errors"] already counted
         self.proxies.clear()
@@ -313,10 +327,25 @@ class Bus:
                     self.stats["malformed"] += 1
                     continue
                 pending.setdefault((pid, m.op), []).append(arr)
+            elif m.op == "proxy-removed":
+                flush()
+                self._forget(pid)
             else:
                 flush()
                 self.proxies[pid].on_event(m)
         flush()
+
+    def _forget(self, pid: int) -> None:
+        """The kernel destroyed proxy *pid*: drop its object (machine, evidence, hold).
+
+        Nothing more goes to that id; the kernel never hands it out again
+        soon (ids are cyclic), and a subsystem that registers the name again
+        gets a new id, which housekeeping adopts as a new proxy.  The learning
+        loop is kept by name, as across a module reload.
+        """
+        p = self.proxies.pop(pid)
+        self._pins_dirty = True
+        log.info("proxy %s (id %d): removed by the kernel; forgotten", p.name, pid)
 
     def _guarded(self, p: Proxy, op: str, step: Callable[[np.ndarray], object],
                  arr: np.ndarray) -> bool:
@@ -428,6 +457,7 @@ class Bus:
         if self.conn is not None:
             # multicast lost because our receive buffer was full (ENOBUFS on the socket)
             stats["socket_overruns"] = self.conn.stats.get("overruns", 0)
+            stats["socket_rcvbuf"] = self.conn.rcvbuf
         out: dict[str, Any] = {"pid": os.getpid(), "at": time.time(), "stats": stats,
                                "portid": 0 if self.ctl is None else self.ctl.portid,
                                "proxies": {}}

@@ -143,7 +143,7 @@ def _bus(workdir: Path) -> Bus:
     cfg = loads("[bus]\nttl_ms = 300\nlatency_budget_ms = 1000\n[proxy.sample]\nmodel = \"good.onnx\"\n",
                 workdir / "bench.toml")
     bus = Bus(cfg, state_path=workdir / "state.json",
-              opener=lambda groups: TimedConnection(groups=groups))
+              opener=lambda groups, *, rcvbuf=8 << 20: TimedConnection(groups=groups, rcvbuf=rcvbuf))
     if not bus.connect():
         raise netlink.ModuleNotLoaded()
     for p in bus.proxies.values():

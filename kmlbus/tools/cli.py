@@ -51,6 +51,11 @@ def proxy_view(p: dict[str, Any], bus_state: dict[str, Any]) -> dict[str, Any]:
     bus = bus_state.get("proxies", {}).get(view["name"])
     if bus:
         view["bus"] = dict(bus)
+        stats = bus_state.get("stats", {})
+        if "socket_overruns" in stats:
+            # the daemon's telemetry socket: multicast it lost to a full receive buffer
+            view["bus"]["socket"] = {"overruns": stats["socket_overruns"],
+                                     "rcvbuf": stats.get("socket_rcvbuf")}
         if bus_state.get("portid") != view["bus_portid"]:
             # the daemon that wrote this is not the one attached (it died, or detached)
             view["bus"]["stale"] = (f"written by bus pid {bus_state.get('pid')} (port "
@@ -65,7 +70,7 @@ def _fmt_eff(x: Any) -> str:
 def print_status_table(views: list[dict[str, Any]]) -> None:
     """One row per proxy: mode, time in it, why, decisions and recommendations."""
     hdr = ("ID", "NAME", "MODE", "FOR", "WHY", "LIFECYCLE", "BUS", "DEC d/m",
-           "RECS rx/app/ign/exp", "DROPS", "EFF d/m", "MATURITY")
+           "RECS rx/app/ign/exp", "LOST ring/send", "EFF d/m", "MATURITY")
     rows = []
     for v in views:
         c = v["counters"]
@@ -76,7 +81,7 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
             str(v["bus_portid"] or "-"),
             f"{c.get('decisions-default', 0)}/{c.get('decisions-model', 0)}",
             "/".join(str(c.get(k, 0)) for k in ("recs-received", "recs-applied", "recs-ignored", "recs-expired")),
-            str(c.get("drops", 0)),
+            f"{c.get('drops', 0)}/{c.get('send-failed', 0)}",
             f"{_fmt_eff(ev.get('default_mean'))}/{_fmt_eff(ev.get('model_mean'))}",
             _fmt_eff(ev.get("maturity")),
         ))
@@ -84,6 +89,11 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
     print("  ".join(h.ljust(w) for h, w in zip(hdr, widths)))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    sockets = [v["bus"]["socket"] for v in views if "socket" in v.get("bus", {}) and not v["bus"].get("stale")]
+    if sockets:
+        sock = sockets[0]
+        print(f"bus socket: {sock['overruns']} receive-buffer overrun(s) (multicast lost, "
+              f"ENOBUFS), buffer {sock.get('rcvbuf') or '?'} bytes")
     for v in views:
         bus = v.get("bus")
         if bus and bus.get("stale"):

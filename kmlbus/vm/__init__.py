@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from .kernels import VMError, installed_kernels, newest_kernel, project_root
+from .kernels import VMError, installed_kernels, select_kernel, project_root
 from .qemu import EXIT_DMESG, EXIT_NO_STATUS, EXIT_TIMEOUT, VMResult, boot, run
 
 __all__ = [
@@ -26,7 +26,7 @@ __all__ = [
     "VMResult",
     "boot",
     "installed_kernels",
-    "newest_kernel",
+    "select_kernel",
     "project_root",
     "run",
 ]

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .kernels import project_root
+from .kernels import DEFAULT_KERNEL, project_root
 from .qemu import run
 
 __all__ = ["main", "pytest_command"]
@@ -20,7 +20,8 @@ __all__ = ["main", "pytest_command"]
 
 def _vm_options(parser: argparse.ArgumentParser, timeout: float) -> None:
     """Options shared by ``run`` and ``test``."""
-    parser.add_argument("--kver", help="kernel release to boot (default: newest installed)")
+    parser.add_argument("--kver", help="kernel to boot: a release or a series such as 6.12 "
+                        "(default: $KMLBUS_KERNEL, else %s)" % DEFAULT_KERNEL)
     parser.add_argument("--no-build", dest="build", action="store_false",
                         help="do not run `make -C kernel` first")
     parser.add_argument("--timeout", type=float, default=timeout, metavar="S",

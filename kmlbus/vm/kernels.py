@@ -1,8 +1,11 @@
 """Find the installed Debian kernel and build the project's modules for it.
 
 The kernel ABI suffix (``6.1.0-NN-amd64``) changes with every security update,
-so nothing here names a version: the newest kernel that has both a
-``/boot/vmlinuz-*`` image and a ``/lib/modules/*/build`` tree is chosen.
+so a kernel is chosen by *series* (``6.1``, ``6.12``) or by exact release, and
+the newest installed release of the series is booted.  Which series is always
+explicit: ``--kver``, else ``$KMLBUS_KERNEL``, else `DEFAULT_KERNEL`.  Never
+"the newest installed": installing a second kernel (Debian's 6.12 beside 6.1)
+must not silently move every run onto it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_KERNEL",
+    "KERNEL_ENV",
     "VMError",
     "boot_image",
     "build_lock",
@@ -30,13 +35,19 @@ __all__ = [
     "build_modules",
     "install_kernel_sources",
     "installed_kernels",
-    "newest_kernel",
+    "kernel_series",
+    "select_kernel",
     "project_root",
     "vmlinuz",
 ]
 
 BOOT = Path("/boot")
 MODULES = Path("/lib/modules")
+
+#: The kernel series the testbed boots unless told otherwise (Debian 12's own kernel).
+DEFAULT_KERNEL = "6.1"
+#: Environment variable naming the kernel (a series such as ``6.12`` or an exact release).
+KERNEL_ENV = "KMLBUS_KERNEL"
 
 
 class VMError(RuntimeError):
@@ -108,15 +119,36 @@ def installed_kernels() -> list[str]:
     return sorted(found, key=_version_key)
 
 
-def newest_kernel() -> str:
-    """The newest installed kernel release; raises `VMError` if there is none."""
+def kernel_series(kver: str) -> str:
+    """``MAJOR.MINOR`` of a release: ``6.1`` for ``6.1.0-57-amd64``, ``6.12`` for ``6.12.117+deb12-amd64``."""
+    m = re.match(r"(\d+)\.(\d+)", kver)
+    if m is None:
+        raise VMError(f"kernel release {kver!r} does not start with MAJOR.MINOR")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def select_kernel(choice: str | None = None) -> str:
+    """The installed release to boot for *choice* (a release or a series).
+
+    *choice* defaults to ``$KMLBUS_KERNEL``, then to `DEFAULT_KERNEL`.  An
+    installed release is taken as it is; a series gives its newest installed
+    release.  Raises `VMError` naming what is installed when nothing matches.
+    """
+    want = choice or os.environ.get(KERNEL_ENV) or DEFAULT_KERNEL
     kvers = installed_kernels()
-    if not kvers:
-        raise VMError(
-            "no kernel found: expected /boot/vmlinuz-KVER with /lib/modules/KVER; "
-            "install one with `apt-get install linux-image-amd64 linux-headers-amd64`"
-        )
-    return kvers[-1]
+    if want in kvers:
+        return want
+    same = [k for k in kvers if re.fullmatch(r"\d+\.\d+", want) and kernel_series(k) == want]
+    if same:
+        return same[-1]
+    have = ", ".join(kvers) or "none"
+    raise VMError(
+        f"no installed kernel matches {want!r} (from "
+        f"{'--kver' if choice else KERNEL_ENV if os.environ.get(KERNEL_ENV) else 'the default'}); "
+        f"installed: {have}; expected a release or a series such as 6.1 or 6.12 with "
+        f"/boot/vmlinuz-KVER and /lib/modules/KVER (Debian: `apt-get install linux-image-6.12-amd64 "
+        f"linux-headers-6.12-amd64` for 6.12)"
+    )
 
 
 def vmlinuz(kver: str) -> Path:

@@ -39,7 +39,7 @@ from .kernels import (
     VMError,
     boot_image,
     build_modules,
-    newest_kernel,
+    select_kernel,
     project_root,
     vmlinuz,
 )
@@ -344,7 +344,7 @@ def boot(
     _check_visible(Path(sys.prefix), project)
     if re.search(r"[\s,]", str(project)):
         raise VMError(f"project path {project!r} contains a space or comma, which 9p/QEMU options cannot carry")
-    kver = kver or newest_kernel()
+    kver = select_kernel(kver)
     vmlinuz(kver)
     if build:
         build_modules(kver, project, echo=echo)

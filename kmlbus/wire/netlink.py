@@ -63,6 +63,7 @@ NETLINK_GENERIC = 16  # not exported by Python's socket module
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
 NETLINK_DROP_MEMBERSHIP = 2
+NETLINK_BROADCAST_ERROR = 4
 NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
@@ -190,7 +191,8 @@ class GenlSocket:
     attributes in ``Message.payload``.  *timeout* bounds every request.
     """
 
-    def __init__(self, rcvbuf: int = 8 << 20, timeout: float = 5.0) -> None:
+    def __init__(self, rcvbuf: int = 8 << 20, timeout: float = 5.0, *,
+                 broadcast_error: bool = False) -> None:
         self.timeout = timeout
         self.family_id = 0
         self.family_name = ""
@@ -202,6 +204,10 @@ class GenlSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         try:
             self._set_rcvbuf(rcvbuf)
+            if broadcast_error:
+                # a multicast this socket has no room for fails the kernel's send (ENOBUFS),
+                # so the sender counts the loss even when another listener took the message
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_BROADCAST_ERROR, 1)
             # Extended ACK gives the kernel's error text; CAP_ACK keeps error replies small.
             for opt in (NETLINK_EXT_ACK, NETLINK_CAP_ACK):
                 try:
@@ -223,6 +229,12 @@ class GenlSocket:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+    @property
+    def rcvbuf(self) -> int:
+        """Bytes the kernel lets queue on this socket (``SO_RCVBUF``: twice what was asked,
+        see socket(7); without CAP_NET_ADMIN capped by ``net.core.rmem_max``)."""
+        return int(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     # --- lifecycle ---------------------------------------------------------
     def fileno(self) -> int:
@@ -565,8 +577,9 @@ class Connection(GenlSocket, ControlOps):
     ``version`` (the kernel's family version), ``stats``.
     """
 
-    def __init__(self, groups: Sequence[str] = (), rcvbuf: int = 8 << 20, *, timeout: float = 5.0) -> None:
-        super().__init__(rcvbuf, timeout)
+    def __init__(self, groups: Sequence[str] = (), rcvbuf: int = 8 << 20, *, timeout: float = 5.0,
+                 broadcast_error: bool = False) -> None:
+        super().__init__(rcvbuf, timeout, broadcast_error=broadcast_error)
         self.spec = kspec.load()
         self._event_cmds = frozenset(o.value for o in self.spec.ops if o.event is not None)
         try:

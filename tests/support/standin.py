@@ -541,8 +541,14 @@ class StandinProxy:
                 attrs: dict[str, Any] = {"id": self.id, attr: arr[i:i + batch]}
                 if op == "telemetry":
                     attrs["drops"] = self.counters["drops"]
-                self.kernel._multicast("telemetry", op, attrs)
-                self.counters["batches"] += 1
+                # kmlbus_count_sent: a batch when a listener took it, else unheard or send-failed
+                err = self.kernel._multicast("telemetry", op, attrs)
+                if not err:
+                    self.counters["batches"] += 1
+                elif not self.kernel._listeners("telemetry"):
+                    self.counters["unheard"] += len(attrs[attr])
+                else:
+                    self.counters["send-failed"] += len(attrs[attr])
 
     def _check_stale(self, now: int) -> None:
         if not self.stale_ms or _MODES.name_of(self.mode) not in ("collaboration", "recommendation"):
@@ -730,15 +736,17 @@ class StandinKernel:
     def _listeners(self, group: str) -> list[StandinLink]:
         return [ln for ln in self.links if group in ln.groups]
 
-    def _multicast(self, group: str, op: str, attrs: Mapping[str, Any]) -> None:
+    def _multicast(self, group: str, op: str, attrs: Mapping[str, Any]) -> int:
+        """``genlmsg_multicast``: 0 when some listener took it, else -ESRCH (no listener, or
+        none had room; no stand-in socket sets NETLINK_BROADCAST_ERROR)."""
         targets = self._listeners(group)
         if not targets:
-            return
+            return -errno_mod.ESRCH
         o = _SPEC.op_by_name[op]
         data = codec.pack_genlmsg(self.family_id, o.value, _SPEC.version,
                                   codec.encode_attrs(o.attr_set, attrs), seq=0, flags=0)
-        for ln in targets:
-            ln._deliver(data)
+        delivered = [ln._deliver(data) for ln in targets]
+        return 0 if any(delivered) else -errno_mod.ESRCH
 
     def _released(self, ln: StandinLink) -> None:
         """The netlink release notifier: the proxies this port was the bus of fall to emergency."""
@@ -978,15 +986,16 @@ class StandinLink(ControlOps):
 
     # -- receiving ---------------------------------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: bytes) -> bool:
         # netlink_broadcast_deliver: delivered while the queue is within rcvbuf and the socket
         # not congested; an overrun marks it congested (everything dropped) until the reader
         # has emptied its queue (netlink_rcv_wake).  Bytes of messages stand for skb truesize.
         if self._congested or self._queued > self.rcvbuf:
             self._congested = self._overran = True
-            return
+            return False
         self._queue.append(data)
         self._queued += len(data)
+        return True
 
     def _take(self) -> bytes:
         data = self._queue.popleft()

@@ -113,6 +113,22 @@ def test_daemon_reattaches_after_the_module_is_reloaded(daemon: Daemon) -> None:
     assert "family lost" in daemon.output()
 
 
+def test_a_removed_proxy_is_forgotten_and_its_new_registration_adopted_on_the_same_socket(
+        daemon: Daemon) -> None:
+    before = kernel_proxy()
+    rmmod("kmlbus_sample")  # the kernel destroys the proxy and announces proxy-removed
+    insmod(SAMPLE_KO)  # same name, new id
+    wait_for("the daemon to adopt the new proxy", lambda: int(kernel_proxy().get("bus-portid", 0)), 60)
+    after = kernel_proxy()
+    assert int(after["id"]) != int(before["id"])
+    # the same socket: the daemon followed the event instead of reconnecting
+    assert int(after["bus-portid"]) == int(before["bus-portid"])
+    daemon.check_alive()
+    log = daemon.output()
+    assert f"proxy sample (id {before['id']}): removed by the kernel; forgotten" in log, log[-2000:]
+    assert "no longer attached" not in log and "family lost" not in log
+
+
 def test_cli_without_privilege_says_eperm_in_one_line(daemon: Daemon) -> None:
     assert daemon.cli("mode", "sample", "emergency", "--pin").returncode == 0
     before = kernel_proxy()

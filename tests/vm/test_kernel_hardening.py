@@ -26,7 +26,7 @@ from kmlbus.wire import codec
 from kmlbus.contract import spec as kspec
 from kmlbus.wire.netlink import Connection, NetlinkError
 from kmlbus.vm import project_root
-from kmlbus.vm.guest import SAMPLE_KO, dmesg_mark, dmesg_since, insmod, rmmod
+from kmlbus.vm.guest import SAMPLE_KO, dmesg_mark, dmesg_since, insmod, rmmod, set_sample_rate
 
 pytestmark = pytest.mark.vm
 
@@ -266,3 +266,53 @@ def test_only_the_attached_bus_steers_its_proxy(modules: Any) -> None:
         other.set_mode(pid, "emergency", "fault")  # anyone may pull the brake
         assert bus.proxy(pid)["mode"] == MODE.value("emergency")
         assert bus.proxy(pid)["bus-portid"] == bus.portid
+
+
+# ---- a batch no listener could take is not counted as sent ----------------------------------
+
+@pytest.mark.sample_params(rate=0)
+def test_records_a_full_receive_buffer_refused_are_counted_send_failed_not_sent(modules: Any) -> None:
+    # The only listener has a receive buffer of a few messages and does not read while the
+    # sample decides: most multicasts fail with ENOBUFS.  Every record the kernel made must
+    # then be in exactly one place: read by the listener, unheard, or send-failed.
+    with Connection() as ctl, Connection(groups=("telemetry",), rcvbuf=4096) as lis:
+        pid = int(ctl.proxy("sample")["id"])
+        before = ctl.proxy(pid)["counters"]
+        set_sample_rate(20000)
+        time.sleep(1.5)
+        set_sample_rate(0)
+        time.sleep(0.5)  # the 20 ms flushes empty both rings
+        after = ctl.proxy(pid)["counters"]
+        read, messages = 0, 0
+        while batch := [m for m in lis.recv(timeout=0.3) if m.op in ("telemetry", "feedback")]:
+            messages += len(batch)
+            read += sum(len(codec.records(m.attrs)) for m in batch)
+        overruns = lis.stats["overruns"]
+    d = {k: after[k] - before[k] for k in after}
+    made = d["samples"] + d["feedback"]
+    assert d["send-failed"] > 0 and overruns > 0, (d, overruns)
+    assert made == read + d["unheard"] + d["send-failed"], (d, read)
+    assert d["batches"] == messages, (d, messages)  # only messages the listener got
+
+
+@pytest.mark.sample_params(rate=0)
+def test_a_bus_socket_with_broadcast_errors_gets_its_losses_counted_though_another_took_them(
+        modules: Any) -> None:
+    # The daemon's telemetry socket sets NETLINK_BROADCAST_ERROR: a message it had no room
+    # for is send-failed even when a second listener (kmlbus watch, say) took it.
+    with Connection() as ctl, Connection(groups=("telemetry",), rcvbuf=4096, broadcast_error=True) as bus, \
+            Connection(groups=("telemetry",), rcvbuf=64 << 20) as watch:
+        pid = int(ctl.proxy("sample")["id"])
+        before = ctl.proxy(pid)["counters"]
+        set_sample_rate(20000)
+        time.sleep(1.5)
+        set_sample_rate(0)
+        time.sleep(0.5)
+        after = ctl.proxy(pid)["counters"]
+        seen = 0
+        while batch := [m for m in watch.recv(timeout=0.3) if m.op in ("telemetry", "feedback")]:
+            seen += sum(len(codec.records(m.attrs)) for m in batch)
+    d = {k: after[k] - before[k] for k in after}
+    assert watch.stats["overruns"] == 0
+    assert seen == d["samples"] + d["feedback"] - d["unheard"], (d, seen)  # watch got everything
+    assert d["send-failed"] > 0, d  # ... and the bus's losses are counted all the same

@@ -767,6 +767,36 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 }
 EXPORT_SYMBOL_GPL(kml_proxy_destroy);
 
+/**
+ * kml_proxy_register - create, init and start a proxy in one call
+ * @desc: as for kml_proxy_create()
+ *
+ * The usual way in for a subsystem; undone on failure.  Undo it with
+ * kml_proxy_destroy() (which stops the proxy first).  Sleeps.
+ * Return: a started proxy or an ERR_PTR() from any of the three verbs.
+ */
+struct kml_proxy *kml_proxy_register(const struct kml_proxy_desc *desc)
+{
+	struct kml_proxy *p;
+	int err;
+
+	p = kml_proxy_create(desc);
+	if (IS_ERR(p))
+		return p;
+	err = kml_proxy_init(p);
+	if (err)
+		goto err_destroy;
+	err = kml_proxy_start(p);
+	if (err)
+		goto err_destroy;
+	return p;
+
+err_destroy:
+	kml_proxy_destroy(p);
+	return ERR_PTR(err);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_register);
+
 /* ---- decision path (any context, never sleeps) ---------------------- */
 
 static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *features)

@@ -73,7 +73,11 @@ class TelemetryParser:
             if atype == self.attr_id and alen >= 8:
                 pid = struct.unpack_from("=I", buf, pos + 4)[0]
             elif atype == self.attr_records and not nrec:
-                nrec = codec.run_length(buf, pos, end, self.rec_header, self.stride)
+                # a bare reader trusts the kernel's framing: the records run to the
+                # end but for the drops attribute, checked by the last one's header
+                nrec = (end - pos) // self.stride
+                if not nrec or struct.unpack_from("=I", buf, pos + (nrec - 1) * self.stride)[0] != self.rec_header:
+                    nrec = codec.run_length(bytes(buf[pos:end]), 0, end - pos, self.rec_header, self.stride)
                 if nrec:
                     ts = struct.unpack_from("=Q", buf, pos + (nrec - 1) * self.stride + self.ts_off)[0]
                     pos += nrec * self.stride

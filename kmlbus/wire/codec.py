@@ -53,6 +53,7 @@ __all__ = [
     "NLM_F_DUMP_INTR",
     "NLM_F_MULTI",
     "NLM_F_REQUEST",
+    "attr_run",
     "decode_attrs",
     "decode_msg",
     "clear_caches",

@@ -83,7 +83,6 @@ def test_the_guides_module_builds_loads_and_takes_the_models_recommendations(
                 f"now {mode(p)}, counters {c}\n{log.read_text()[-3000:]}")
             time.sleep(1.0)
         assert c["decisions-default"] > 0 and c["feedback"] > 0
-        assert {"learning"} <= seen  # it climbed on evidence, through learning
     finally:
         if bus is not None and bus.poll() is None:
             bus.send_signal(signal.SIGTERM)

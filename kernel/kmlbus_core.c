@@ -38,6 +38,9 @@
 static_assert(sizeof(struct kmlbus_sample) == 64);
 static_assert(sizeof(struct kmlbus_rec) == 12);
 static_assert(sizeof(struct kmlbus_feedback) == 24);
+/* one attribute per record, no padding: a message's records sit at a fixed stride */
+static_assert(!(sizeof(struct kmlbus_sample) % NLA_ALIGNTO) &&
+	      !(sizeof(struct kmlbus_feedback) % NLA_ALIGNTO));
 
 LIST_HEAD(kmlbus_proxies);
 DEFINE_MUTEX(kmlbus_reg_lock);
@@ -207,6 +210,19 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
 	r->count -= n;
 }
 
+/*
+ * Move the @n oldest records of @r into @skb, one @attr attribute each
+ * (YNL's multi-attr: generic clients decode them as a list), back to back,
+ * so a reader can still view them as one array of stride 4 + esize.  The
+ * skb was sized for them; caller holds ring_lock.
+ */
+static void ring_pop_attrs(struct kml_ring *r, struct sk_buff *skb, int attr,
+			   u32 n)
+{
+	while (n--)
+		ring_pop(r, nla_data(__nla_reserve(skb, attr, r->esize)), 1);
+}
+
 /* ---- flushing ------------------------------------------------------- */
 
 /*
@@ -239,7 +255,6 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 {
 	unsigned long flags;
 	struct sk_buff *skb;
-	struct nlattr *nla;
 	u32 n, budget;
 	void *hdr;
 
@@ -263,7 +278,7 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 
 		/* count only grows meanwhile: we are the only consumer */
 		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
-				  nla_total_size((size_t)n * r->esize) +
+				  (size_t)n * nla_total_size(r->esize) +
 				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
 		if (!skb)
 			return false;	/* retried by the periodic flush */
@@ -272,11 +287,8 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 			goto err_free;
 		if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id))
 			goto err_free;
-		nla = nla_reserve(skb, attr, n * r->esize);
-		if (!nla)
-			goto err_free;
 		spin_lock_irqsave(&p->ring_lock, flags);
-		ring_pop(r, nla_data(nla), n);
+		ring_pop_attrs(r, skb, attr, n);
 		spin_unlock_irqrestore(&p->ring_lock, flags);
 		budget -= n;
 		if (cmd == KMLBUS_CMD_TELEMETRY &&
@@ -771,6 +783,36 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 	call_rcu(&proxy->rcu, proxy_free_rcu);
 }
 EXPORT_SYMBOL_GPL(kml_proxy_destroy);
+
+/**
+ * kml_proxy_register - create, init and start a proxy in one call
+ * @desc: as for kml_proxy_create()
+ *
+ * The usual way in for a subsystem; undone on failure.  Undo it with
+ * kml_proxy_destroy() (which stops the proxy first).  Sleeps.
+ * Return: a started proxy or an ERR_PTR() from any of the three verbs.
+ */
+struct kml_proxy *kml_proxy_register(const struct kml_proxy_desc *desc)
+{
+	struct kml_proxy *p;
+	int err;
+
+	p = kml_proxy_create(desc);
+	if (IS_ERR(p))
+		return p;
+	err = kml_proxy_init(p);
+	if (err)
+		goto err_destroy;
+	err = kml_proxy_start(p);
+	if (err)
+		goto err_destroy;
+	return p;
+
+err_destroy:
+	kml_proxy_destroy(p);
+	return ERR_PTR(err);
+}
+EXPORT_SYMBOL_GPL(kml_proxy_register);
 
 /* ---- decision path (any context, never sleeps) ---------------------- */
 

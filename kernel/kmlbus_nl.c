@@ -394,37 +394,39 @@ out:
 
 /*
  * All-or-nothing: the whole batch is checked before any slot is written.
- * 6.1 has no formatted extack, so the error offset points at the bad
- * record: its index is (offset - offset of the recs payload) / 12.
+ * Each rec is one KMLBUS_A_PROXY_RECS attribute (multi-attr), so a refusal
+ * points the extack at the offending rec's own attribute: a generic client
+ * (YNL) names it, and its index is its place among the recs attributes.
+ * 6.1 has no formatted extack, hence the "[offset]" in the messages.
  */
 int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 {
-	struct nlattr *attr = info->attrs[KMLBUS_A_PROXY_RECS];
-	const struct kmlbus_rec *recs;
+	const struct kmlbus_rec *rec;
 	struct kml_proxy *p;
-	int len, err;
-	u32 n, i;
+	struct nlattr *a;
+	int rem, err = 0;
+	u32 n = 0;
 
 	if (GENL_REQ_ATTR_CHECK(info, KMLBUS_A_PROXY_RECS)) {
 		NL_SET_ERR_MSG(info->extack, "missing recs (KMLBUS_A_PROXY_RECS)");
 		return -EINVAL;
 	}
-	len = nla_len(attr);
-	if (!len || len % sizeof(struct kmlbus_rec)) {
-		NL_SET_ERR_MSG_ATTR(info->extack, attr,
-				    "recs length must be a non-zero multiple of 12 (struct kmlbus_rec)");
-		return -EINVAL;
-	}
-	n = len / sizeof(struct kmlbus_rec);
-	if (n > KMLBUS_MAX_RECS) {
-		NL_SET_ERR_MSG_ATTR(info->extack, attr,
-				    "recs: more than KMLBUS_MAX_RECS entries in one request");
-		return -E2BIG;
-	}
-	recs = nla_data(attr);
-	for (i = 0; i < n; i++) {
-		if (!recs[i].ttl_ms || recs[i].ttl_ms > KMLBUS_MAX_TTL_MS) {
-			NL_SET_ERR_MSG_ATTR(info->extack, (const struct nlattr *)&recs[i],
+	nlmsg_for_each_attr(a, info->nlhdr, GENL_HDRLEN, rem) {
+		if (nla_type(a) != KMLBUS_A_PROXY_RECS)
+			continue;
+		if (nla_len(a) != sizeof(*rec)) {
+			NL_SET_ERR_MSG_ATTR(info->extack, a,
+					    "recs: each attribute must hold one struct kmlbus_rec (12 bytes)");
+			return -EINVAL;
+		}
+		if (++n > KMLBUS_MAX_RECS) {
+			NL_SET_ERR_MSG_ATTR(info->extack, a,
+					    "recs: more than KMLBUS_MAX_RECS entries in one request");
+			return -E2BIG;
+		}
+		rec = nla_data(a);
+		if (!rec->ttl_ms || rec->ttl_ms > KMLBUS_MAX_TTL_MS) {
+			NL_SET_ERR_MSG_ATTR(info->extack, a,
 					    "recs[offset]: ttl-ms must be 1..KMLBUS_MAX_TTL_MS");
 			return -EINVAL;
 		}
@@ -436,15 +438,20 @@ int kmlbus_nl_recommend_doit(struct sk_buff *skb, struct genl_info *info)
 	err = check_bus(p, info);
 	if (err)
 		goto out;
-	for (i = 0; i < n; i++) {
-		if (recs[i].key >= p->desc.nkeys) {
-			NL_SET_ERR_MSG_ATTR(info->extack, (const struct nlattr *)&recs[i],
+	nlmsg_for_each_attr(a, info->nlhdr, GENL_HDRLEN, rem) {
+		if (nla_type(a) != KMLBUS_A_PROXY_RECS)
+			continue;
+		rec = nla_data(a);
+		if (rec->key >= p->desc.nkeys) {
+			NL_SET_ERR_MSG_ATTR(info->extack, a,
 					    "recs[offset]: key >= the proxy's nkeys");
 			err = -EINVAL;
 			goto out;
 		}
 	}
-	kmlbus_store_recs(p, recs, n);
+	nlmsg_for_each_attr(a, info->nlhdr, GENL_HDRLEN, rem)
+		if (nla_type(a) == KMLBUS_A_PROXY_RECS)
+			kmlbus_store_recs(p, nla_data(a), 1);
 out:
 	put_proxy(p);
 	return err;

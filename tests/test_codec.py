@@ -29,10 +29,10 @@ _INT_RANGES = {
 }
 
 
-def struct_array(name: str, max_records: int = 40) -> st.SearchStrategy[np.ndarray]:
+def struct_array(name: str, max_records: int = 40, min_records: int = 0) -> st.SearchStrategy[np.ndarray]:
     """Arrays of spec struct *name* made of arbitrary bytes (every bit pattern is a valid record)."""
     dt = codec.struct_dtype(name)
-    return st.integers(0, max_records).flatmap(
+    return st.integers(min_records, max_records).flatmap(
         lambda n: st.binary(min_size=n * dt.itemsize, max_size=n * dt.itemsize)
     ).map(lambda b: np.frombuffer(b, dtype=dt).copy())
 
@@ -44,6 +44,8 @@ def attr_value(attr: kspec.Attr, depth: int = 0) -> st.SearchStrategy[Any]:
         return st.integers(lo, hi)
     if attr.type == "string":
         return st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]), max_size=40)
+    if attr.type == "binary" and attr.struct and attr.multi:  # a batch: one struct per attribute
+        return struct_array(attr.struct, min_records=1)
     if attr.type == "binary":
         return struct_array(attr.struct) if attr.struct else st.binary(max_size=64)
     if attr.type == "flag":
@@ -60,7 +62,8 @@ def attrs_of(set_name: str, names: tuple[str, ...] | None, depth: int = 0) -> st
     optional: dict[str, st.SearchStrategy[Any]] = {}
     for a in picked:
         v = attr_value(a, depth)
-        optional[a.name] = st.lists(v, min_size=1, max_size=4) if a.multi else v
+        batch = a.multi and a.struct
+        optional[a.name] = st.lists(v, min_size=1, max_size=4) if a.multi and not batch else v
     return st.fixed_dictionaries({}, optional=optional)
 
 
@@ -76,9 +79,13 @@ def op_lists() -> list[tuple[str, str, tuple[str, ...]]]:
 
 
 def normalize(v: Any) -> Any:
-    """Comparable form: numpy arrays become (dtype, bytes)."""
+    """Comparable form: numpy arrays become (fields, packed bytes), so a decoded batch
+    (a view of the structs behind their attribute headers) equals the array encoded."""
     if isinstance(v, np.ndarray):
-        return (v.dtype.descr, v.tobytes())
+        names = v.dtype.names or ()
+        fields = v.dtype.fields or {}
+        packed = np.dtype([(n, fields[n][0]) for n in names]) if names else v.dtype
+        return (packed.descr, v.astype(packed).tobytes())
     if isinstance(v, dict):
         return {k: normalize(x) for k, x in v.items()}
     if isinstance(v, list):
@@ -264,9 +271,53 @@ def test_struct_arrays_decode_as_zero_copy_numpy_views() -> None:
     raw = codec.encode_msg(FAMILY, "telemetry", {"id": 3, "records": recs, "drops": 2}, seq=9, flags=0)
     (msg,) = codec.decode_msg(raw)
     view = codec.records(msg.attrs)
-    assert view.dtype == dt and list(view["seq"]) == [1, 2, 3, 4, 5]
+    assert view.dtype == codec.run_dtype("sample") and list(view["seq"]) == [1, 2, 3, 4, 5]
     assert not view.flags.owndata and np.shares_memory(view, np.frombuffer(raw, np.uint8))
     assert (view["features"][:, 0] == 777).all()
+    assert codec.packed(view, "sample").tobytes() == recs.tobytes()
+
+
+def test_a_batch_is_one_attribute_per_struct_back_to_back() -> None:
+    """YNL's multi-attr: a generic client decodes the batch as a list of structs, and the
+    fixed stride (4-byte header + struct) is what the array view relies on."""
+    recs = np.zeros(3, dtype=codec.struct_dtype("sample"))
+    recs["seq"] = [7, 8, 9]
+    raw = codec.encode_attrs("proxy", {"id": 1, "records": recs, "drops": 0})
+    items = list(codec.iter_attrs(raw))
+    nr = _proxy_attr("records").value
+    runs = [(a, b) for t, _f, a, b in items if t == nr]
+    size = SPEC.structs["sample"].size
+    assert [b - a for a, b in runs] == [size] * 3
+    assert [a for a, _ in runs] == [runs[0][0] + i * (size + 4) for i in range(3)]
+    assert [bytes(raw[a:b]) for a, b in runs] == [r.tobytes() for r in recs]
+    assert codec.run_dtype("sample").itemsize == size + 4
+
+
+def test_a_batch_split_by_other_attributes_still_decodes_whole() -> None:
+    recs = np.zeros(4, dtype=codec.struct_dtype("feedback"))
+    recs["seq"] = [1, 2, 3, 4]
+    nr = _proxy_attr("feedback").value
+    parts = [codec.pack_attr(nr, r.tobytes()) for r in recs]
+    raw = parts[0] + parts[1] + codec.encode_attrs("proxy", {"id": 5}) + parts[2] + parts[3]
+    out = codec.decode_attrs("proxy", raw)
+    assert out["id"] == 5 and list(out["feedback"]["seq"]) == [1, 2, 3, 4]
+    # the hot path declines it (two runs) and the generic decoder takes it
+    msg = codec.pack_genlmsg(FAMILY, SPEC.op_by_name["feedback"].value, 1, raw, seq=1, flags=0)
+    assert codec.decode_event(msg, FAMILY, 0, 1, 0, 16, len(msg)) is None
+
+
+def test_run_length_stops_at_the_first_other_header() -> None:
+    nr = _proxy_attr("records").value
+    recs = np.zeros(6, dtype=codec.struct_dtype("sample"))
+    run = codec.encode_attrs("proxy", {"records": recs})
+    stride = codec.run_dtype("sample").itemsize
+    header = stride | nr << 16
+    assert codec.run_length(run, 0, len(run), header, stride) == 6
+    assert codec.run_length(run + b"\0" * stride, 0, len(run) + stride, header, stride) == 6
+    broken = bytearray(run)
+    broken[2 * stride] = 0  # the third attribute's length
+    assert codec.run_length(bytes(broken), 0, len(broken), header, stride) == 2
+    assert codec.run_length(run, 4, len(run), header, stride) == 0
 
 
 def test_feedback_batch_is_returned_by_records() -> None:
@@ -276,10 +327,11 @@ def test_feedback_batch_is_returned_by_records() -> None:
     assert msg.op == "feedback" and list(codec.records(msg.attrs)["efficiency"]) == [1, -2, 3]
 
 
-def test_struct_array_length_not_a_multiple_of_the_record_is_a_codec_error() -> None:
+@pytest.mark.parametrize("extra", [1, 64, -4])
+def test_a_batch_attribute_not_holding_exactly_one_struct_is_a_codec_error(extra: int) -> None:
     size = SPEC.structs["sample"].size
-    raw = codec.pack_attr(_proxy_attr("records").value, b"\0" * (size + 1))
-    with pytest.raises(CodecError, match="not a multiple"):
+    raw = codec.pack_attr(_proxy_attr("records").value, b"\0" * (size + extra))
+    with pytest.raises(CodecError, match="each attribute holds one struct sample"):
         codec.decode_attrs("proxy", raw)
 
 

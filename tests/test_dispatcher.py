@@ -285,11 +285,16 @@ def test_packed_recommendations_are_the_arrays_bytes_for_views_too(n: int) -> No
     assert len(a) > 1
     assert dispatcher(GOOD).handle_telemetry("sample", view).tobytes() == a.tobytes()
     assert dispatcher(GOOD).handle_telemetry_packed("sample", view) == a.tobytes()
-    # the samples' packed bytes, as a telemetry message carries them (codec.peek_event)
+    # the bytes of the samples' attributes, as a telemetry message carries them (codec.peek_event)
     d = dispatcher(GOOD)
-    raw = memoryview(view.tobytes())
+    raw = memoryview(codec.encode_attrs("proxy", {"records": view}))
     assert d.handle_telemetry_packed("sample", raw) == a.tobytes()
     assert (d.counters_of("sample").batches, d.counters_of("sample").records) == (1, n)
-    with pytest.raises(RecordsError, match=f"not a whole number of {SAMPLE.itemsize}-byte samples"):
+    # and the decoded view of them (run dtype), as the decoder makes it
+    run = codec.decode_attrs("proxy", bytes(raw))["records"]
+    assert run.dtype == codec.run_dtype("sample")
+    assert dispatcher(GOOD).handle_telemetry_packed("sample", run) == a.tobytes()
+    stride = codec.run_dtype("sample").itemsize
+    with pytest.raises(RecordsError, match=f"not a whole number of {stride}-byte sample attributes"):
         d.handle_telemetry_packed("sample", raw[:-1])
     assert (d.counters_of("sample").batches, d.counters_of("sample").errors) == (1, 1)

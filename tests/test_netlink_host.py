@@ -170,7 +170,7 @@ def test_multicast_arriving_during_a_request_is_queued_for_recv(pair: tuple[nl.G
     tx._sock.sendto(ev, (rx.portid, 0))
     assert ctrl(rx, nl.CTRL_CMD_GETFAMILY, codec.pack_attr(nl.CTRL_ATTR_FAMILY_NAME, b"nlctrl\0"))[-1].error == 0
     (m,) = rx.recv(0)
-    assert m.op == "telemetry" and codec.records(m.attrs).tobytes() == recs.tobytes()
+    assert m.op == "telemetry" and codec.packed(codec.records(m.attrs), "sample").tobytes() == recs.tobytes()
     assert rx.recv(0) == []
 
 

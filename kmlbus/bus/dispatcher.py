@@ -98,6 +98,10 @@ def _sample_dtype() -> np.dtype[np.void]:
     return codec.struct_dtype("sample")
 
 
+def _sample_run_dtype() -> np.dtype[np.void]:
+    return codec.run_dtype("sample")
+
+
 def _rec_dtype() -> np.dtype[np.void]:
     return codec.struct_dtype("rec")
 
@@ -193,9 +197,9 @@ class Dispatcher:
         (``rec`` structs back to back): the daemon's hot path, which sends them before
         it makes any array of them.
 
-        *records* may also be the samples' packed bytes, as a telemetry message
-        carries them (:func:`kmlbus.wire.codec.peek_event`); a kernel-sized batch is
-        then answered without any array of it at all.
+        *records* may also be the bytes of the samples' run of attributes, as a
+        telemetry message carries them (:func:`kmlbus.wire.codec.peek_event`); a
+        kernel-sized batch is then answered without any array of it at all.
         """
         out = self._timed(proxy, records)
         return out if isinstance(out, bytes) else out.tobytes()
@@ -219,14 +223,16 @@ class Dispatcher:
         b = self.registry.binding(proxy)
         rec_dt = _rec_dtype()
         if isinstance(records, (bytes, memoryview)):
-            size = sample_rows()[0].size
+            size = _sample_run_dtype().itemsize
             if len(records) % size:
                 c.errors += 1
                 raise RecordsError(proxy, f"proxy {proxy}: telemetry records: {len(records)} "
-                                          f"bytes is not a whole number of {size}-byte samples")
+                                          f"bytes is not a whole number of {size}-byte sample "
+                                          f"attributes")
             n = len(records) // size
-        elif isinstance(records, np.ndarray) and (records.dtype is _sample_dtype()
-                                                  or records.dtype == _sample_dtype()):
+        elif isinstance(records, np.ndarray) and (records.dtype is _sample_run_dtype()
+                                                  or records.dtype == _sample_dtype()
+                                                  or records.dtype == _sample_run_dtype()):
             n = len(records)
         else:
             c.errors += 1
@@ -241,7 +247,7 @@ class Dispatcher:
         if n <= SMALL_BATCH and conv.nonzero:
             return self._handle_small(proxy, records, b, conv, c)
         if not isinstance(records, np.ndarray):
-            records = np.frombuffer(records, dtype=_sample_dtype())
+            records = np.frombuffer(records, dtype=_sample_run_dtype())
         if int(records["key"].max()) >= b.schema.nkeys:
             good = records["key"] < b.schema.nkeys
             c.bad_keys += int(len(records) - np.count_nonzero(good))
@@ -293,7 +299,8 @@ class Dispatcher:
         division rounded once to float32, half-to-even rounding, clamping); a
         property test holds the two paths to identical bytes and counters.
         """
-        unpack, i_seq, i_key, _ = sample_rows()
+        stride = records.itemsize if isinstance(records, np.ndarray) else _sample_run_dtype().itemsize
+        unpack, i_seq, i_key, _ = sample_rows(stride)
         try:
             rows = unpack.iter_unpack(cast(Any, records))  # the array's own bytes, no copy
         except (ValueError, TypeError, BufferError):  # a non-contiguous view

@@ -22,16 +22,24 @@ __all__ = ["Conversion", "SMALL_BATCH", "conversion", "features_to_float", "samp
 
 
 @functools.lru_cache(maxsize=None)
-def sample_rows() -> tuple[struct.Struct, int, int, int]:
+def sample_rows(stride: int = 0) -> tuple[struct.Struct, int, int, int]:
     """``struct`` of one ``sample`` (from the spec) and the positions of ``seq``, ``key``
-    and the first feature in the tuple it unpacks to."""
+    and the first feature in the tuple it unpacks to.
+
+    With *stride*, rows are that many bytes apart and each sample ends its row (a
+    decoded batch: every sample behind its 4-byte attribute header), so the
+    ``struct`` skips the bytes before it."""
     sp = _spec.load()
     at: dict[str, int] = {}
     pos = 0
     for m in sp.structs["sample"].members:
         at[m.name] = pos
         pos += m.count if m.sub_type else 1
-    return struct.Struct(sp.struct_format("sample")), at["seq"], at["key"], at["features"]
+    fmt = sp.struct_format("sample")
+    lead = stride - struct.calcsize(fmt) if stride else 0
+    if lead < 0:
+        raise ValueError(f"sample rows {stride} bytes apart cannot hold a {struct.calcsize(fmt)}-byte sample")
+    return struct.Struct(fmt[0] + ("%dx" % lead if lead else "") + fmt[1:]), at["seq"], at["key"], at["features"]
 
 
 #: Batches up to this many records take the pure-Python path (:meth:`Dispatcher._handle_small`):

@@ -166,13 +166,16 @@ class TraceWriter:
 
     def write(self, kind: str, proxy: str, array: npt.NDArray[np.void],
               ts: int | None = None) -> None:
-        """Record one batch; *array* must have the dtype of *kind*'s struct."""
+        """Record one batch; *array* must have the dtype of *kind*'s struct, packed or as
+        a decoded message's batch (:func:`kmlbus.wire.codec.run_dtype`), stored packed."""
         if kind not in KINDS:
             raise ValueError(f"trace kind {kind!r}: expected one of {', '.join(KINDS)}")
         want = self._dtypes[KINDS[kind]]
         if array.dtype != want:
-            raise ValueError(f"trace {kind} batch: expected dtype of struct {KINDS[kind]}, "
-                             f"found {array.dtype}")
+            if array.dtype != codec.run_dtype(KINDS[kind]):
+                raise ValueError(f"trace {kind} batch: expected dtype of struct {KINDS[kind]}, "
+                                 f"found {array.dtype}")
+            array = codec.packed(array, KINDS[kind])
         self._put(kind, proxy, np.ascontiguousarray(array).tobytes(), ts)
 
     def telemetry(self, proxy: str, records: npt.NDArray[np.void], ts: int | None = None) -> None:

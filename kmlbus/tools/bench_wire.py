@@ -184,7 +184,7 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
     def pyroute2_decode() -> Any:
         m = cls(data)
         m.decode()
-        return np.frombuffer(m.get_attr(rec_name), dtype=dt)
+        return np.frombuffer(b"".join(m.get_attrs(rec_name)), dtype=dt)  # one sample per attribute
 
     fmt = sp.struct_format("sample")
     import struct as _struct
@@ -199,7 +199,7 @@ def run(batch: int = 32, requests: int = 300, decodes: int = 3000, verbose: bool
                     out.extend(_struct.iter_unpack(fmt, data[pa:pb]))
         return out
 
-    assert numpy_view().tobytes() == pyroute2_decode().tobytes()
+    assert codec.packed(numpy_view(), "sample").tobytes() == pyroute2_decode().tobytes()
     assert len(struct_records()) == batch
     t = _compare({"numpy": (numpy_view, decodes), "pr2": (pyroute2_decode, max(decodes // 10, 50)),
                   "struct": (struct_records, max(decodes // 5, 50))})

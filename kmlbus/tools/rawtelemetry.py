@@ -44,8 +44,11 @@ class TelemetryParser:
         self.cmd = sp.op_by_name["telemetry"].value
         self.attr_id = proxy["id"].value
         self.attr_records = proxy["records"].value
-        self.rec_size = sp.structs["sample"].size
-        self.ts_off = int(codec.struct_dtype("sample").fields["ts_ns"][1])  # type: ignore[index]
+        # a batch is a run of records attributes, one sample each, at a fixed stride
+        run = codec.run_dtype("sample")
+        self.stride = run.itemsize
+        self.rec_header = self.stride | self.attr_records << 16
+        self.ts_off = int(run.fields["ts_ns"][1])  # type: ignore[index]
 
     def parse(self, buf: bytes | bytearray, n: int, t: int) -> list[Batch]:
         """The telemetry messages in ``buf[:n]`` (one datagram), read at *t*."""
@@ -69,10 +72,16 @@ class TelemetryParser:
             atype &= 0x3FFF
             if atype == self.attr_id and alen >= 8:
                 pid = struct.unpack_from("=I", buf, pos + 4)[0]
-            elif atype == self.attr_records:
-                nrec = (alen - 4) // self.rec_size
+            elif atype == self.attr_records and not nrec:
+                # a bare reader trusts the kernel's framing: the records run to the
+                # end but for the drops attribute, checked by the last one's header
+                nrec = (end - pos) // self.stride
+                if not nrec or struct.unpack_from("=I", buf, pos + (nrec - 1) * self.stride)[0] != self.rec_header:
+                    nrec = codec.run_length(bytes(buf[pos:end]), 0, end - pos, self.rec_header, self.stride)
                 if nrec:
-                    ts = struct.unpack_from("=Q", buf, pos + 4 + (nrec - 1) * self.rec_size + self.ts_off)[0]
+                    ts = struct.unpack_from("=Q", buf, pos + (nrec - 1) * self.stride + self.ts_off)[0]
+                    pos += nrec * self.stride
+                    continue
             pos += (alen + 3) & ~3
         return Batch(pid, nrec, ts, t)
 

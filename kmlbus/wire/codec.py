@@ -7,8 +7,10 @@ only knows netlink itself: the ``nlmsghdr``/``genlmsghdr`` headers, the
 ``NLMSG_DONE`` with extended-ack TLVs (``include/uapi/linux/netlink.h``).
 
 Decoding is the hot path of the bus: telemetry and feedback batches come back
-as zero-copy numpy views (``np.frombuffer`` on the received bytes, with the
-spec struct's dtype), never as per-record Python objects.  Decoding any byte
+as zero-copy numpy views (``np.frombuffer`` on the received bytes), never as
+per-record Python objects.  A batch is a run of multi-attr attributes holding
+one struct each (so YNL clients decode it as a list): its view has
+:func:`run_dtype`, the struct's fields behind each 4-byte attribute header.  Decoding any byte
 string raises nothing but :class:`CodecError`, so a malformed datagram costs
 the caller one counter, not a crash.
 
@@ -51,6 +53,7 @@ __all__ = [
     "NLM_F_DUMP_INTR",
     "NLM_F_MULTI",
     "NLM_F_REQUEST",
+    "attr_run",
     "decode_attrs",
     "decode_msg",
     "clear_caches",
@@ -64,7 +67,10 @@ __all__ = [
     "pack_attr",
     "pack_genlmsg",
     "pack_nlmsg",
+    "packed",
     "records",
+    "run_dtype",
+    "run_length",
 ]
 
 # --- netlink constants (include/uapi/linux/netlink.h, genetlink.h) ---------
@@ -163,6 +169,69 @@ def struct_dtype(name: str) -> np.dtype[np.void]:
     return dt
 
 
+@functools.cache
+def run_dtype(name: str) -> np.dtype[np.void]:
+    """numpy dtype of spec struct *name* as a message carries a batch of it: one
+    attribute per struct, back to back, so element *i* sits at ``i * (4 + size)``
+    with its fields 4 bytes (the ``nlattr`` header) in.  Same field names as
+    :func:`struct_dtype`; decoded batches are views of this dtype."""
+    dt = struct_dtype(name)
+    if dt.itemsize % NLA_ALIGNTO:
+        raise kspec.SpecError(f"struct {name}: {dt.itemsize} bytes is not a multiple of "
+                              f"{NLA_ALIGNTO}, so a run of its attributes has no fixed stride")
+    names = list(dt.names or ())
+    fields: Mapping[str, Any] = dt.fields or {}
+    return np.dtype({"names": names, "formats": [fields[n][0] for n in names],
+                     "offsets": [fields[n][1] + _NLAHDR.size for n in names],
+                     "itemsize": _NLAHDR.size + dt.itemsize})
+
+
+def packed(array: npt.NDArray[np.void], name: str) -> npt.NDArray[np.void]:
+    """*array* (a decoded batch of :func:`run_dtype`, or already packed) with
+    :func:`struct_dtype` of struct *name*: the C layout, back to back (a copy if needed)."""
+    dt = struct_dtype(name)
+    return array if array.dtype == dt else array.astype(dt)
+
+
+def run_length(buf: bytes, off: int, end: int, header: int, stride: int) -> int:
+    """How many attributes whose first 4 bytes are *header* (``nla_len | nla_type << 16``,
+    host order) start at ``buf[off]``, ``buf[off + stride]``, ... before *end*.
+
+    The hot path's check of a batch: the headers' bytes are compared in four strided
+    slices of *buf* (C loops, no Python step per attribute)."""
+    m = (end - off) // stride
+    if m <= 0:
+        return 0
+    want = _run_heads(header, m)
+    stop = off + m * stride
+    if (buf[off:stop:stride] == want[0] and buf[off + 1:stop:stride] == want[1]
+            and buf[off + 2:stop:stride] == want[2] and buf[off + 3:stop:stride] == want[3]):
+        return m
+    k = 0  # the run ends before *end*: find where, one header at a time
+    while k < m and _U32.unpack_from(buf, off + k * stride)[0] == header:
+        k += 1
+    return k
+
+
+_U32 = struct.Struct("=I")
+
+
+@functools.lru_cache(maxsize=256)
+def _run_heads(header: int, m: int) -> tuple[bytes, bytes, bytes, bytes]:
+    """Byte *i* of *header*, *m* times, for i in 0..3 (what :func:`run_length` compares)."""
+    raw = _U32.pack(header)
+    return (bytes([raw[0]]) * m, bytes([raw[1]]) * m, bytes([raw[2]]) * m, bytes([raw[3]]) * m)
+
+
+def attr_run(nla_type: int, size: int, raw: bytes | memoryview) -> bytes:
+    """*raw* (structs of *size* bytes back to back) as a run of attributes of
+    *nla_type*, one struct each."""
+    if not raw:
+        return b""
+    hdr = _NLAHDR.pack(_NLAHDR.size + size, nla_type)
+    return hdr + hdr.join([raw[i:i + size] for i in range(0, len(raw), size)])
+
+
 def nla_align(n: int) -> int:
     """Round *n* up to the netlink attribute alignment (NLA_ALIGNTO, 4)."""
     return (n + NLA_ALIGNTO - 1) & ~(NLA_ALIGNTO - 1)
@@ -239,6 +308,8 @@ class _AttrCodec:
     decode: _Decoder
     encode: _Encoder
     nested: bool
+    #: multi-attr struct (a batch, one struct per attribute): the struct's size, else 0
+    run: int = 0
 
 
 def _int_codec(set_name: str, attr: kspec.Attr, enums: Mapping[str, kspec.Enum]) -> tuple[_Decoder, _Encoder]:
@@ -364,7 +435,8 @@ def _tables() -> dict[str, dict[int, _AttrCodec]]:
                 dec, enc = _nest_codec(attr.nested, tables)
             else:
                 raise CodecError(f"spec {set_name}.{attr.name}: attribute type {attr.type!r} is not supported by the codec")
-            tables[set_name][attr.value] = _AttrCodec(attr, dec, enc, attr.type == "nest")
+            run = sp.structs[attr.struct].size if attr.multi and attr.struct else 0
+            tables[set_name][attr.value] = _AttrCodec(attr, dec, enc, attr.type == "nest", run)
     return tables
 
 
@@ -384,6 +456,7 @@ def _nest_codec(inner: str, tables: dict[str, dict[int, _AttrCodec]]) -> tuple[_
 def _decode_set(set_name: str, table: Mapping[int, _AttrCodec], buf: bytes, start: int, end: int) -> dict[str, Any]:
     # The attribute walk of iter_attrs, inlined: this runs for every telemetry message.
     out: dict[str, Any] = {}
+    runs: dict[str, tuple[_AttrCodec, list[int]]] = {}
     off = start
     unpack = _NLAHDR.unpack_from
     while off + 4 <= end:
@@ -398,6 +471,12 @@ def _decode_set(set_name: str, table: Mapping[int, _AttrCodec], buf: bytes, star
             if nr not in _pad_numbers(set_name):
                 out.setdefault("unknown", {})[nr] = bytes(buf[a:b])
             continue
+        if c.run:
+            if b - a != c.run:
+                raise CodecError(f"{set_name}.{c.attr.name}: each attribute holds one struct "
+                                 f"{c.attr.struct} ({c.run} bytes), found {b - a} bytes")
+            runs.setdefault(c.attr.name, (c, []))[1].append(a - 4)
+            continue
         value = c.decode(buf, a, b)
         if c.attr.multi:
             out.setdefault(c.attr.name, []).append(value)
@@ -405,7 +484,20 @@ def _decode_set(set_name: str, table: Mapping[int, _AttrCodec], buf: bytes, star
             out[c.attr.name] = value
     if off < end:
         raise CodecError(f"{set_name}: {end - off} trailing bytes after the last attribute")
+    for name, (c, offs) in runs.items():
+        out[name] = _run_array(c, buf, offs)
     return out
+
+
+def _run_array(c: _AttrCodec, buf: bytes, offs: list[int]) -> npt.NDArray[np.void]:
+    """The structs of a batch's attributes at *offs* as one :func:`run_dtype` array: a view
+    when they are back to back (as the kernel sends them), else a copy of them joined."""
+    dt = run_dtype(c.attr.struct)
+    stride = dt.itemsize
+    first = offs[0]
+    if offs[-1] - first == (len(offs) - 1) * stride and offs == list(range(first, offs[-1] + 1, stride)):
+        return np.frombuffer(buf, dtype=dt, count=len(offs), offset=first)
+    return np.frombuffer(b"".join(buf[o:o + stride] for o in offs), dtype=dt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -435,7 +527,10 @@ def _encode_set(set_name: str, values: Mapping[str, Any]) -> bytes:
             raise CodecError(f"{set_name}: no attribute {name!r}; the set has {sorted(names)}")
         if v is None:
             continue
-        if c.attr.multi:
+        if c.run:
+            items = v if isinstance(v, (list, tuple)) else [v]
+            parts.append(attr_run(c.attr.value, c.run, b"".join(c.encode(x) for x in items)))
+        elif c.attr.multi:
             if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Sequence):
                 raise CodecError(f"{set_name}.{name} is multi-attr: expected a list, found {type(v).__name__}")
             for item in v:
@@ -460,7 +555,8 @@ def encode_attrs(set_name: str, values: Mapping[str, Any]) -> bytes:
 
     ints for integer attributes (enum attributes also take the entry name),
     ``str`` for strings, ``dict`` for nests, ``list`` for multi-attr, a numpy
-    array of the spec struct's dtype (or bytes) for struct arrays.  ``None``
+    array of the spec struct's dtype (or :func:`run_dtype`, or packed bytes)
+    for a batch of structs, which goes out as one attribute per struct.  ``None``
     values are left out.  ``{"unknown": {nr: bytes}}`` re-encodes raw
     attributes.  Raises :class:`CodecError` for values that do not fit.
     """
@@ -497,14 +593,14 @@ def _recommend_layout() -> tuple[struct.Struct, int, int, int, int, int]:
     o = sp.op_by_name["recommend"]
     aset = sp.attr_sets[o.attr_set]
     id_a, recs_a = aset.by_name["id"], aset.by_name["recs"]
-    if id_a.type != "u32" or recs_a.struct != "rec":
-        raise CodecError("spec: recommend's id is no longer u32 or recs no longer struct rec; "
-                         "encode_recommend must follow the spec")
-    # nlmsghdr, genlmsghdr, nla(id) + u32, nla(recs) header; the records follow
+    if id_a.type != "u32" or recs_a.struct != "rec" or not recs_a.multi:
+        raise CodecError("spec: recommend's id is no longer u32 or recs no longer multi-attr "
+                         "struct rec; encode_recommend must follow the spec")
+    # nlmsghdr, genlmsghdr, nla(id) + u32; the recs attributes follow
     size = sp.structs["rec"].size
     if size % 4:
         raise CodecError(f"spec: struct rec of {size} bytes would misalign the attributes")
-    return (struct.Struct("=IHHII" "BBH" "HHI" "HH"), o.value, sp.version, id_a.value,
+    return (struct.Struct("=IHHII" "BBH" "HHI"), o.value, sp.version, id_a.value,
             recs_a.value, size)
 
 
@@ -516,9 +612,9 @@ def encode_recommend(family_id: int, proxy_id: int, recs: bytes, *, seq: int, fl
     if n % size:
         raise CodecError(f"recommend: {n} bytes of records is not a whole number of "
                          f"{size}-byte rec structs")
-    total = hdr.size + n
-    return hdr.pack(total, family_id, flags, seq, 0, cmd, version, 0, 8, a_id, proxy_id,
-                    4 + n, a_recs) + recs
+    body = attr_run(a_recs, size, recs)
+    return hdr.pack(hdr.size + len(body), family_id, flags, seq, 0, cmd, version, 0, 8, a_id,
+                    proxy_id) + body
 
 
 def _decode_err(buf: bytes, a: int, b: int, mflags: int, msg: Message) -> None:
@@ -590,26 +686,28 @@ def decode_one(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: in
 
 
 @functools.lru_cache(maxsize=None)
-def _event_tables() -> dict[int, tuple[str, dict[int, tuple[str, Any, int]]]]:
-    """For events whose attributes are plain integers or struct arrays (telemetry,
-    feedback): genl cmd -> (op name, attr number -> (name, struct.Struct or dtype, size)).
-    Pad attribute numbers map to ``("", None, 0)``."""
+def _event_tables() -> dict[int, tuple[str, dict[int, tuple[str, Any, int, int]]]]:
+    """For events whose attributes are plain integers or batches of structs (telemetry,
+    feedback): genl cmd -> (op name, attr number -> (name, struct.Struct or run dtype,
+    size or stride, header)); *header* is the 4 bytes every attribute of a batch starts
+    with (as a u32), 0 for an integer.  Pad attribute numbers map to ``("", None, 0, 0)``."""
     sp = kspec.load()
-    out: dict[int, tuple[str, dict[int, tuple[str, Any, int]]]] = {}
+    out: dict[int, tuple[str, dict[int, tuple[str, Any, int, int]]]] = {}
     for o in sp.ops:
         if o.event is None:
             continue
         aset = sp.attr_sets[o.attr_set]
-        table: dict[int, tuple[str, Any, int]] = {n: ("", None, 0) for n in _pad_numbers(o.attr_set)}
+        table: dict[int, tuple[str, Any, int, int]] = {
+            n: ("", None, 0, 0) for n in _pad_numbers(o.attr_set)}
         plain = True
         for name in o.event:
             a = aset.by_name[name]
             if a.type in _INT_CODES and not a.enum and not a.multi:
                 st = struct.Struct("=" + _INT_CODES[a.type])
-                table[a.value] = (a.name, st, st.size)
-            elif a.type == "binary" and a.struct and not a.multi:
-                dt = struct_dtype(a.struct)
-                table[a.value] = (a.name, dt, dt.itemsize)
+                table[a.value] = (a.name, st, st.size, 0)
+            elif a.type == "binary" and a.struct and a.multi:
+                dt = run_dtype(a.struct)
+                table[a.value] = (a.name, dt, dt.itemsize, dt.itemsize | a.value << 16)
             else:
                 plain = False
         if plain:
@@ -624,9 +722,10 @@ def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: 
     fewer steps, or None for anything else or anything unusual (then use
     :func:`decode_one`, which also explains errors).  A test holds the two equal.
 
-    With *views*, struct arrays are left as ``memoryview`` slices of *buf* (their
-    packed bytes) instead of numpy arrays: for a caller that answers the message
-    before it makes any array (:func:`peek_event`)."""
+    With *views*, a batch is left as the ``memoryview`` slice of *buf* that its run
+    of attributes spans (stride ``run_dtype(struct).itemsize``, each struct behind
+    its 4-byte header) instead of a numpy array: for a caller that answers the
+    message before it makes any array (:func:`peek_event`)."""
     if b - a < _GENLHDR.size:
         return None
     ev = _event_tables().get(buf[a])
@@ -644,18 +743,20 @@ def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: 
         entry = table.get(nr & NLA_TYPE_MASK)
         if entry is None:
             return None
-        name, kind, size = entry
-        n = nla_len - 4
+        name, kind, size, header = entry
+        if header:  # a batch: its attributes back to back, one struct each
+            k = run_length(buf, off, b, header, size)
+            if not k or name in attrs:
+                return None
+            end = off + k * size
+            attrs[name] = (memoryview(buf)[off:end] if views else
+                           np.frombuffer(buf, dtype=kind, count=k, offset=off))
+            off = end
+            continue
         if size:
-            if isinstance(kind, struct.Struct):
-                if n != size:
-                    return None
-                attrs[name] = kind.unpack_from(buf, off + 4)[0]
-            else:
-                if n % size:
-                    return None
-                attrs[name] = (memoryview(buf)[off + 4:end] if views else
-                               np.frombuffer(buf, dtype=kind, count=n // size, offset=off + 4))
+            if nla_len - 4 != size:
+                return None
+            attrs[name] = kind.unpack_from(buf, off + 4)[0]
         off += (nla_len + 3) & ~3
     if off < b:
         return None
@@ -664,8 +765,8 @@ def decode_event(buf: bytes, mtype: int, mflags: int, seq: int, portid: int, a: 
 
 def peek_event(data: bytes, family_id: int, *, views: bool = True) -> Message | None:
     """A datagram that is exactly one telemetry or feedback message of *family_id*,
-    decoded by :func:`decode_event` (struct arrays as ``memoryview`` slices with
-    *views*, as numpy arrays without); None for anything else, which the generic
+    decoded by :func:`decode_event` (batches as ``memoryview`` slices of their
+    attributes with *views*, as numpy arrays without); None for anything else, which the generic
     decoder then handles."""
     n = len(data)
     if n < _NLMSGHDR.size:
@@ -696,11 +797,11 @@ def _struct_attr_names() -> tuple[str, ...]:
 
 
 def records(msg_attrs: Mapping[str, Any]) -> npt.NDArray[Any]:
-    """The packed struct array of a telemetry/feedback message's attributes.
+    """The batch of structs of a telemetry/feedback message's attributes.
 
-    Returns the zero-copy numpy view already made by the decoder (``records``
-    for telemetry, ``feedback`` for feedback, whichever struct-array
-    attribute the message carries).  Raises :class:`CodecError` if none.
+    Returns the zero-copy numpy view (of :func:`run_dtype`) already made by the
+    decoder (``records`` for telemetry, ``feedback`` for feedback, whichever
+    batch the message carries).  Raises :class:`CodecError` if none.
     """
     for name in _struct_attr_names():
         v = msg_attrs.get(name)

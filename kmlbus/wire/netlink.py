@@ -464,19 +464,21 @@ class GenlSocket:
 def _bad_attr_name(request: bytes, offset: int, set_name: str) -> str:
     """Name the top-level attribute of *request* that extack offset *offset* points into.
 
-    For a struct array (e.g. ``recs``) an offset inside the payload also names
-    the entry: ``recs[3]``.
+    A multi-attr attribute (e.g. ``recs``, one struct each) is named with its
+    place among the attributes of its type: ``recs[3]``.
     """
     sp = kspec.load()
     base = 16 + 4  # nlmsghdr + genlmsghdr
+    seen: dict[int, int] = {}
     try:
         for nr, _f, a, b in codec.iter_attrs(request, base, len(request)):
+            index = seen[nr] = seen.get(nr, -1) + 1
             if a - 4 <= offset < b:
                 attr = sp.attr_sets[set_name].by_value.get(nr)
                 if attr is None:
                     return f"#{nr}"
-                if attr.struct and offset >= a:
-                    return f"{attr.name}[{(offset - a) // sp.structs[attr.struct].size}]"
+                if attr.multi:
+                    return f"{attr.name}[{index}]"
                 return attr.name
     except CodecError:
         pass
@@ -553,7 +555,10 @@ class ControlOps:
                 return
             recs = np.frombuffer(recs, dtype=codec.struct_dtype("rec"))
         dt = codec.struct_dtype("rec")
-        arr = recs if isinstance(recs, np.ndarray) and recs.dtype == dt else np.array(list(recs), dtype=dt)
+        if isinstance(recs, np.ndarray) and recs.dtype in (dt, codec.run_dtype("rec")):
+            arr = codec.packed(recs, "rec")
+        else:
+            arr = np.array(list(recs), dtype=dt)
         for i in range(0, len(arr), step):
             if wait:
                 self.request("recommend", {"id": proxy_id, "recs": arr[i:i + step]})

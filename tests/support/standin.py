@@ -895,19 +895,18 @@ class StandinKernel:
                            "steer it (others: reason operator, mode emergency, or detach)", "id")
 
     def _recommend(self, ln: StandinLink, a: Mapping[str, Any], now: int) -> None:
-        """``kmlbus_nl_recommend_doit``: the whole batch is checked before any slot is written."""
+        """``kmlbus_nl_recommend_doit``: the whole batch is checked before any slot is written,
+        one rec attribute after the other; a refusal names the offending one (``recs[i]``)."""
         recs = a.get("recs")
         if recs is None:
             raise _Refused(-errno_mod.EINVAL, "missing recs (KMLBUS_A_PROXY_RECS)", missing="recs")
-        if not len(recs):
-            raise _Refused(-errno_mod.EINVAL,
-                           "recs length must be a non-zero multiple of 12 (struct kmlbus_rec)", "recs")
-        if len(recs) > _MAX_RECS:
-            raise _Refused(-errno_mod.E2BIG, "recs: more than KMLBUS_MAX_RECS entries in one request", "recs")
-        bad = np.flatnonzero((recs["ttl_ms"] == 0) | (recs["ttl_ms"] > _MAX_TTL_MS))
+        bad = np.flatnonzero((recs["ttl_ms"][:_MAX_RECS] == 0) | (recs["ttl_ms"][:_MAX_RECS] > _MAX_TTL_MS))
         if len(bad):
             raise _Refused(-errno_mod.EINVAL, "recs[offset]: ttl-ms must be 1..KMLBUS_MAX_TTL_MS",
                            f"recs[{int(bad[0])}]")
+        if len(recs) > _MAX_RECS:
+            raise _Refused(-errno_mod.E2BIG, "recs: more than KMLBUS_MAX_RECS entries in one request",
+                           f"recs[{_MAX_RECS}]")
         p = self._proxy_of(a)
         self._check_bus(p, ln)
         bad = np.flatnonzero(recs["key"] >= p.desc.nkeys)

@@ -74,12 +74,12 @@ def test_telemetry_and_feedback_arrive_as_zero_copy_numpy_records(modules: Any) 
         fb = wait_for(c, "feedback")
     assert tel and fb
     recs = codec.records(tel[0].attrs)
-    assert recs.dtype == codec.struct_dtype("sample") and len(recs) >= 1
+    assert recs.dtype == codec.run_dtype("sample") and len(recs) >= 1
     assert not recs.flags.owndata and not recs.flags.writeable  # a view of the received datagram
     assert recs is tel[0].attrs["records"] and isinstance(tel[0].attrs["drops"], int)
     assert np.all(recs["seq"] > 0) and np.all(recs["key"] < 64)
     f = codec.records(fb[0].attrs)
-    assert f.dtype == codec.struct_dtype("feedback") and np.all(f["seq"] > 0)
+    assert f.dtype == codec.run_dtype("feedback") and np.all(f["seq"] > 0)
 
 
 def test_bad_requests_raise_netlink_error_with_extack(modules: Any) -> None:

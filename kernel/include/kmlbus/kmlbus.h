@@ -17,6 +17,9 @@
  *	kml_proxy_stop(p);		stop     (-> STOPPED)
  *	kml_proxy_destroy(p);		destroy  (-> SHUTTING_DOWN, freed)
  *
+ * kml_proxy_register(&desc) does create, init and start in one call (undone
+ * on failure); kml_proxy_destroy() alone undoes it, since it stops first.
+ *
  * kml_proxy_decide(), kml_proxy_report(), kml_proxy_evaluate(),
  * kml_proxy_submit() and kml_proxy_set_mode() never sleep and may be called
  * from any context but NMI, including hard and soft interrupts.  The lifecycle verbs
@@ -82,6 +85,7 @@ int kml_proxy_init(struct kml_proxy *proxy);
 int kml_proxy_start(struct kml_proxy *proxy);
 int kml_proxy_stop(struct kml_proxy *proxy);
 void kml_proxy_destroy(struct kml_proxy *proxy);
+struct kml_proxy *kml_proxy_register(const struct kml_proxy_desc *desc);
 
 int kml_proxy_decide(struct kml_proxy *proxy, u32 key, const s32 *features,
 		     struct kml_decision *out);

@@ -25,7 +25,7 @@ from kmlbus.wire.codec import NLMSG_ERROR, pack_attr
 from kmlbus.wire.netlink import Connection
 
 __all__ = ["CORE_ERRNOS", "FuzzTally", "STATE_KEYS", "answer", "batch_keeps_state", "payloads", "proxy_state",
-           "request_ops"]
+           "request_ops", "variants"]
 
 #: errnos the genl core returns before the family's handler runs, without a message
 CORE_ERRNOS = frozenset({errno.EPERM, errno.EOPNOTSUPP})
@@ -96,6 +96,12 @@ def payloads(pid: int, nkeys: int, *, max_attrs: int = 5) -> st.SearchStrategy[b
     part = st.one_of(_raw_attr(), _id_attr(pid), _recs_attr(nkeys), *(_scalar_attr(n) for n in names))
     trailer = st.one_of(st.just(b""), st.binary(min_size=1, max_size=3))
     return st.builds(lambda ps, t: b"".join(ps) + t, st.lists(part, max_size=max_attrs), trailer)
+
+
+def variants(payload: bytes) -> list[bytes]:
+    """*payload*, cut in the middle (an attribute truncated, or a header torn) and given twice
+    (every attribute repeated): three requests from one drawn payload, for the price of one draw."""
+    return [payload, payload[:len(payload) // 2], payload + payload]
 
 
 def proxy_state(conn: Connection, pid: int) -> dict[str, Any]:

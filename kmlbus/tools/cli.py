@@ -269,13 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("soak", help="reliability figures against the real module: netlink fuzz, bus "
-                       "kills, privilege (boots the VM if needed)")
+                       "kills, overload, privilege (boots the VM if needed)")
     s.add_argument("--full", action="store_true", help="the full soak: 100000 fuzz requests, 100 kills "
                    "(default: the CI size, 10000 and 10)")
     s.add_argument("--fuzz", type=int, default=None, help="fuzz requests (overrides the size)")
     s.add_argument("--kills", type=int, default=None, help="bus kills (overrides the size)")
-    s.add_argument("--rows", default="fuzz,kill,privilege", help="rows to run (default: all of "
-                   "fuzz,kill,privilege)")
+    s.add_argument("--rows", default="fuzz,kill,overload,privilege", help="rows to run (default: all "
+                   "of fuzz,kill,overload,privilege)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.set_defaults(func=cmd_soak)
 

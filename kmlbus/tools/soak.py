@@ -14,6 +14,10 @@ the short version and requires every row to pass):
   reaped says emergency and no bus, the ``bus-gone`` event arrives, and every
   decision stamped after the reap was made in emergency; the time from the
   kill to the event's arrival is reported;
+* **overload**: the sample asked for its timer's ceiling of decisions with one
+  listener: each decision is either a sample or a drop, and each sample was
+  delivered to the listener or counted unheard, exactly (``get`` counters
+  before and after, records counted as received);
 * **privilege**: an unprivileged user and root of a new user namespace try
   every control operation and the telemetry and events groups: all refused;
   a new network namespace does not see the family (it lives in init_net).
@@ -49,7 +53,7 @@ from kmlbus.wire import codec
 from kmlbus.wire.netlink import Connection, KmlbusError, NetlinkError
 from modes.machine import shortest_path
 
-__all__ = ["FULL", "ROWS", "Row", "SHORT", "fuzz_row", "kill_row", "main", "privilege_row"]
+__all__ = ["FULL", "ROWS", "Row", "SHORT", "fuzz_row", "kill_row", "main", "overload_row", "privilege_row"]
 
 FULL = {"fuzz": 100_000, "kills": 100}
 SHORT = {"fuzz": 10_000, "kills": 10}
@@ -222,6 +226,61 @@ def kill_row(kills: int, proxy: str = "sample") -> Row:
                not faults, faults[:5])
 
 
+# --- overload ----------------------------------------------------------------------------------
+
+def _counters(c: Connection, pid: int) -> dict[str, int]:
+    return {k: int(v) for k, v in c.proxy(pid)["counters"].items()}
+
+
+def _drain_quiet(c: Connection, pid: int, quiet_s: float = 0.3, limit_s: float = 30.0) -> int:
+    """Read until no telemetry of *pid* came for *quiet_s*; the records read."""
+    n, last, end = 0, time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() - last < quiet_s and time.monotonic() < end:
+        for m in c.recv(timeout=0.05):
+            if m.op == "telemetry" and int(m.attrs.get("id", 0)) == pid:
+                n += len(m.attrs["records"])
+                last = time.monotonic()
+    return n
+
+
+def overload_row(seconds: float = 3.0, rate: int = 1_000_000, proxy: str = "sample") -> Row:
+    """The sample asked for *rate* decisions/s (its timer's ceiling) for *seconds*, with a
+    listener: every decision is a sample or a drop, every sample delivered or counted unheard."""
+    with Connection(groups=("telemetry",), rcvbuf=256 << 20) as obs:
+        pid = int(obs.proxy(proxy)["id"])
+        guest.set_sample_rate(0)
+        _drain_quiet(obs, pid)
+        c0 = _counters(obs, pid)
+        over0 = obs.stats["overruns"]
+        guest.set_sample_rate(rate)
+        t0 = time.monotonic()
+        delivered = 0
+        while time.monotonic() - t0 < seconds:
+            for m in obs.recv(timeout=0.05):
+                if m.op == "telemetry" and int(m.attrs.get("id", 0)) == pid:
+                    delivered += len(m.attrs["records"])
+        guest.set_sample_rate(0)
+        secs = time.monotonic() - t0
+        delivered += _drain_quiet(obs, pid)
+        c1 = _counters(obs, pid)
+        overruns = obs.stats["overruns"] - over0
+    guest.set_sample_rate(RATE)
+    d = {k: c1[k] - c0[k] for k in c1}
+    decisions = d["decisions-default"] + d["decisions-model"]
+    ident1 = decisions == d["samples"] + d["drops"]
+    ident2 = d["samples"] == delivered + d["unheard"]
+    offered = decisions / secs
+    taken = delivered / secs
+    ok = ident1 and ident2 and not overruns and d["drops"] > 0
+    return Row("overload (sample at its timer's ceiling, one listener)",
+               f"{decisions} decisions in {secs:.1f} s: offered {offered / 1e3:.0f} k/s, delivered "
+               f"{taken / 1e3:.1f} k/s ({offered / max(taken, 1):.1f}x the flush capacity)",
+               f"decisions = samples + drops: {decisions} = {d['samples']} + {d['drops']} "
+               f"({'exact' if ident1 else 'NOT exact'}); samples = delivered + unheard: {d['samples']} = "
+               f"{delivered} + {d['unheard']} ({'exact' if ident2 else 'NOT exact'}); "
+               f"socket overruns {overruns}", ok)
+
+
 # --- privilege ---------------------------------------------------------------------------------
 
 _CLONE_NEWUSER = 0x10000000
@@ -367,6 +426,8 @@ def run_rows(fuzz_requests: int, kills: int, rows: list[str]) -> list[Row]:
             out.append(fuzz_row(fuzz_requests))
         if "kill" in rows:
             out.append(kill_row(kills))
+        if "overload" in rows:
+            out.append(overload_row())
         if "privilege" in rows:
             out.append(privilege_row())
     finally:
@@ -376,7 +437,7 @@ def run_rows(fuzz_requests: int, kills: int, rows: list[str]) -> list[Row]:
     return out
 
 
-ROWS = ("fuzz", "kill", "privilege")
+ROWS = ("fuzz", "kill", "overload", "privilege")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -35,3 +35,10 @@ def test_unprivileged_and_namespaced_callers_steer_nothing(modules: LoadedModule
     row = soak.privilege_row()
     soak.print_table([row])
     assert row.ok, (row.result, row.details)
+
+
+@pytest.mark.sample_params(rate=soak.RATE)
+def test_overload_loses_no_sample_without_a_counter(modules: LoadedModules) -> None:
+    row = soak.overload_row(seconds=2.0)
+    soak.print_table([row])
+    assert row.ok, (row.checked, row.result)

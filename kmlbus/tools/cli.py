@@ -269,13 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("soak", help="reliability figures against the real module: netlink fuzz, bus "
-                       "kills, overload, privilege (boots the VM if needed)")
-    s.add_argument("--full", action="store_true", help="the full soak: 100000 fuzz requests, 100 kills "
-                   "(default: the CI size, 10000 and 10)")
+                       "kills, module reloads, overload, privilege (boots the VM if needed)")
+    s.add_argument("--full", action="store_true", help="the full soak: 100000 fuzz requests, 100 kills, "
+                   "100 reloads (default: the CI size, 10000, 10 and 3)")
     s.add_argument("--fuzz", type=int, default=None, help="fuzz requests (overrides the size)")
     s.add_argument("--kills", type=int, default=None, help="bus kills (overrides the size)")
-    s.add_argument("--rows", default="fuzz,kill,overload,privilege", help="rows to run (default: all "
-                   "of fuzz,kill,overload,privilege)")
+    s.add_argument("--reloads", type=int, default=None, help="module reloads (overrides the size)")
+    s.add_argument("--rows", default="fuzz,kill,reload,overload,privilege", help="rows to run "
+                   "(default: all of fuzz,kill,reload,overload,privilege)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.set_defaults(func=cmd_soak)
 

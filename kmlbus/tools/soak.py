@@ -14,6 +14,10 @@ the short version and requires every row to pass):
   reaped says emergency and no bus, the ``bus-gone`` event arrives, and every
   decision stamped after the reap was made in emergency; the time from the
   kill to the event's arrival is reported;
+* **reload**: with the bus daemon (``kmlbus run``) serving the sample, both
+  modules are unloaded and loaded again under traffic, again and again: the
+  daemon attaches again each time, the kernel log stays clean, and no slab
+  cache grows by a reload's worth of objects from the first reload to the last;
 * **overload**: the sample asked for its timer's ceiling of decisions with one
   listener: each decision is either a sample or a drop, and each sample was
   delivered to the listener or counted unheard, exactly (``get`` counters
@@ -53,10 +57,11 @@ from kmlbus.wire import codec
 from kmlbus.wire.netlink import Connection, KmlbusError, NetlinkError
 from modes.machine import shortest_path
 
-__all__ = ["FULL", "ROWS", "Row", "SHORT", "fuzz_row", "kill_row", "main", "overload_row", "privilege_row"]
+__all__ = ["FULL", "ROWS", "Row", "SHORT", "fuzz_row", "kill_row", "main", "overload_row", "privilege_row",
+           "reload_row", "slab_objects"]
 
-FULL = {"fuzz": 100_000, "kills": 100}
-SHORT = {"fuzz": 10_000, "kills": 10}
+FULL = {"fuzz": 100_000, "kills": 100, "reloads": 100}
+SHORT = {"fuzz": 10_000, "kills": 10, "reloads": 3}
 RATE = 2000  # sample decisions per second while the rows run
 
 
@@ -224,6 +229,98 @@ def kill_row(kills: int, proxy: str = "sample") -> Row:
                f"emergency before the next decision {good} of {kills}; kill -> bus-gone event "
                f"received min/median/max {mmm(event_ms)} (kill -> reaped {mmm(reap_ms)})",
                not faults, faults[:5])
+
+
+# --- reload ------------------------------------------------------------------------------------
+
+def slab_objects() -> dict[str, int]:
+    """Active objects per slab cache (``/proc/slabinfo``, root only)."""
+    out: dict[str, int] = {}
+    with open("/proc/slabinfo", encoding="ascii") as f:
+        for line in f.readlines()[2:]:
+            parts = line.split()
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+def _bus_port(proxy: str) -> int:
+    try:
+        with Connection() as c:
+            return int(c.proxy(proxy).get("bus-portid", 0))
+    except KmlbusError:
+        return 0
+
+
+def _wait(cond: Callable[[], bool], timeout: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond():
+            return time.monotonic() - t0
+        time.sleep(0.05)
+    return None
+
+
+def reload_row(reloads: int, proxy: str = "sample") -> Row:
+    """*reloads* times: rmmod the sample and kmlbus.ko under traffic with the bus daemon
+    running, insmod both again, and wait for the daemon to attach again; slab objects
+    compared between the first reload and the last."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from kmlbus.bus import models
+
+    work = Path(tempfile.mkdtemp(prefix="kmlbus-soak-"))
+    (work / "model.onnx").write_bytes(models.to_bytes(models.sample_good_model()))
+    (work / "bus.toml").write_text('[bus]\nttl_ms = 300\n\n[proxy.sample]\nmodel = "model.onnx"\n',
+                                   encoding="utf-8")
+    log = open(work / "bus.log", "wb")
+    env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+    bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
+                           stdout=log, stderr=subprocess.STDOUT, env=env)
+    faults: list[str] = []
+    times: list[float] = []
+    mark = guest.dmesg_mark()
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    try:
+        if _wait(lambda: _bus_port(proxy) != 0, 300) is None:
+            return Row("unload/reload under traffic", "the bus daemon never attached", "-", False,
+                       [(work / "bus.log").read_text(errors="replace")[-500:]])
+        for i in range(reloads):
+            guest.rmmod("kmlbus_sample")
+            guest.rmmod("kmlbus")
+            guest.insmod(guest.KMLBUS_KO)
+            guest.insmod(guest.SAMPLE_KO, rate=RATE)
+            took = _wait(lambda: _bus_port(proxy) != 0, 60)
+            if took is None:
+                faults.append(f"reload {i + 1}: the bus did not attach again within 60 s")
+                if bus.poll() is not None:
+                    faults.append(f"the daemon exited with {bus.returncode}")
+                    break
+            else:
+                times.append(took)
+            if i == 0:
+                first = slab_objects()
+        last = slab_objects()
+    finally:
+        bus.kill()
+        bus.wait()
+        log.close()
+    problems = guest.dmesg_problems(mark)
+    grown = sorted(((last.get(k, 0) - v, k) for k, v in first.items()), reverse=True)[:3]
+    worst = grown[0][0] if grown else 0
+    leak_free = worst < reloads - 1  # less than one object a reload in every cache
+    kmemleak = Path("/sys/kernel/debug/kmemleak").exists()
+    ok = not faults and not problems and leak_free and len(times) == reloads
+    span = (f"{min(times):.2f} / {statistics.median(times):.2f} / {max(times):.2f} s") if times else "-"
+    return Row("unload/reload of kmlbus_sample.ko and kmlbus.ko under traffic, bus daemon running",
+               f"{reloads} reloads of both modules (sample deciding at {RATE}/s)",
+               f"bus attached again {len(times)} of {reloads} (min/median/max {span}); slab objects "
+               f"from reload 1 to {reloads}, largest growths: "
+               + ", ".join(f"{k} {g:+d}" for g, k in grown)
+               + f"; kmemleak {'present' if kmemleak else 'not in this kernel'}; "
+               f"{len(problems)} kernel log problems", ok, faults[:5] + problems[:5])
 
 
 # --- overload ----------------------------------------------------------------------------------
@@ -413,7 +510,7 @@ def print_table(rows: list[Row]) -> None:
             print(f"  {r.name}: {d}")
 
 
-def run_rows(fuzz_requests: int, kills: int, rows: list[str]) -> list[Row]:
+def run_rows(fuzz_requests: int, kills: int, reloads: int, rows: list[str]) -> list[Row]:
     """Load the modules if needed and run the chosen rows, in order of priority."""
     from kmlbus.tools import demo
 
@@ -426,6 +523,8 @@ def run_rows(fuzz_requests: int, kills: int, rows: list[str]) -> list[Row]:
             out.append(fuzz_row(fuzz_requests))
         if "kill" in rows:
             out.append(kill_row(kills))
+        if "reload" in rows:
+            out.append(reload_row(reloads))
         if "overload" in rows:
             out.append(overload_row())
         if "privilege" in rows:
@@ -437,7 +536,7 @@ def run_rows(fuzz_requests: int, kills: int, rows: list[str]) -> list[Row]:
     return out
 
 
-ROWS = ("fuzz", "kill", "overload", "privilege")
+ROWS = ("fuzz", "kill", "reload", "overload", "privilege")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -447,6 +546,7 @@ def main(args: argparse.Namespace) -> int:
     size = FULL if args.full else SHORT
     n_fuzz = args.fuzz if args.fuzz is not None else size["fuzz"]
     n_kills = args.kills if args.kills is not None else size["kills"]
+    n_reloads = args.reloads if args.reloads is not None else size["reloads"]
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -458,8 +558,8 @@ def main(args: argparse.Namespace) -> int:
         print("kmlbus soak: this kernel cannot load modules; booting the Debian kernel under QEMU",
               flush=True)
         return vm.run([sys.executable, "-m", "kmlbus", "soak", "--here", "--fuzz", str(n_fuzz),
-                       "--kills", str(n_kills), "--rows", ",".join(rows)],
-                      timeout=600 + n_fuzz * 0.05 + n_kills * 5)
-    table = run_rows(n_fuzz, n_kills, rows)
+                       "--kills", str(n_kills), "--reloads", str(n_reloads), "--rows", ",".join(rows)],
+                      timeout=900 + n_fuzz * 0.05 + n_kills * 5 + n_reloads * 20)
+    table = run_rows(n_fuzz, n_kills, n_reloads, rows)
     print_table(table)
     return 0 if all(r.ok for r in table) else 1

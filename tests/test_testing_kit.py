@@ -102,7 +102,16 @@ class StandinTarget:
 
 
 def _machine() -> type[ProxyMachine]:
-    return proxy_machine(StandinTarget(), "sample")
+    """The machine on a fresh stand-in for every example: a replayed example must meet the
+    module as it was, or hypothesis reports a flaky test instead of the failure."""
+    base = proxy_machine(StandinTarget(), "sample")
+
+    class Fresh(base):  # type: ignore[valid-type,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.target = StandinTarget()
+
+    return Fresh
 
 
 def test_the_machine_passes_against_the_standin_and_judges_decisions() -> None:

@@ -205,8 +205,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_soak(args: argparse.Namespace) -> int:
     """Reliability figures of the module: fuzz, bus kills, privilege (boots the VM if needed)."""
-    from kmlbus.tools import soak
-
+    try:
+        from kmlbus.tools import soak
+    except ModuleNotFoundError as e:
+        print(f"kmlbus soak needs {e.name}, from the test extra: pip install 'kmlbus[test]'",
+              file=sys.stderr)
+        return 2
     return soak.main(args)
 
 

@@ -75,10 +75,10 @@ def ttls(*, low: int = 1, high: int | None = None) -> st.SearchStrategy[int]:
 
 
 def recommendations(schema: ProxySchema, *, min_size: int = 1, max_size: int = 16,
-                    ttl: st.SearchStrategy[int] | None = None,
+                    ttl: st.SearchStrategy[int] | None = None, key: st.SearchStrategy[int] | None = None,
                     out_of_bounds: bool = True) -> st.SearchStrategy[list[Rec]]:
-    """A batch the kernel must accept: valid keys and ttls; values may need clamping."""
-    row = st.tuples(keys(schema), rec_values(schema, out_of_bounds=out_of_bounds),
+    """A batch the kernel must accept: valid keys (or *key*'s) and ttls; values may need clamping."""
+    row = st.tuples(key if key is not None else keys(schema), rec_values(schema, out_of_bounds=out_of_bounds),
                     ttl if ttl is not None else ttls())
     return st.lists(row, min_size=min_size, max_size=max_size)
 

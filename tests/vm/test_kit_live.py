@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -52,20 +51,23 @@ def test_the_kit_machine_holds_on_the_sample_proxy(modules: LoadedModules) -> No
     assert sum(judged) > 100, judged
 
 
-def _reader(path: Path) -> Any:
-    def read(seconds: float) -> None:
-        """Sequential passes over *path* with its pages evicted first, for *seconds*."""
+class Reader:
+    """Sequential passes over one file kept open (its readahead state is one stream, one key),
+    with the file's pages evicted before each pass so that every pass reads the disk."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __call__(self, seconds: float) -> None:
         end = time.monotonic() + seconds
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            while time.monotonic() < end:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                off = 0
-                while time.monotonic() < end and (n := len(os.pread(fd, 65536, off))):
-                    off += n
-        finally:
-            os.close(fd)
-    return read
+        while time.monotonic() < end:
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            off = 0
+            while time.monotonic() < end and (n := len(os.pread(self.fd, 65536, off))):
+                off += n
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 @pytest.fixture
@@ -88,6 +90,10 @@ def readahead() -> Iterator[Path]:
 
 
 def test_the_kit_machine_holds_on_the_readahead_consumer(readahead: Path) -> None:
-    m = proxy_machine(LiveTarget(workload=_reader(readahead)), "readahead", decide_s=0.3)
-    judged = _run(m, examples=3, steps=15)
+    reader = Reader(readahead)
+    try:
+        m = proxy_machine(LiveTarget(workload=reader), "readahead", decide_s=0.3)
+        judged = _run(m, examples=3, steps=15)
+    finally:
+        reader.close()
     assert sum(judged) > 0, judged

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kmlbus.contract import spec as kspec
 from kmlbus.testing import fuzz
 from kmlbus.tools import cli, soak
 from kmlbus.wire.codec import NLMSG_ERROR, Message
@@ -48,11 +49,22 @@ def test_no_answer_is_a_fault() -> None:
 
 
 def test_a_refused_batch_that_changed_the_state_is_a_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    states = iter([{"mode": 0}, {"mode": 1}])
+    stale = kspec.load().enums["reason"].value("stale")
+    states = iter([{"mode": 0, "share": 5, "reason": 0}, {"mode": 0, "share": 6, "reason": 0},
+                   {"mode": 1, "share": 6, "reason": stale}])
     monkeypatch.setattr(fuzz, "proxy_state", lambda c, pid: next(states))
     t = fuzz.FuzzTally()
     fuzz.batch_keeps_state(Answers(-errno.EINVAL, "no"), 1, 2, [b"x", b"y"], t)  # type: ignore[arg-type]
-    assert len(t.faults) == 1 and "changed the state" in t.faults[0]
+    # the first refusal changed the share: a fault; the second found the kernel's own stale fallback
+    assert len(t.faults) == 1 and "state changed" in t.faults[0] and "payload 78" in t.faults[0]
+
+
+def test_an_accepted_request_may_change_the_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    states = iter([{"mode": 0, "reason": 0}, {"mode": 1, "reason": 1}])
+    monkeypatch.setattr(fuzz, "proxy_state", lambda c, pid: next(states))
+    t = fuzz.FuzzTally()
+    fuzz.batch_keeps_state(Answers(0), 1, 2, [b"x"], t)  # type: ignore[arg-type]
+    assert not t.faults
 
 
 def test_variants_cut_and_repeat_a_payload() -> None:

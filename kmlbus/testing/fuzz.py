@@ -105,9 +105,10 @@ def variants(payload: bytes) -> list[bytes]:
 
 
 def proxy_state(conn: Connection, pid: int) -> dict[str, Any]:
-    """What a rejected request must not change: :data:`STATE_KEYS` and ``recs-received``."""
+    """What a rejected request must not change: :data:`STATE_KEYS` and ``recs-received``
+    (and ``reason``, the why of the mode)."""
     p = conn.proxy(pid)
-    out = {k: p.get(k) for k in STATE_KEYS}
+    out = {k: p.get(k) for k in (*STATE_KEYS, "reason")}
     out["recs-received"] = p["counters"]["recs-received"]
     return out
 
@@ -148,11 +149,21 @@ def answer(conn: Connection, cmd: int, payload: bytes, tally: FuzzTally, *, time
 
 def batch_keeps_state(conn: Connection, pid: int, cmd: int, batch: list[bytes], tally: FuzzTally,
                       send: Callable[[Connection, int, bytes, FuzzTally], int] = answer) -> None:
-    """Send *batch*; if every request was refused, the proxy's state must be as before."""
+    """Send *batch* one request at a time; each refused one must leave the proxy's state as
+    it found it (``get`` after every request: the one after is the next one's before).
+
+    The kernel's own fallback on staleness (an earlier accepted request may have set a
+    short ``stale-ms``) moves the mode by itself: a change whose reason is ``stale`` is not
+    the refused request's doing."""
+    stale = kspec.load().enums["reason"].value("stale")
     before = proxy_state(conn, pid)
-    results = [send(conn, cmd, p, tally) for p in batch]
-    if all(results):
+    for p in batch:
+        err = send(conn, cmd, p, tally)
         after = proxy_state(conn, pid)
-        if after != before:
-            tally.faults.append(f"cmd {cmd}: a rejected batch changed the state {before} -> {after}: "
-                                f"{[p.hex() for p in batch]}")
+        if err and after != before:
+            own = {k: v for k, v in after.items() if k not in ("mode", "mode-seq", "reason")}
+            if after["reason"] != stale or own != {k: v for k, v in before.items()
+                                                    if k not in ("mode", "mode-seq", "reason")}:
+                tally.faults.append(f"cmd {cmd}: refused (errno {err}) yet the state changed "
+                                    f"{before} -> {after}: payload {p.hex()}")
+        before = after

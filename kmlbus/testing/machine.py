@@ -24,8 +24,7 @@ and every decision the kernel reports is checked against what the machine did:
   the close) with a ``bus-gone`` event, and mode events are numbered without gaps.
 
 Decisions made within :data:`MARGIN_NS` of a request whose effect they could
-straddle are not judged (the decision path reads the mode and the slot a few
-microseconds before it stamps the sample).
+straddle are not judged.
 """
 
 from __future__ import annotations
@@ -52,7 +51,10 @@ from modes.machine import shortest_path
 
 __all__ = ["LiveTarget", "MARGIN_NS", "ProxyMachine", "Target", "binomial_two_sided", "proxy_machine"]
 
-MARGIN_NS = 5_000_000  # 5 ms: a decision this close to a request's edges is not judged
+# A decision this close to a request's edges is not judged: the decision path reads the mode
+# and the slot a few microseconds before it stamps the sample, and a virtual CPU of a loaded
+# host can be descheduled in between for tens of milliseconds.
+MARGIN_NS = 50_000_000
 SHARE_P_MIN = 1e-6  # a collaboration share this unlikely under the configured one is a failure
 TTL_MS = 5_000  # recommendations sent by the machine: fresh for the whole step after them
 

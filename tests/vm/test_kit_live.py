@@ -46,7 +46,7 @@ def _run(machine: type[ProxyMachine], examples: int, steps: int) -> list[int]:
 
 @pytest.mark.sample_params(rate=500)
 def test_the_kit_machine_holds_on_the_sample_proxy(modules: LoadedModules) -> None:
-    judged = _run(proxy_machine(LiveTarget(), "sample", decide_s=0.2), examples=5, steps=20)
+    judged = _run(proxy_machine(LiveTarget(), "sample", decide_s=0.2), examples=4, steps=15)
     # the runs compared decisions with the recommendations sent (not an empty pass)
     assert sum(judged) > 100, judged
 
@@ -93,7 +93,7 @@ def test_the_kit_machine_holds_on_the_readahead_consumer(readahead: Path) -> Non
     reader = Reader(readahead)
     try:
         m = proxy_machine(LiveTarget(workload=reader), "readahead", decide_s=0.3)
-        judged = _run(m, examples=3, steps=15)
+        judged = _run(m, examples=2, steps=12)
     finally:
         reader.close()
     assert sum(judged) > 0, judged

@@ -20,7 +20,8 @@ ALLOWED = {
     "kmlbus.wire": {"kmlbus.contract"},
     "modes": {"kmlbus.contract", "kmlbus.wire"},
     "kmlbus.bus": {"kmlbus.contract", "kmlbus.wire", "modes"},
-    "kmlbus.tools": {"kmlbus.contract", "kmlbus.wire", "modes", "kmlbus.bus", "kmlbus.vm"},
+    "kmlbus.testing": {"kmlbus.contract", "kmlbus.wire", "modes"},
+    "kmlbus.tools": {"kmlbus.contract", "kmlbus.wire", "modes", "kmlbus.bus", "kmlbus.vm", "kmlbus.testing"},
     "kmlbus.vm": set(),
 }
 

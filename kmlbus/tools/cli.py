@@ -213,6 +213,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(bench.main(args))
 
 
+def cmd_soak(args: argparse.Namespace) -> int:
+    """Reliability figures of the module: fuzz, bus kills, privilege (boots the VM if needed)."""
+    try:
+        from kmlbus.tools import soak
+    except ModuleNotFoundError as e:
+        print(f"kmlbus soak needs {e.name}, from the test extra: pip install 'kmlbus[test]'",
+              file=sys.stderr)
+        return 2
+    return soak.main(args)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Sample proxy driven through its modes by a good, then a bad model."""
     from kmlbus.tools import demo
@@ -270,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate", type=int, default=200000, help="sample decisions per second for (b)")
     s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("soak", help="reliability figures against the real module: netlink fuzz, bus "
+                       "kills, module reloads, overload, privilege (boots the VM if needed)")
+    s.add_argument("--full", action="store_true", help="the full soak: 100000 fuzz requests, 100 kills, "
+                   "100 reloads (default: the CI size, 10000, 10 and 3)")
+    s.add_argument("--fuzz", type=int, default=None, help="fuzz requests (overrides the size)")
+    s.add_argument("--kills", type=int, default=None, help="bus kills (overrides the size)")
+    s.add_argument("--reloads", type=int, default=None, help="module reloads (overrides the size)")
+    s.add_argument("--rows", default="fuzz,kill,reload,overload,privilege", help="rows to run "
+                   "(default: all of fuzz,kill,reload,overload,privilege)")
+    s.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
+    s.set_defaults(func=cmd_soak)
 
     s = sub.add_parser("trace", help="recorded traces: show, evaluate MODEL, fit (offline, no kernel)",
                        add_help=False)

@@ -11,6 +11,7 @@ from kmlbus.tools.bench_readahead import (
     GRID_KB,
     Results,
     fio_args,
+    RA_FEATURES,
     rule_model,
     summarize,
 )
@@ -34,7 +35,7 @@ def test_mixed_runs_a_sequential_reader_and_a_random_mmap_reader_on_two_files() 
 
 def test_rule_baseline_is_8_mib_for_sequential_streams_and_0_otherwise() -> None:
     sess = ort.InferenceSession(rule_model().SerializeToString())
-    x = np.zeros((2, 8), dtype=np.float32)
+    x = np.zeros((2, RA_FEATURES), dtype=np.float32)
     x[0, 0], x[1, 0] = 0.9, 0.2
     assert sess.run(None, {"features": x})[0].ravel().tolist() == [2048.0, 0.0]
 

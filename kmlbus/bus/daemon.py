@@ -248,7 +248,7 @@ class Bus:
         if loop is not None and loop.binding == b:
             loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
             return loop
-        loop = LearningLoop(Learner(b), self.registry, every_s=pc.learn_every_s,
+        loop = LearningLoop(Learner(b, model_class=pc.learner), self.registry, every_s=pc.learn_every_s,
                             spread=pc.explore_spread, save_to=pc.learned_model, background=True)
         self._loops[schema.name] = loop
         return loop

@@ -7,10 +7,17 @@ module fits such a policy in two steps, both with scikit-learn:
 
 1. a value model: a random forest predicting the log of the reported efficiency from
    (features, log2(1 + decision)), fitted on explored decisions;
-2. a policy: for every recorded feature vector, the candidate decision the
-   value model rates best, distilled into one decision tree from features to
-   decision, which skl2onnx exports as the served ONNX model (input
-   ``features`` float32 [N, F], output ``value`` float32 [N, 1]).
+2. a policy: for every recorded feature vector, the candidate decision (a
+   window class: *lo*, then powers of two up to *hi*) the value model rates
+   best, distilled into one decision tree from features to class, each leaf
+   answering the class most of its samples chose (never an average of two
+   classes: half-way between 0 and 8 MiB is good for nobody); skl2onnx exports
+   it as the served ONNX model (input ``features`` float32 [N, F], output
+   ``value`` float32 [N, 1], or the names the binding asks for).
+
+The features must describe the state independently of the decisions taken
+(the readahead proxy measures the reader's own accesses): a model fitted on
+explored decisions is then fed the same kind of states when it serves.
 
 ``python -m kmlbus.bus.treefit TRACE... -o MODEL.onnx [--proxy NAME]`` fits
 from traces the bus recorded (``[bus] trace``) in learning mode.
@@ -28,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Fitted", "candidate_windows", "fit_policy", "from_traces", "main"]
+__all__ = ["Fitted", "candidate_windows", "fit_policy", "from_traces", "main", "window_class"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -49,6 +56,13 @@ def candidate_windows(lo: int, hi: int) -> npt.NDArray[np.float64]:
     return np.asarray(out)
 
 
+def window_class(decision: npt.ArrayLike, cands: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """Index of the candidate nearest to each decision on the log2(1 + d) scale."""
+    ld = np.log2(1.0 + np.maximum(np.asarray(decision, dtype=np.float64), 0.0))
+    lc = np.log2(1.0 + np.maximum(cands, 0.0))
+    return np.asarray(np.argmin(np.abs(ld[:, None] - lc[None, :]), axis=1), dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Fitted:
     """A fitted policy: the ONNX bytes, and what the value model expects of it."""
@@ -66,7 +80,8 @@ def _value_features(x: F32, decision: npt.NDArray[np.float64]) -> F32:
 
 def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
                lo: int, hi: int, max_depth: int = 6, seed: int = 0,
-               max_rows: int = 20000) -> Fitted:
+               max_rows: int = 20000, input_name: str = "features",
+               output_name: str = "value") -> Fitted:
     """Fit a value model on (x, decision) -> efficiency, distil its argmax into one tree.
 
     *x*: float32 [N, F] features as the model sees them; *decision*, *efficiency*:
@@ -96,20 +111,26 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
 
     cands = candidate_windows(lo, hi)
     scores = np.stack([value.predict(_value_features(x, np.full(len(x), c))) for c in cands], axis=1)
-    best = cands[np.argmax(scores, axis=1)]
+    best = np.argmax(scores, axis=1)
+    # split on the log of the window (a class index), then answer each leaf's majority class
     policy = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=10, random_state=seed)
-    policy.fit(x, best)
+    policy.fit(x, np.log2(1.0 + cands[best]))
+    leaf = policy.apply(x)
+    votes = np.zeros((policy.tree_.node_count, len(cands)))
+    np.add.at(votes, (leaf, best), 1.0)
+    for node in np.unique(leaf):
+        policy.tree_.value[node, 0, 0] = cands[int(np.argmax(votes[node]))]
     chosen = policy.predict(x)
     gain = float(np.exp(np.mean(value.predict(_value_features(x, chosen))
                             - value.predict(_value_features(x, d)))))
 
-    onx = convert_sklearn(policy, initial_types=[("features", FloatTensorType([None, x.shape[1]]))],
+    onx = convert_sklearn(policy, initial_types=[(input_name, FloatTensorType([None, x.shape[1]]))],
                           target_opset={"": 13, "ai.onnx.ml": 3})
     out = onx.graph.output[0]
     old = out.name
     for node in onx.graph.node:
-        node.output[:] = ["value" if o == old else o for o in node.output]
-    out.name = "value"
+        node.output[:] = [output_name if o == old else o for o in node.output]
+    out.name = output_name
     onx.doc_string = (f"treefit policy: depth {max_depth} tree distilled from a random forest of "
                       f"efficiency on {len(x)} explored decisions; candidates {cands.tolist()}")
     return Fitted(onx.SerializeToString(), len(x), gain)

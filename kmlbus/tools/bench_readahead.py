@@ -64,7 +64,8 @@ _JOBS = {
     "rand_mmap": ("rand", "randread", "4k", "mmap"),
 }
 DEV = "nullb0"
-RA_FEATURES = 8
+#: features of proxy ``readahead`` (seq first; see kernel/readahead/kmlbus_readahead.c)
+RA_FEATURES = 5
 
 
 def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]:
@@ -81,7 +82,8 @@ def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]
 def rule_model() -> onnx.ModelProto:
     """Hand-written baseline (never a served learned model): 8 MiB if seq >= 0.5, else 0.
 
-    Input float32 [N, 8] in the proxy's feature order (seq first), output float32 [N, 1] pages.
+    Input float32 [N, RA_FEATURES] in the proxy's feature order (seq first), output float32
+    [N, 1] pages.
     """
     pick = [[1.0]] + [[0.0]] * (RA_FEATURES - 1)
     graph = helper.make_graph(
@@ -201,8 +203,9 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
 
     *models*: proxy policy name -> ONNX model the bus serves in recommendation.
     With *collect*, only the proxy runs, in learning with every decision
-    explored by the bus (``learn = true``, ``explore = 1000``), recorded to
-    the trace *collect* for `kmlbus.bus.treefit`.
+    explored by the bus (``learn = true``, ``learner = "tree"``: windows drawn
+    uniformly from 0 and the powers of two up to 8 MiB, ``explore = 1000``),
+    recorded to the trace *collect* for `kmlbus.bus.treefit`.
     """
     from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
     from kmlbus.vm.kernels import project_root
@@ -225,7 +228,8 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
             insmod(ra_ko, devices=DEV)
             runs: list[tuple[str, str, str, Path | None]] = []
             if collect is not None:
-                runs.append(("explore", "learn = true\nexplore = 1000\nlearn_every_s = 1000000\n",
+                runs.append(("explore", 'learn = true\nlearner = "tree"\nexplore = 1000\n'
+                             "learn_every_s = 1000000\n",
                              "learning", collect))
             else:
                 runs += [(name, 'model = "model.onnx"\n', "recommendation", None) for name in models]

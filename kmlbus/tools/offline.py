@@ -17,7 +17,7 @@ import numpy as np
 
 from kmlbus.bus.config import ProxyConfig, bind
 from kmlbus.bus.fixedpoint import features_to_float, to_fixed
-from kmlbus.bus.learner import EfficiencyTable, Estimate, Learner
+from kmlbus.bus.learner import EfficiencyTable, Estimate, Learner, LinearFit
 from kmlbus.bus.registry import ModelError, check_session, make_session
 from kmlbus.bus.tracefile import TraceError, collect, open_trace
 from kmlbus.contract import spec as _spec
@@ -196,7 +196,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         learner = learn(args.trace, proxy=args.proxy, config=pc)
         fit = learner.fit()
-        if fit is None:
+        if not isinstance(fit, LinearFit):
             print(f"{args.trace}: only {learner.n_samples} joined decisions; need 256 to fit")
             return 1
         from kmlbus.bus import models as _models

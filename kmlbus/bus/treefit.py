@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Fitted", "candidate_windows", "fit_policy", "from_traces", "main", "window_class"]
+__all__ = ["Fitted", "candidate_windows", "fit_policy", "fraction_range", "from_traces", "main",
+           "window_class"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -136,13 +137,16 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     return Fitted(onx.SerializeToString(), len(x), gain)
 
 
-def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool = True
+def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool = True,
+                rows: tuple[float, float] = (0.0, 1.0)
                 ) -> tuple[F32, npt.NDArray[np.float64], npt.NDArray[np.float64], int, int]:
     """(features as floats, decisions, efficiencies, rec min, rec max) of *proxy* in recorded traces.
 
     Telemetry and feedback are joined by sequence number; with *explored_only*
     only decisions the kernel took from the bus's exploration (flag explored)
     or by the model arm count, so the decision varies independently of the state.
+    *rows* = (a, b): only the part of each trace's rows from fraction *a* to *b*
+    of them, in decision order (fit on the first half, replay on the second).
     """
     from kmlbus.bus import tracefile as traces
     from kmlbus.contract import spec
@@ -161,11 +165,24 @@ def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool 
         if explored_only:
             keep = (t["flags"] & explored_flag) != 0
             t, f = t[keep], f[keep]
+        a, b = int(rows[0] * len(t)), int(rows[1] * len(t))
+        t, f = t[a:b], f[a:b]
         scale = np.array([max(fs.scale, 1) for fs in schema.features], dtype=np.float64)
         xs.append((t["features"][:, :len(scale)] / scale).astype(np.float32))
         ds.append(f["decision"].astype(np.float64))
         es.append(f["efficiency"].astype(np.float64) / max(schema.efficiency_scale, 1))
     return np.concatenate(xs), np.concatenate(ds), np.concatenate(es), lo, hi
+
+
+def fraction_range(text: str) -> tuple[float, float]:
+    """``A:B`` with 0 <= A < B <= 1, for ``--rows``."""
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (fractions), found {text!r}") from None
+    if not 0.0 <= a < b <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= A < B <= 1, found {text!r}")
+    return a, b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -177,8 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--all-decisions", action="store_true",
                     help="fit on every decision, not only explored ones")
     ap.add_argument("--max-depth", type=int, default=6)
+    ap.add_argument("--rows", type=fraction_range, default=(0.0, 1.0), metavar="A:B",
+                    help="fit on this part of each trace's decisions (fractions, e.g. 0:0.5)")
     args = ap.parse_args(argv)
-    x, d, e, lo, hi = from_traces(args.traces, args.proxy, explored_only=not args.all_decisions)
+    x, d, e, lo, hi = from_traces(args.traces, args.proxy, explored_only=not args.all_decisions,
+                                  rows=args.rows)
     fitted = fit_policy(x, d, e, lo=lo, hi=hi, max_depth=args.max_depth)
     from kmlbus.bus import atomic
 

@@ -356,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--collect", metavar="TRACE",
                     help="instead: run the workloads with the bus exploring in learning, record "
                          "traces TRACE.<device> for python -m kmlbus.bus.treefit")
+    ap.add_argument("--kver", help="kernel release the VM boots (default: newest installed)")
     ap.add_argument("--here", action="store_true", help="run in this kernel (root, modules loadable)")
     args = ap.parse_args(argv)
     if shutil.which("fio") is None:
@@ -369,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           flush=True)
     fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--here"]
     return vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
-                  memory="3G", timeout=3600 if not args.quick else 900)
+                  kver=args.kver, memory="3G", timeout=3600 if not args.quick else 900)
 
 
 if __name__ == "__main__":

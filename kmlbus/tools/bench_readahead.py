@@ -64,6 +64,8 @@ _JOBS = {
     "rand_mmap": ("rand", "randread", "4k", "mmap"),
 }
 DEV = "nullb0"
+#: the policy name of the bus that learns live and climbs through the modes
+LIVE = "proxy learned live"
 #: features of proxy ``readahead`` (seq first; see kernel/readahead/kmlbus_readahead.c)
 RA_FEATURES = 5
 
@@ -129,6 +131,8 @@ class Results:
     runs: dict[tuple[str, str, str, str], list[float]]
     #: device -> proxy policy -> ns per decision spent in the proxy's entry handler
     decide_ns: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: device -> the mode the live learner had reached when it was measured
+    reached: dict[str, str] = field(default_factory=dict)
 
     def add(self, device: str, policy: str, workload: str, got: dict[str, float]) -> None:
         for stream, mibs in got.items():
@@ -136,21 +140,23 @@ class Results:
 
 
 @contextmanager
-def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
+def _daemon(work: Path, proxy_body: str, mode: str | None, *, ttl_ms: int = 5000,
             trace: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*."""
+    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*
+    (None: not pinned, the bus moves it on evidence; returns once it is attached)."""
     from kmlbus.bus import pins
     from kmlbus.contract import spec
     from kmlbus.wire import netlink
 
-    want = spec.load().enums["mode"].value(mode)
+    want = None if mode is None else spec.load().enums["mode"].value(mode)
     bus = f"[bus]\nttl_ms = {ttl_ms}\nlatency_budget_ms = 1000\n"
     if trace is not None:
         bus += f'trace = "{trace}"\n'
     (work / "bus.toml").write_text(f"{bus}\n[proxy.readahead]\n{proxy_body}")
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     os.environ["KMLBUS_STATE"] = env["KMLBUS_STATE"]
-    pins.pin("readahead", mode)
+    if mode is not None:
+        pins.pin("readahead", mode)
     log = open(work / "bus.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -162,7 +168,7 @@ def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
                                    f"{(work / 'bus.log').read_text()[-2000:]}")
             with netlink.Connection() as c:
                 p = c.proxy("readahead")
-            if p["bus-portid"] and p["mode"] == want:
+            if p["bus-portid"] and (want is None or p["mode"] == want):
                 break
             if time.monotonic() > end:
                 raise RuntimeError(f"the bus did not take proxy readahead to {mode}: {p}")
@@ -192,16 +198,45 @@ def _decide_stats() -> tuple[int, int]:
     return int(kv["decisions"]), int(kv["decide_ns"])
 
 
+def _mode() -> str:
+    """The readahead proxy's mode, as the kernel has it."""
+    from kmlbus.contract import spec
+    from kmlbus.wire.netlink import Connection
+
+    with Connection() as c:
+        return spec.load().enums["mode"].name_of(int(c.proxy("readahead")["mode"]))
+
+
+def _climb(files: dict[str, Path], runtime: float, limit_s: float,
+           say: Callable[[str], None], label: str) -> str:
+    """Run the mixed, random mmap and sequential workloads in turn until the bus has taken
+    the proxy to recommendation on its evidence, or *limit_s* passed; the mode reached."""
+    t0 = time.monotonic()
+    mode = _mode()
+    while mode != "recommendation" and time.monotonic() - t0 < limit_s:
+        for wl in ("mixed", "rand_mmap", "seq4k"):
+            _run_fio(wl, files, runtime)
+        mode = _mode()
+        say(f"{label} climbing: {mode} after {time.monotonic() - t0:.0f} s")
+    return mode
+
+
 def _show(got: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:7.1f}" for k, v in got.items())
 
 
 def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], reps: int,
                runtime: float, res: Results, say: Callable[[str], None], *,
-               models: dict[str, bytes], collect: Path | None = None) -> None:
+               models: dict[str, bytes], collect: Path | None = None,
+               live: Path | None = None, climb_s: float = 600.0) -> None:
     """Every policy on one null_blk set-up, into *res*.
 
     *models*: proxy policy name -> ONNX model the bus serves in recommendation.
+    With *live* (a trace path), also ``proxy learned live``: a bus that learns
+    (``learner = "tree"``) with no model and no pin; the workloads run in turn
+    until it has taken the proxy to recommendation on the kernel's evidence
+    (at most *climb_s*), then are measured like the others, in the mode reached;
+    its trace (modes over time) goes to *live*.
     With *collect*, only the proxy runs, in learning with every decision
     explored by the bus (``learn = true``, ``learner = "tree"``: windows drawn
     uniformly from 0 and the powers of two up to 8 MiB, ``explore = 1000``),
@@ -226,24 +261,31 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
         insmod(KMLBUS_KO)
         try:
             insmod(ra_ko, devices=DEV)
-            runs: list[tuple[str, str, str, Path | None]] = []
+            runs: list[tuple[str, str, str | None, Path | None]] = []
             if collect is not None:
                 runs.append(("explore", 'learn = true\nlearner = "tree"\nexplore = 1000\n'
                              "learn_every_s = 1000000\n",
                              "learning", collect))
             else:
                 runs += [(name, 'model = "model.onnx"\n', "recommendation", None) for name in models]
+                if live is not None:
+                    runs.append((LIVE, 'learn = true\nlearner = "tree"\nexplore = 300\n'
+                                 "learn_every_s = 10\n", None, live))
             for name, body, mode, trace in runs:
                 work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
                 if name in models:
                     (work / "model.onnx").write_bytes(models[name])
                 with _daemon(work, body, mode, trace=trace):
+                    if mode is None:
+                        res.reached[device] = _climb(files, runtime, climb_s, say,
+                                                     f"{device} {name}")
                     c0, s0 = _counters(), _decide_stats()
                     for rep in range(reps):
                         for wl in WORKLOADS:
                             got = _run_fio(wl, files, runtime)
                             res.add(device, name, wl, got)
-                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}")
+                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
+                                + (f"  [{_mode()}]" if mode is None else ""))
                     c1, s1 = _counters(), _decide_stats()
                 n = max(s1[0] - s0[0], 1)
                 say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
@@ -309,10 +351,66 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
         for p in proxies:
             g = _mixed_gain(res, dev, p)
             lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        if dev in res.reached:
+            lines.append(f"{LIVE}: learned from the kernel's feedback with no model and no pin; "
+                         f"measured in {res.reached[dev]}")
         for p, ns in res.decide_ns.get(dev, {}).items():
             lines.append(f"decision cost, {p}: {ns:.0f} ns per decision in the entry handler "
                          "(stock: 0; the kretprobe trap and the return handler come on top)")
     return "\n".join(lines)
+
+
+def load_results(path: str | Path) -> tuple[Results, list[int]]:
+    """The :class:`Results` and grid a ``--json`` file holds."""
+    data = json.loads(Path(path).read_text())
+    res = Results({}, reached=dict(data.get("reached", {})))
+    for r in data["runs"]:
+        res.runs[(r["device"], r["policy"], r["workload"], r["stream"])] = list(r["mibs"])
+    return res, list(data["grid"])
+
+
+def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> Path:
+    """The benchmark as a PNG: per device, each stream's median MiB/s under every policy as a
+    ratio to the default (the grid's best is the oracle), and, with *live*, the live learner's
+    mode over time from its trace (:mod:`kmlbus.tools.plot`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kmlbus.tools import plot
+
+    res, grid = load_results(json_path)
+    devices = sorted({k[0] for k in res.runs}, key=list(DEVICES).index)
+    policies = [f"static {kb}" for kb in grid] + sorted(
+        {k[1] for k in res.runs if not k[1].startswith("static ")})
+    streams = [(wl, st) for wl, sts in WORKLOADS.items() for st in sts]
+    runs = {d: Path(f"{live}.{d}") for d in devices} if live else {}
+    runs = {d: p for d, p in runs.items() if p.exists()}
+    fig = Figure(figsize=(12, 4.2 * len(devices) + 2.6 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(devices) + len(runs), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(policies)
+    for ax, dev in zip(axes, devices):
+        for i, pol in enumerate(policies):
+            ys = []
+            for wl, st in streams:
+                base = _med(res.runs.get((dev, f"static {DEFAULT_KB}", wl, st), []))
+                ys.append(_med(res.runs.get((dev, pol, wl, st), [])) / base)
+            ax.bar(np.arange(len(streams)) + (i - len(policies) / 2 + 0.5) * width, ys, width,
+                   label=pol + (" KiB" if pol.startswith("static") else ""))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(streams)), [f"{wl}\n{st}" if wl == "mixed" else wl
+                                                for wl, st in streams])
+        ax.set_ylabel("MiB/s / default (median)")
+        ax.set_title(f"readahead, null_blk {dev}: throughput per stream, ratio to the default "
+                     f"{DEFAULT_KB} KiB")
+        ax.legend(fontsize="small", ncols=4)
+    for ax, (dev, path) in zip(axes[len(devices):], runs.items()):
+        run = plot.load_run(path, "readahead")
+        plot.mode_panel(ax, run)
+        ax.set_title(f"{LIVE}, {dev}: the proxy's mode over time (bus learning from the "
+                     f"kernel's feedback, no pin)")
+    FigureCanvasAgg(fig).print_png(str(out))
+    return Path(out)
 
 
 def _guest_main(args: argparse.Namespace) -> int:
@@ -332,12 +430,17 @@ def _guest_main(args: argparse.Namespace) -> int:
     for dev in devices:
         lat, mbps = DEVICES[dev]
         collect = None if args.collect is None else Path(f"{args.collect}.{dev}").resolve()
-        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect)
+        live = None if not args.live else Path(f"{args.live}.{dev}").resolve()
+        if live is not None:
+            live.unlink(missing_ok=True)
+        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect,
+                   live=live, climb_s=args.climb_s)
     print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
-             for (d, p, w, s), v in res.runs.items()], indent=1))
+            {"grid": list(grid), "reached": res.reached,
+             "runs": [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
+                      for (d, p, w, s), v in res.runs.items()]}, indent=1))
     print(f"\n{reps} repetition(s), fio runtime {runtime:g} s, grid {list(grid)} KiB; "
           f"total {time.monotonic() - t0:.0f} s in the guest (TCG: compare ratios, not MiB/s)")
     return 0
@@ -353,6 +456,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
     ap.add_argument("--json", help="also write every sample to this JSON file")
     ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
+    ap.add_argument("--live", metavar="TRACE",
+                    help="also a bus that learns live and climbs through the modes on evidence "
+                         f"(policy '{LIVE}'); its traces go to TRACE.<device>")
+    ap.add_argument("--climb-s", type=float, default=600.0,
+                    help="longest time the live learner gets to reach recommendation (default 600)")
+    ap.add_argument("--png", help="draw the results (and the live learner's modes) to this PNG; "
+                                  "needs --json")
     ap.add_argument("--collect", metavar="TRACE",
                     help="instead: run the workloads with the bus exploring in learning, record "
                          "traces TRACE.<device> for python -m kmlbus.bus.treefit")
@@ -362,15 +472,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if shutil.which("fio") is None:
         print("bench_readahead: fio not found: apt-get install -y fio", file=sys.stderr)
         return 2
+    if args.png and not args.json:
+        ap.error("--png needs --json (the picture is drawn from it)")
     if args.here or (Path("/proc/modules").exists() and os.geteuid() == 0):
-        return _guest_main(args)
+        rc = _guest_main(args)
+        if rc == 0 and args.png and not args.here:
+            print(f"bench_readahead: {draw(args.json, args.png, live=args.live)}")
+        return rc
     from kmlbus import vm
 
     print("bench_readahead: this kernel cannot load modules; booting the Debian kernel under QEMU",
           flush=True)
     fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--here"]
-    return vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
-                  kver=args.kver, memory="3G", timeout=3600 if not args.quick else 900)
+    rc = vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
+                kver=args.kver, memory="3G", timeout=3600 if not args.quick else 900)
+    if rc == 0 and args.png and args.json:
+        print(f"bench_readahead: {draw(args.json, args.png, live=args.live)}")
+    return rc
 
 
 if __name__ == "__main__":

@@ -409,7 +409,8 @@ def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> 
         plot.mode_panel(ax, run)
         ax.set_title(f"{LIVE}, {dev}: the proxy's mode over time (bus learning from the "
                      f"kernel's feedback, no pin)")
-    FigureCanvasAgg(fig).print_png(str(out))
+    FigureCanvasAgg(fig)
+    fig.savefig(Path(out), format="png", dpi=110)
     return Path(out)
 
 

@@ -69,20 +69,42 @@ def test_window_classes_are_nearest_on_the_log_scale() -> None:
 def test_tree_learner_explores_0_and_every_power_of_two_and_keeps_half_of_the_models() -> None:
     reg = ModelRegistry()
     b = reg.bind(readahead_schema())
-    loop = LearningLoop(Learner(b, model_class="tree"), reg, rng=np.random.default_rng(1))
+    now = [0.0]
+    loop = LearningLoop(Learner(b, model_class="tree"), reg, rng=np.random.default_rng(1),
+                        hold_s=1.0, clock=lambda: now[0])
     keys = np.arange(256, dtype=np.uint32)
-    out = np.concatenate([loop.explore(keys, None) for _ in range(20)])
+    out = []
+    for _ in range(20):
+        out.append(loop.explore(keys, None))
+        now[0] += 1.0
+    out = np.concatenate(out)
     assert set(out["value"].tolist()) == set(CANDS.astype(int).tolist())
     # uniform over the 13 classes: the small windows (< 64 pages) are 7 of them
     small = np.mean(out["value"] < 64)
     assert 0.45 < small < 0.65
     recs = np.zeros(256, dtype=REC)
     recs["key"], recs["value"], recs["ttl_ms"] = keys, 777, 100
+    now[0] += 1.0
     mixed = loop.explore(keys, recs)
     kept = np.mean(mixed["value"] == 777)
     assert 0.35 < kept < 0.65
     assert set(mixed["value"][mixed["value"] != 777].tolist()) <= set(CANDS.astype(int).tolist())
     assert (mixed["key"] == keys).all() and (mixed["ttl_ms"] == 100).all()
+
+
+def test_a_keys_explored_window_is_held_then_drawn_again() -> None:
+    reg = ModelRegistry()
+    b = reg.bind(readahead_schema())
+    now = [0.0]
+    loop = LearningLoop(Learner(b, model_class="tree"), reg, rng=np.random.default_rng(2),
+                        hold_s=1.0, clock=lambda: now[0])
+    keys = np.arange(256, dtype=np.uint32)
+    first = loop.explore(keys, None)["value"].copy()
+    now[0] = 0.9
+    assert (loop.explore(keys[::-1], None)["value"] == first[::-1]).all()  # held, per key
+    now[0] = 1.0
+    again = loop.explore(keys, None)["value"]
+    assert np.mean(again != first) > 0.8  # drawn anew (1 in 13 alike by chance)
 
 
 def test_linear_learner_still_explores_uniformly_over_the_range() -> None:

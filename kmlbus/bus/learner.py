@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -431,7 +433,9 @@ class Learner:
             return None
         b = self.binding
         lo, hi = int(np.ceil(b.rec_min / b.out_scale)), int(np.floor(b.rec_max / b.out_scale))
-        fitted = fit_policy(x[mine], d[mine], e[mine], lo=lo, hi=hi,
+        # at most 8000 rows: a forest on more takes minutes in an emulated guest, and the
+        # window classes are learned from a few thousand explored decisions already
+        fitted = fit_policy(x[mine], d[mine], e[mine], lo=lo, hi=hi, max_rows=8000,
                             input_name=b.input_name or models.INPUT_NAME,
                             output_name=b.output_name or models.OUTPUT_NAME)
         t = self.last_table = self.table()
@@ -512,7 +516,8 @@ class LearningLoop:
     def __init__(self, learner: Learner, registry: ModelRegistry, *, every_s: float = 5.0,
                  min_samples: int = 256, min_new: int = 128, spread: float = 0.25,
                  save_to: Path | None = None, rng: np.random.Generator | None = None,
-                 background: bool = False) -> None:
+                 background: bool = False, hold_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.learner = learner
         self.registry = registry
         self.every_s = every_s
@@ -524,6 +529,13 @@ class LearningLoop:
         self.last: Fit | None = None
         #: decisions explored (real units) for a tree learner: uniform over these
         self.candidates = learner.candidates()
+        #: how long a tree learner holds a key's explored decision (seconds)
+        self.hold_s = hold_s
+        self.clock = clock
+        nkeys = max(int(learner.binding.schema.nkeys), 1)
+        #: per key: until when its held choice stands, and the choice (NaN: the model's)
+        self._until = np.full(nkeys, -np.inf)
+        self._held = np.full(nkeys, np.nan)
         self.fits = 0  # fits installed
         self.kept = 0  # fits not installed: the served model was estimated as good
         self.table: EfficiencyTable | None = None
@@ -661,7 +673,11 @@ class LearningLoop:
         A tree learner explores its candidate decisions instead (see
         :meth:`Learner.candidates`): each key gets one drawn uniformly, or,
         with the model's *recs*, half the keys keep the model's value
-        (on-policy: the states the served model creates stay in the data)."""
+        (on-policy: the states the served model creates stay in the data).
+        The choice is held for ``hold_s`` per key: a decision's measured effect
+        also depends on what its predecessors left in place (pages read ahead
+        by a large window make the next period fast whatever it decides), so
+        one stream keeps one window for several decisions in a row."""
         b = self.binding
         if self.candidates is not None:
             return self._explore_candidates(keys, recs, self.candidates)
@@ -683,12 +699,24 @@ class LearningLoop:
             out = np.zeros(len(keys), dtype=codec.struct_dtype("rec"))
             out["key"] = keys
             out["ttl_ms"] = b.ttl_ms
-            mask = np.ones(len(out), dtype=bool)
         else:
             out = recs.copy()
-            mask = self.rng.random(len(out)) < 0.5
-        drawn = self.rng.choice(cands, int(np.count_nonzero(mask)))
-        out["value"][mask] = np.clip(np.rint(drawn * b.out_scale), b.rec_min, b.rec_max)
+        k = out["key"].astype(np.int64)
+        out = out[k < len(self._until)]
+        k = k[k < len(self._until)]
+        now = self.clock()
+        due = self._until[k] <= now
+        if recs is None:  # nothing of the model's to keep: a held "model's" choice is void
+            due |= np.isnan(self._held[k])
+        if due.any():
+            kd = k[due]
+            explore = np.ones(len(kd), dtype=bool) if recs is None else \
+                self.rng.random(len(kd)) < 0.5
+            self._held[kd] = np.where(explore, self.rng.choice(cands, len(kd)), np.nan)
+            self._until[kd] = now + self.hold_s
+        v = self._held[k]
+        mine = ~np.isnan(v)
+        out["value"][mine] = np.clip(np.rint(v[mine] * b.out_scale), b.rec_min, b.rec_max)
         return out
 
 

@@ -185,7 +185,7 @@ def _replay_main(args: Any) -> int:
 
     x, d, e, lo, hi = from_traces(args.traces, args.proxy, rows=args.rows)
     cands = candidate_windows(lo, hi)
-    names = [f.name for f in open_trace(args.traces[0]).schemas[args.proxy].features]
+    names = [f.name for f in collect(args.traces[0], args.proxy)[2].features]
     policies: dict[str, npt.NDArray[np.float64]] = {
         f"static {v}": np.full(len(x), float(v)) for v in args.static}
     for path in args.model:

@@ -547,3 +547,20 @@ def test_every_refused_recommendation_is_counted_even_past_the_kept_errors(good:
     assert good.bus.stats["send_errors"] - before == 300
     good.bus.housekeeping()  # counted once
     assert good.bus.stats["send_errors"] - before == 300
+
+
+def test_a_tree_learner_learns_from_scratch_and_climbs(tmp_path: Path) -> None:
+    # learner = "tree": exploration over 1, 2, 4, ..., 64 held per key, a treefit policy
+    rig = make_learning_rig(tmp_path, 'learn = true\nlearner = "tree"\nexplore = 300\n'
+                                      'learn_every_s = 3\n')
+    try:
+        assert rig.run(180, rig.at("recommendation")), rig.events()
+        assert rig.events()[-3:] == CLIMB, rig.events()
+        ps = next(iter(rig.bus.proxies.values()))
+        assert ps.learning is not None and ps.learning.fits >= 1
+        snap = rig.bus.snapshot()["proxies"]["sample"]["learning"]
+        assert snap["last_fit"]["model"] == "tree"
+        model, default = _served_efficiency(rig, 10)
+        assert model > 1.2 * default, (model, default)
+    finally:
+        rig.bus.shutdown()

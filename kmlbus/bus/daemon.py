@@ -249,7 +249,8 @@ class Bus:
             loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
             return loop
         loop = LearningLoop(Learner(b, model_class=pc.learner), self.registry, every_s=pc.learn_every_s,
-                            spread=pc.explore_spread, save_to=pc.learned_model, background=True)
+                            spread=pc.explore_spread, save_to=pc.learned_model, background=True,
+                            clock=self.clock)
         self._loops[schema.name] = loop
         return loop
 

@@ -272,32 +272,43 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
                     runs.append((LIVE, 'learn = true\nlearner = "tree"\nexplore = 300\n'
                                  "learn_every_s = 10\n", None, live))
             for name, body, mode, trace in runs:
-                work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
-                if name in models:
-                    (work / "model.onnx").write_bytes(models[name])
-                with _daemon(work, body, mode, trace=trace):
-                    if mode is None:
-                        res.reached[device] = _climb(files, runtime, climb_s, say,
-                                                     f"{device} {name}")
-                    c0, s0 = _counters(), _decide_stats()
-                    for rep in range(reps):
-                        for wl in WORKLOADS:
-                            got = _run_fio(wl, files, runtime)
-                            res.add(device, name, wl, got)
-                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
-                                + (f"  [{_mode()}]" if mode is None else ""))
-                    c1, s1 = _counters(), _decide_stats()
-                n = max(s1[0] - s0[0], 1)
-                say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
-                    f"default {c1['decisions-default'] - c0['decisions-default']}, "
-                    f"telemetry drops {c1['drops'] - c0['drops']}; "
-                    f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
-                res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
-                shutil.rmtree(work, ignore_errors=True)
+                try:
+                    _measure_proxy(device, name, body, mode, trace, models.get(name), files,
+                                   reps, runtime, res, say, climb_s)
+                except RuntimeError as e:  # a bus that died: say so, measure the rest
+                    say(f"{device} {name}: not measured: {e}")
         finally:
             for name in ("kmlbus_readahead", "kmlbus"):
                 if is_loaded(name):
                     rmmod(name)
+
+
+def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: Path | None,
+                   model: bytes | None, files: dict[str, Path], reps: int, runtime: float,
+                   res: Results, say: Callable[[str], None], climb_s: float) -> None:
+    """One proxy policy: its bus, (for the live learner) the climb, then the workloads."""
+    work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
+    if model is not None:
+        (work / "model.onnx").write_bytes(model)
+    with _daemon(work, body, mode, trace=trace):
+        if mode is None:
+            res.reached[device] = _climb(files, runtime, climb_s, say,
+                                         f"{device} {name}")
+        c0, s0 = _counters(), _decide_stats()
+        for rep in range(reps):
+            for wl in WORKLOADS:
+                got = _run_fio(wl, files, runtime)
+                res.add(device, name, wl, got)
+                say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
+                    + (f"  [{_mode()}]" if mode is None else ""))
+        c1, s1 = _counters(), _decide_stats()
+    n = max(s1[0] - s0[0], 1)
+    say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
+        f"default {c1['decisions-default'] - c0['decisions-default']}, "
+        f"telemetry drops {c1['drops'] - c0['drops']}; "
+        f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
+    res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- the table ---------------------------------------------------------------------------
@@ -415,7 +426,10 @@ def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> 
 
 
 def _guest_main(args: argparse.Namespace) -> int:
-    grid = QUICK_GRID_KB if args.quick else GRID_KB
+    grid = args.grid or (QUICK_GRID_KB if args.quick else GRID_KB)
+    if DEFAULT_KB not in grid:
+        print(f"bench_readahead: --grid must hold the default {DEFAULT_KB} KiB", file=sys.stderr)
+        return 2
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     runtime = args.runtime if args.runtime is not None else 1.5
     res = Results({})
@@ -455,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="CI variant: the 2 ms device, grid 0/128/8192 KiB, 1 repetition")
     ap.add_argument("--all-devices", action="store_true", help="with --quick: both devices")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
+    ap.add_argument("--grid", type=lambda t: tuple(int(v) for v in t.split(",")),
+                    help=f"static read_ahead_kb settings, comma-separated (default "
+                         f"{','.join(map(str, GRID_KB))}; must hold {DEFAULT_KB})")
     ap.add_argument("--json", help="also write every sample to this JSON file")
     ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
     ap.add_argument("--live", metavar="TRACE",

@@ -39,7 +39,7 @@ KMLBUS_KO = project_root() / "kernel" / "kmlbus.ko"
 DEV = "nullb0"
 MODE = kspec.load().enums["mode"]
 #: the longest the climb may take under TCG (bus start, exploration, fits, two promotions)
-CLIMB_S = 540.0
+CLIMB_S = 360.0
 
 
 def _unload() -> None:

@@ -438,7 +438,8 @@ def _guest_main(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f} s] {line}", flush=True)
 
-    devices = list(DEVICES)[:1] if args.quick and not args.all_devices else list(DEVICES)
+    devices = args.device or (list(DEVICES)[:1] if args.quick and not args.all_devices
+                              else list(DEVICES))
     models = {"proxy rule": rule_model().SerializeToString()}
     if args.model:
         models["proxy learned"] = Path(args.model).read_bytes()
@@ -468,6 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI variant: the 2 ms device, grid 0/128/8192 KiB, 1 repetition")
     ap.add_argument("--all-devices", action="store_true", help="with --quick: both devices")
+    ap.add_argument("--device", action="append", choices=list(DEVICES),
+                    help="only this null_blk set-up (repeatable; default: both)")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
     ap.add_argument("--grid", type=lambda t: tuple(int(v) for v in t.split(",")),
                     help=f"static read_ahead_kb settings, comma-separated (default "

@@ -414,10 +414,11 @@ def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> 
         ax.set_ylabel("MiB/s / default (median)")
         ax.set_title(f"readahead, null_blk {dev}: throughput per stream, ratio to the default "
                      f"{DEFAULT_KB} KiB")
-        ax.legend(fontsize="small", ncols=4)
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     for ax, (dev, path) in zip(axes[len(devices):], runs.items()):
         run = plot.load_run(path, "readahead")
         plot.mode_panel(ax, run)
+        ax.set_xlabel("seconds since the live learner's bus started recording")
         ax.set_title(f"{LIVE}, {dev}: the proxy's mode over time (bus learning from the "
                      f"kernel's feedback, no pin)")
     FigureCanvasAgg(fig)

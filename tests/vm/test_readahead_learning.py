@@ -3,7 +3,8 @@
 Runs inside the guest (``python -m kmlbus.vm test tests/vm/test_readahead_learning.py``).
 A bus with ``learn = true`` and ``learner = "tree"``, no model and no pin,
 serves proxy ``readahead`` while fio runs the mixed workload (a sequential
-reader and a random mmap reader on one null_blk device at 200 us + 200 MB/s):
+reader and a random mmap reader on one null_blk device at 200 us + 200 MB/s),
+then the random mmap and the sequential one alone, in turn:
 it explores in learning, fits, hot-swaps the fit, and the proxy must reach
 recommendation through collaboration on the kernel's evidence (the model
 arm's measured progress rate beating the default arm's).  The learned model
@@ -39,7 +40,7 @@ KMLBUS_KO = project_root() / "kernel" / "kmlbus.ko"
 DEV = "nullb0"
 MODE = kspec.load().enums["mode"]
 #: the longest the climb may take under TCG (bus start, exploration, fits, two promotions)
-CLIMB_S = 360.0
+CLIMB_S = 420.0
 
 
 def _unload() -> None:
@@ -87,8 +88,9 @@ def test_bus_learns_windows_and_the_proxy_climbs_to_recommendation(
         end = time.monotonic() + CLIMB_S
         while time.monotonic() < end:
             assert bus.poll() is None, (tmp_path / "bus.log").read_text()[-3000:]
-            drop_caches()
-            subprocess.run(fio_args("mixed", files, 3.0), capture_output=True, check=True)
+            for wl in ("mixed", "rand_mmap", "seq4k"):  # as the benchmark's climb
+                drop_caches()
+                subprocess.run(fio_args(wl, files, 1.5), capture_output=True, check=True)
             mode = _mode()
             if not seen or seen[-1] != mode:
                 seen.append(mode)
@@ -96,12 +98,14 @@ def test_bus_learns_windows_and_the_proxy_climbs_to_recommendation(
                 break
         with Connection() as c:
             counters = c.proxy("readahead")["counters"]
+        status = subprocess.run([sys.executable, "-m", "kmlbus", "status", "--json"],
+                                capture_output=True, text=True, env=env, check=False).stdout
     finally:
         bus.terminate()
         bus.wait(timeout=60)
         log.close()
     out = (tmp_path / "bus.log").read_text()
-    assert seen[-1] == "recommendation", f"modes seen: {seen}\n{out[-3000:]}"
+    assert seen[-1] == "recommendation", f"modes seen: {seen}\n{status[-3000:]}\n{out[-2000:]}"
     moves = [(t.old, t.new, t.reason) for t in load_run(trace, "readahead").transitions]
     assert ("learning", "collaboration", "promotion") in moves, moves
     assert ("collaboration", "recommendation", "promotion") in moves, moves

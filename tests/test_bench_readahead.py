@@ -11,6 +11,7 @@ from kmlbus.tools.bench_readahead import (
     GRID_KB,
     Results,
     fio_args,
+    RA_FEATURES,
     rule_model,
     summarize,
 )
@@ -34,7 +35,7 @@ def test_mixed_runs_a_sequential_reader_and_a_random_mmap_reader_on_two_files() 
 
 def test_rule_baseline_is_8_mib_for_sequential_streams_and_0_otherwise() -> None:
     sess = ort.InferenceSession(rule_model().SerializeToString())
-    x = np.zeros((2, 8), dtype=np.float32)
+    x = np.zeros((2, RA_FEATURES), dtype=np.float32)
     x[0, 0], x[1, 0] = 0.9, 0.2
     assert sess.run(None, {"features": x})[0].ravel().tolist() == [2048.0, 0.0]
 
@@ -54,3 +55,28 @@ def test_table_names_each_streams_oracle_and_the_best_static_setting_on_mixed() 
     # geometric means over the default (20, 10): 0 KiB 0.89x, 128 1x, 1024 1.22x, 8192 0.89x
     assert "best static 1024 KiB 1.22x" in out
     assert "proxy rule: 4.00x (3.27 x best static)" in out
+
+
+def test_json_results_round_trip_and_draw_a_png(tmp_path: Path) -> None:
+    import json
+
+    from kmlbus.tools.bench_readahead import LIVE, draw, load_results
+
+    runs = []
+    for kb, (seq, mm) in {0: (1.0, 40.0), 128: (20.0, 10.0), 8192: (80.0, 1.0)}.items():
+        for wl, st in (("seq4k", "seq4k"), ("rand_mmap", "rand_mmap"), ("mixed", "seq4k"),
+                       ("mixed", "rand_mmap")):
+            runs.append({"device": "2ms", "policy": f"static {kb}", "workload": wl, "stream": st,
+                         "mibs": [seq if st == "seq4k" else mm] * 3})
+    runs.append({"device": "2ms", "policy": LIVE, "workload": "mixed", "stream": "rand_mmap",
+                 "mibs": [30.0, 35.0, 40.0]})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"grid": [0, 128, 8192], "reached": {"2ms": "recommendation"},
+                                "runs": runs}))
+    res, grid = load_results(path)
+    assert grid == [0, 128, 8192] and res.reached == {"2ms": "recommendation"}
+    assert res.runs[("2ms", LIVE, "mixed", "rand_mmap")] == [30.0, 35.0, 40.0]
+    assert f"{LIVE}: learned from the kernel's feedback with no model and no pin; measured in " \
+           "recommendation" in summarize(res, grid)
+    png = draw(path, tmp_path / "r.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000

@@ -588,3 +588,20 @@ def test_a_removed_proxy_is_forgotten_at_once_and_its_new_registration_adopted_a
     assert good.bus.proxies[new].modes.mode in ("emergency", "learning")  # starts from the bottom
     assert good.bus.stats["reconnects"] == 0 and good.bus.stats["send_errors"] == 0, good.bus.stats
     assert good.run(30, good.at("recommendation"))  # climbs again on its own evidence
+
+
+def test_a_tree_learner_learns_from_scratch_and_climbs(tmp_path: Path) -> None:
+    # learner = "tree": exploration over 1, 2, 4, ..., 64 held per key, a treefit policy
+    rig = make_learning_rig(tmp_path, 'learn = true\nlearner = "tree"\nexplore = 300\n'
+                                      'learn_every_s = 3\n')
+    try:
+        assert rig.run(180, rig.at("recommendation")), rig.events()
+        assert rig.events()[-3:] == CLIMB, rig.events()
+        ps = next(iter(rig.bus.proxies.values()))
+        assert ps.learning is not None and ps.learning.fits >= 1
+        snap = rig.bus.snapshot()["proxies"]["sample"]["learning"]
+        assert snap["last_fit"]["model"] == "tree"
+        model, default = _served_efficiency(rig, 10)
+        assert model > 1.2 * default, (model, default)
+    finally:
+        rig.bus.shutdown()

@@ -131,9 +131,9 @@ def test_tree_needs_a_small_bounded_range() -> None:
 
 def test_learner_key_in_the_config(tmp_path: Path) -> None:
     p = tmp_path / "c.toml"
-    p.write_text("[proxy.a]\nlearn = true\nlearner = 'tree'\n[proxy.b]\nlearn = true\n")
+    p.write_text("[proxy.a]\nlearn = true\nlearner = 'choice'\n[proxy.b]\nlearn = true\n")
     c = cfg.load(p)
-    assert c.proxies["a"].learner == "tree" and c.proxies["b"].learner == "linear"
+    assert c.proxies["a"].learner == "choice" and c.proxies["b"].learner == "linear"
     p.write_text("[proxy.a]\nlearner = 'forest'\n")
-    with pytest.raises(ConfigError, match=r'proxy\.a\.learner.*"linear" or "tree"'):
+    with pytest.raises(ConfigError, match=r'proxy\.a\.learner.*"linear", "tree", "choice"'):
         cfg.load(p)

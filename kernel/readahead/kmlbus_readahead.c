@@ -30,14 +30,24 @@
  * The default decision is the value the file already holds, so in emergency
  * nothing is written: stock behaviour, byte for byte.
  *
+ * Features describe the reader, not the windows it was given: they are
+ * measured on every access of the stream (each read() through a kprobe on
+ * filemap_read, each mmap fault at filemap_fault's entry), whether or not it
+ * reaches readahead: how often an access starts where the previous one ended
+ * (within RA_SEQ_GAP pages), the log of the jump between accesses, the
+ * request size, mmap or read.  Statistics of the applied windows (hits,
+ * misses, the current window size) would change with the policy serving them,
+ * so a model fitted on explored decisions would be fed other states when it
+ * serves.
+ *
  * Feedback (kml_proxy_report at the stream's next decision): the reader's
  * progress rate between the two decisions, in pages per millisecond
- * (scale 1000).  Progress is how far a sequential reader advanced, or one
- * request for a random one.  Readahead exists to make readers progress: a
- * window too small makes a sequential reader wait on each small I/O, a
- * window too large makes a random reader wait for pages it never uses, and
- * both show as a lower rate.  Page use before eviction would be known only
- * at eviction, long after the decision, often never.
+ * (scale 1000): the pages its accesses asked for in between, over the time.
+ * Readahead exists to make readers progress: a window too small makes a
+ * sequential reader wait on each small I/O, a window too large makes a random
+ * reader wait for pages it never uses, and both show as a lower rate.  Page
+ * use before eviction would be known only at eviction, long after the
+ * decision, often never.
  *
  * Locking: one spinlock per slot (irq-safe: handlers run with preemption
  * disabled, kml_proxy_decide may be called in any context) guards the slot's
@@ -77,16 +87,15 @@
 #define RA_MAX_DEVICES	4
 #define RA_MAXACTIVE	64		/* calls in flight per probe (faults sleep) */
 #define RA_DRAIN_MS	30000		/* longest wait for calls in flight at exit */
+#define RA_SEQ_GAP	64		/* pages: an access this close after the last is sequential */
 
+/* Every feature is a statistic of the reader's own accesses (see the top). */
 enum ra_feature {
 	RA_F_SEQ,	/* EWMA of sequential accesses, permille */
 	RA_F_REQ,	/* EWMA of the request size, pages * 1000 */
 	RA_F_MMAP,	/* this access is an mmap fault: 1000, a read(): 0 */
-	RA_F_SYNC,	/* the reader waits on a miss: 1000, marker hit: 0 */
-	RA_F_MISS,	/* EWMA of RA_F_SYNC, permille */
-	RA_F_RATE,	/* EWMA of the reported progress rate, pages/ms * 1000 */
+	RA_F_JUMP,	/* EWMA of log2(1 + pages between accesses) * 1000 */
 	RA_F_STOCK,	/* the file's own ra_pages (stock bound), pages */
-	RA_F_SIZE,	/* the stock algorithm's current window size, pages */
 	RA_NFEATURES
 };
 
@@ -98,11 +107,10 @@ struct ra_stream {
 	bool busy;
 	bool has_prev;
 	unsigned int stock;	/* ra_pages before the decision, restored on return */
-	pgoff_t index;		/* previous decision: first page asked for */
-	u32 req;		/* previous decision: pages asked for */
-	u32 window;		/* previous decision: window used */
+	pgoff_t last;		/* last page of the reader's previous access */
+	u64 progress;		/* pages the reader asked for since the previous decision */
 	u64 t_ns;		/* previous decision: time */
-	s32 seq, reqavg, miss, rate;	/* EWMAs, feature scales */
+	s32 seq, reqavg, jump;	/* EWMAs of the accesses, feature scales */
 	struct kml_decision prev;
 };
 
@@ -162,34 +170,64 @@ static bool ra_in_scope(const struct address_space *mapping)
 	return false;
 }
 
-/* Pages per ms * RA_SCALE that the reader progressed since the previous decision. */
-static s32 ra_rate(const struct ra_stream *s, pgoff_t index, u64 now)
+/* Start stream @ra's statistics afresh in its slot (a new stream, or a colliding one). */
+static void ra_claim(struct ra_stream *s, const struct file_ra_state *ra, pgoff_t index)
 {
-	u64 progress, dt = max_t(u64, now - s->t_ns, 1);
+	s->ra = ra;
+	s->has_prev = false;
+	s->seq = index == 0 ? RA_SCALE : 0;
+	s->reqavg = RA_SCALE;
+	s->jump = 0;
+	s->last = index ? index - 1 : 0;
+	s->progress = 0;
+}
 
-	if (index >= s->index && index - s->index <= (u64)s->req + s->window)
-		progress = max_t(u64, index - s->index, 1);
-	else
-		progress = max_t(u32, s->req, 1);
+/*
+ * One access of stream @ra: @npages pages from page @index.  Called with the
+ * slot's lock held, for every access in scope, whatever the window.
+ */
+static void ra_access(struct ra_stream *s, const struct file_ra_state *ra, pgoff_t index,
+		      unsigned long npages)
+{
+	u64 gap;
+	bool seq;
+
+	if (s->ra != ra)
+		ra_claim(s, ra, index);
+	npages = clamp_t(unsigned long, npages, 1, RA_MAX_WINDOW);
+	seq = index >= s->last && index - s->last <= RA_SEQ_GAP;
+	gap = index >= s->last ? index - s->last : s->last - index;
+	s->seq = ra_ewma(s->seq, seq ? RA_SCALE : 0);
+	s->reqavg = ra_ewma(s->reqavg, npages * RA_SCALE);
+	s->jump = ra_ewma(s->jump, (s32)ilog2(gap + 1) * RA_SCALE);
+	s->last = index + npages - 1;
+	s->progress += npages;
+}
+
+/* Pages per ms * RA_SCALE that the reader asked for since the previous decision. */
+static s32 ra_rate(const struct ra_stream *s, u64 now)
+{
+	u64 dt = max_t(u64, now - s->t_ns, 1);
+	u64 progress = max_t(u64, s->progress, 1);
+
 	return (s32)min_t(u64, div64_u64(progress * NSEC_PER_MSEC * RA_SCALE, dt), S32_MAX);
 }
 
 /*
- * Decide the window for stream @ra at page @index (@req pages asked for).
- * Returns 0 with @call filled when a window is in place until the call
- * returns, 1 when this call leaves the file as it is.
+ * Decide the window for stream @ra at page @index.  @mmap: a fault, counted
+ * as an access here (reads are counted by ra_read_enter before they reach
+ * readahead).  Returns 0 with @call filled when a window is in place until
+ * the call returns, 1 when this call leaves the file as it is.
  */
-static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
-		    bool sync, bool mmap, struct ra_call *call)
+static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct ra_call *call)
 {
 	u32 slot = hash_ptr(ra, RA_HASH_BITS);
 	struct ra_stream *s = &ra_streams[slot];
 	struct kml_decision prev, dec;
 	s32 f[RA_NFEATURES], eff = 0, window;
-	bool report = false, seq;
+	bool report = false;
 	unsigned long flags;
 	u64 now = ktime_get_ns();
-	u32 r = min_t(unsigned long, req, RA_MAX_WINDOW);
 	unsigned int cur;
 
 	spin_lock_irqsave(&s->lock, flags);
@@ -198,38 +236,19 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
 		return 1;
 	}
 	cur = READ_ONCE(ra->ra_pages);
-	if (s->ra != ra) {
-		/* a new stream takes the slot: start its statistics afresh */
-		s->ra = ra;
-		s->has_prev = false;
-		s->seq = index == 0 ? RA_SCALE : 0;
-		s->reqavg = r * RA_SCALE;
-		s->miss = sync ? RA_SCALE : 0;
-		s->rate = 0;
-		s->index = index;
-		s->req = r;
-		s->window = cur;
-		s->t_ns = now;
-	}
-	seq = index >= s->index && index - s->index <= (u64)s->req + s->window;
+	if (s->ra != ra)
+		ra_claim(s, ra, index);
 	if (s->has_prev) {
-		eff = ra_rate(s, index, now);
+		eff = ra_rate(s, now);
 		prev = s->prev;
 		report = true;
-		s->rate = s->rate ? ra_ewma(s->rate, eff) : eff;
 	}
-	s->seq = ra_ewma(s->seq, seq ? RA_SCALE : 0);
-	s->reqavg = ra_ewma(s->reqavg, r * RA_SCALE);
-	s->miss = ra_ewma(s->miss, sync ? RA_SCALE : 0);
 
 	f[RA_F_SEQ] = s->seq;
 	f[RA_F_REQ] = s->reqavg;
 	f[RA_F_MMAP] = mmap ? RA_SCALE : 0;
-	f[RA_F_SYNC] = sync ? RA_SCALE : 0;
-	f[RA_F_MISS] = s->miss;
-	f[RA_F_RATE] = s->rate;
+	f[RA_F_JUMP] = s->jump;
 	f[RA_F_STOCK] = min_t(unsigned int, cur, S32_MAX);
-	f[RA_F_SIZE] = min_t(unsigned int, READ_ONCE(ra->size), S32_MAX);
 
 	if (kml_proxy_decide(ra_proxy, slot, f, &dec)) {
 		spin_unlock_irqrestore(&s->lock, flags);
@@ -241,9 +260,7 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
 	s->stock = cur;
 	s->prev = dec;
 	s->has_prev = dec.seq != 0;
-	s->index = index;
-	s->req = r;
-	s->window = window;
+	s->progress = 0;
 	s->t_ns = now;
 	if (window != cur)
 		WRITE_ONCE(ra->ra_pages, window);
@@ -258,8 +275,35 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, unsigned long req,
 	return 0;
 }
 
-static int ra_ractl_enter(struct kretprobe_instance *ri, struct readahead_control *ractl,
-			  unsigned long req, bool sync)
+/* Count one access of stream @ra unless its slot is held by another stream's call. */
+static void ra_note_access(struct file_ra_state *ra, pgoff_t index, unsigned long npages)
+{
+	struct ra_stream *s = &ra_streams[hash_ptr(ra, RA_HASH_BITS)];
+	unsigned long flags;
+
+	spin_lock_irqsave(&s->lock, flags);
+	if (!READ_ONCE(ra_draining) && (!s->busy || s->ra == ra))
+		ra_access(s, ra, index, npages);
+	spin_unlock_irqrestore(&s->lock, flags);
+}
+
+/* ssize_t filemap_read(struct kiocb *iocb, struct iov_iter *iter, ssize_t already_read) */
+static int ra_read_enter(struct kprobe *kp, struct pt_regs *regs)
+{
+	struct kiocb *iocb = (struct kiocb *)regs_get_kernel_argument(regs, 0);
+	struct iov_iter *iter = (struct iov_iter *)regs_get_kernel_argument(regs, 1);
+	struct file *file = iocb->ki_filp;
+	size_t count = iov_iter_count(iter);
+	loff_t pos = iocb->ki_pos;
+
+	if (!file || !count || pos < 0 || !ra_in_scope(file->f_mapping))
+		return 0;
+	ra_note_access(&file->f_ra, pos >> PAGE_SHIFT,
+		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1);
+	return 0;
+}
+
+static int ra_ractl_enter(struct kretprobe_instance *ri, struct readahead_control *ractl)
 {
 	struct ra_call *call = (struct ra_call *)ri->data;
 	struct file *file = ractl->file;
@@ -267,21 +311,19 @@ static int ra_ractl_enter(struct kretprobe_instance *ri, struct readahead_contro
 	if (!file || ractl->ra != &file->f_ra || !ra_in_scope(ractl->mapping))
 		return 1;
 	call->pinned = NULL;
-	return ra_enter(&file->f_ra, readahead_index(ractl), req, sync, false, call);
+	return ra_enter(&file->f_ra, readahead_index(ractl), false, call);
 }
 
 /* void page_cache_sync_ra(struct readahead_control *ractl, unsigned long req_count) */
 static int ra_sync_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
-	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0),
-			      regs_get_kernel_argument(regs, 1), true);
+	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0));
 }
 
 /* void page_cache_async_ra(struct readahead_control *ractl, struct folio *, unsigned long req_count) */
 static int ra_async_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 {
-	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0),
-			      regs_get_kernel_argument(regs, 2), false);
+	return ra_ractl_enter(ri, (struct readahead_control *)regs_get_kernel_argument(regs, 0));
 }
 
 /* vm_fault_t filemap_fault(struct vm_fault *vmf) */
@@ -296,7 +338,9 @@ static int ra_fault_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 
 	if (!file || !ra_in_scope(file->f_mapping))
 		return 1;
-	/* only faults that reach readahead: a missing page or the marker */
+	/* every fault is an access of the reader; only some reach readahead */
+	ra_note_access(&file->f_ra, vmf->pgoff, 1);
+	/* those that do: a missing page or the marker */
 	rcu_read_lock();
 	folio = xa_load(&file->f_mapping->i_pages, vmf->pgoff);
 	sync = !folio || xa_is_value(folio);
@@ -307,7 +351,7 @@ static int ra_fault_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 	rcu_read_unlock();
 	/* filemap_fault may drop mmap_lock: hold the file until it returns */
 	call->pinned = get_file(file);
-	ret = ra_enter(&file->f_ra, vmf->pgoff, 1, sync, true, call);
+	ret = ra_enter(&file->f_ra, vmf->pgoff, true, call);
 	if (ret) {
 		fput(call->pinned);
 		call->pinned = NULL;
@@ -359,6 +403,12 @@ static struct kretprobe *ra_probes[] = {
 	&ra_sync_probe, &ra_async_probe, &ra_fault_probe,
 };
 
+/* Reads are counted as accesses; no return handler, nothing is changed. */
+static struct kprobe ra_read_probe = {
+	.symbol_name	= "filemap_read",
+	.pre_handler	= ra_read_enter,
+};
+
 static s32 ra_default(struct kml_proxy *proxy, u32 key, const s32 *features)
 {
 	return features[RA_F_STOCK];
@@ -377,11 +427,8 @@ static const struct kml_proxy_desc ra_desc = {
 		[RA_F_SEQ]	= { .name = "seq", .scale = RA_SCALE },
 		[RA_F_REQ]	= { .name = "req_pages", .scale = RA_SCALE },
 		[RA_F_MMAP]	= { .name = "mmap", .scale = RA_SCALE },
-		[RA_F_SYNC]	= { .name = "sync_miss", .scale = RA_SCALE },
-		[RA_F_MISS]	= { .name = "miss_ratio", .scale = RA_SCALE },
-		[RA_F_RATE]	= { .name = "rate_pages_ms", .scale = RA_SCALE },
+		[RA_F_JUMP]	= { .name = "jump_log2", .scale = RA_SCALE },
 		[RA_F_STOCK]	= { .name = "stock_pages", .scale = 1 },
-		[RA_F_SIZE]	= { .name = "size_pages", .scale = 1 },
 	},
 	.recommendation	= {
 		.name	= "window_pages",
@@ -474,14 +521,21 @@ static int __init ra_init(void)
 		goto err_destroy;
 	ra_proxy = p;
 
+	err = register_kprobe(&ra_read_probe);
+	if (err) {
+		pr_err("register_kprobe(%s): %d\n", ra_read_probe.symbol_name, err);
+		goto err_stop;
+	}
 	err = register_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
 	if (err) {
 		pr_err("register_kretprobes: %d\n", err);
-		goto err_stop;
+		goto err_read;
 	}
 	pr_info("proxy %u started on %s\n", kml_proxy_id(p), devices);
 	return 0;
 
+err_read:
+	unregister_kprobe(&ra_read_probe);
 err_stop:
 	kml_proxy_stop(p);
 err_destroy:
@@ -498,6 +552,7 @@ static void __exit ra_exit(void)
 	WRITE_ONCE(ra_draining, true);
 	ra_drain();
 	unregister_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
+	unregister_kprobe(&ra_read_probe);
 	for (i = 0; i < ARRAY_SIZE(ra_probes); i++)
 		if (ra_probes[i]->nmissed)
 			pr_info("%s: %d calls missed (maxactive %d)\n",

@@ -22,10 +22,15 @@ kernel's fixed-point numbers map to the model's float tensors::
     explore_spread = 0.25                 # explored values: model's +- 25% of the range
     learn_every_s = 5                     # refit at most this often
     learned_model = "learned.onnx"        # also write each learned model here
-    learner = "linear"                    # or "tree": a tree over a small integer range
+    learner = "tree"                      # model class learned: "linear" (default), "tree", "choice"
 
 With ``learn = true`` a proxy needs no ``model``: in learning the bus
 explores uniformly over the recommendation's range until the first fit.
+``learner = "tree"`` learns a decision tree instead of a line (for decisions
+far from linear, see :mod:`kmlbus.bus.treefit`) and explores over the
+recommendation's range on a log scale: 0 or the minimum, then powers of two.
+``learner = "choice"`` learns a tree that chooses among every value of a small
+range (at most 65, such as a device's streams), exploring around the served value.
 
 The kernel, not the file, is the authority on what a proxy's features are:
 :func:`bind` checks a :class:`ProxyConfig` against the :class:`ProxySchema`
@@ -53,6 +58,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FieldSchema",
+    "LEARNERS",
     "ProxyConfig",
     "ProxySchema",
     "bind",
@@ -195,8 +201,7 @@ class ProxyConfig:
     learn_every_s: float = 5.0
     #: where each learned model is also written (atomically), so a restart keeps it
     learned_model: Path | None = None
-    #: what the learner fits: ``linear`` (:class:`kmlbus.bus.learner.Learner`) or ``tree``
-    #: (:class:`kmlbus.bus.placefit.PlaceLearner`, a choice among a few values such as streams)
+    #: the model class learned: one of :data:`LEARNERS`
     learner: str = "linear"
 
     def explore_share(self, graph_default: int) -> int:
@@ -205,6 +210,11 @@ class ProxyConfig:
             return self.explore
         return DEFAULT_LEARN_EXPLORE if self.learn and graph_default == 0 else graph_default
 
+
+#: Model classes the bus can learn (``learner = ...``): a line; a tree over log-spaced
+#: decisions (:mod:`kmlbus.bus.treefit`, e.g. readahead windows); a tree choosing among every
+#: value of a small range (:mod:`kmlbus.bus.placefit`, e.g. kmlbus-lsd's streams).
+LEARNERS = ("linear", "tree", "choice")
 
 #: Exploration share (permille) of a learning proxy whose config does not say:
 #: without explored decisions the learner can only reproduce the default.
@@ -223,9 +233,6 @@ class Config:
 _BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace", "rate", "rcvbuf"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
                "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner"}
-
-#: values of a proxy's ``learner`` key
-LEARNERS = ("linear", "tree")
 
 
 class _Where:
@@ -373,11 +380,11 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     if saved is not None and model is not None and saved == model:
         raise w.err(f"{pre}.learned_model", "a file other than the configured model "
                     "(the bus never overwrites the model you gave it)", str(saved))
-    kind = t.get("learner", ProxyConfig.learner)
-    if kind not in LEARNERS:
-        raise w.err(f"{pre}.learner", " or ".join(f'"{k}"' for k in LEARNERS), kind)
+    learner = t.get("learner", ProxyConfig.learner)
+    if learner not in LEARNERS:
+        raise w.err(f"{pre}.learner", ", ".join(f'"{n}"' for n in LEARNERS), learner)
     return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl,
-                       learn, explore, float(spread), every, saved, kind)
+                       learn, explore, float(spread), every, saved, learner)
 
 
 def load(path: str | Path) -> Config:

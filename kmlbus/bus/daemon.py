@@ -263,9 +263,13 @@ class Bus:
         if loop is not None and loop.binding == b:
             loop.learner.forget_pending()  # a reloaded module numbers decisions afresh
             return loop
-        learner = PlaceLearner(b) if pc.learner == "tree" else Learner(b)
+        if pc.learner == "choice":
+            learner: Learner = PlaceLearner(b)
+        else:
+            learner = Learner(b, model_class=pc.learner)
         loop = LearningLoop(learner, self.registry, every_s=pc.learn_every_s,
-                            spread=pc.explore_spread, save_to=pc.learned_model, background=True)
+                            spread=pc.explore_spread, save_to=pc.learned_model, background=True,
+                            clock=self.clock)
         self._loops[schema.name] = loop
         return loop
 

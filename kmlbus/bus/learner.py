@@ -32,8 +32,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -49,9 +52,11 @@ from .registry import LoadedModel, ModelRegistry, ModelRuntimeError, NoModelErro
 __all__ = [
     "EfficiencyTable",
     "Estimate",
+    "Fit",
     "Learner",
     "LearningLoop",
     "LinearFit",
+    "TreeFit",
     "perturb",
 ]
 
@@ -86,7 +91,7 @@ class EfficiencyTable:
 
     def __init__(self, x: F32, d: F64, e: F64, *, d_lo: float, d_hi: float,
                  bins: int = 6, decision_bins: int = 16, target_per_bucket: int = 64,
-                 min_cell: int = 1, prior: float = 1.0) -> None:
+                 min_cell: int = 1, prior: float = 1.0, log_decisions: bool = False) -> None:
         n, k = x.shape
         if n == 0:
             raise ValueError("EfficiencyTable: no samples")
@@ -106,6 +111,8 @@ class EfficiencyTable:
         self.decision_bins = decision_bins
         self.min_cell = min_cell
         self.prior = prior
+        #: decision bins equal in log2(1 + d - d_lo) rather than in d
+        self.log_decisions = log_decisions
 
         self._means: F64 | None = None
         cell = self.bucket(x) * decision_bins + self.dbin(d)
@@ -128,6 +135,9 @@ class EfficiencyTable:
     def dbin(self, d: F64) -> I64:
         """Decision bin of each decision (real units), clipped into range."""
         frac = (np.asarray(d, dtype=np.float64) - self.d_lo) / (self.d_hi - self.d_lo)
+        if self.log_decisions:
+            span = self.d_hi - self.d_lo
+            frac = np.log2(1.0 + np.maximum(frac, 0.0) * span) / np.log2(1.0 + span)
         return np.clip((frac * self.decision_bins).astype(np.int64), 0, self.decision_bins - 1)
 
     def cell_means(self) -> F64:
@@ -178,6 +188,43 @@ class EfficiencyTable:
         return Estimate(eff, float(ok.mean()), int(len(x)))
 
 
+class Fit(Protocol):
+    """What the learning loop needs of a fitted policy, whatever its model class."""
+
+    @property
+    def n_samples(self) -> int: ...
+
+    @property
+    def estimated(self) -> Estimate:
+        """In-sample estimate of the fitted policy's efficiency."""
+
+    @property
+    def observed(self) -> float:
+        """Observed mean efficiency of the training set."""
+
+    def to_onnx(self, binding: Binding) -> bytes: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TreeFit:
+    """A fitted tree policy (:mod:`kmlbus.bus.treefit`): the ONNX bytes already bound."""
+
+    onnx: bytes
+    n_samples: int
+    estimated: Estimate
+    observed: float
+    #: the value model's opinion of the policy over the explored decisions (a ratio)
+    predicted_gain: float
+
+    def to_onnx(self, binding: Binding) -> bytes:
+        return self.onnx
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "tree", "predicted_gain": self.predicted_gain}
+
+
 @dataclass(frozen=True)
 class LinearFit:
     """A fitted linear policy ``decision = x @ weights + bias`` (real units)."""
@@ -193,6 +240,9 @@ class LinearFit:
     def predict(self, x: F32) -> F64:
         y = np.asarray(x, dtype=np.float64) @ np.asarray(self.weights, dtype=np.float64)
         return np.asarray(y + self.bias, dtype=np.float64)
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": "linear", "weights": list(self.weights), "bias": self.bias}
 
     def to_onnx(self, binding: Binding) -> bytes:
         """The fit as a serialized ONNX model honouring *binding*'s tensor names."""
@@ -211,12 +261,20 @@ class Learner:
     by ``seq`` whichever arrives first.  Memory is bounded: the training set
     is a ring of ``capacity`` rows, and unmatched halves wait in bounded
     pending buffers (oldest dropped).
+
+    *model_class* ``"linear"`` fits a line (:meth:`fit`); ``"tree"`` fits a
+    :mod:`kmlbus.bus.treefit` policy over log-spaced decisions from the rows
+    the model arm decided (explored ones, in learning), and bins decisions on
+    the same log scale in its efficiency table.
     """
 
     def __init__(self, binding: Binding, *, capacity: int = 65536, pending: int = 16384,
                  bins: int = 6, decision_bins: int = 16, min_cell: int = 1,
-                 prior: float = 1.0) -> None:
+                 prior: float = 1.0, model_class: str = "linear") -> None:
+        if model_class not in ("linear", "tree"):
+            raise ValueError(f"Learner: model_class {model_class!r}, expected linear or tree")
         self.binding = binding
+        self.model_class = model_class
         self.capacity = capacity
         self.pending_cap = pending
         self.bins = bins
@@ -343,12 +401,55 @@ class Learner:
             lo, hi = float(d.min()), float(d.max())
         return EfficiencyTable(x, d, e, d_lo=lo, d_hi=hi, bins=self.bins,
                                decision_bins=self.decision_bins, min_cell=self.min_cell,
-                               prior=self.prior)
+                               prior=self.prior, log_decisions=self.model_class == "tree")
 
-    def fit(self, min_samples: int = 256) -> LinearFit | None:
-        """Fit the linear policy; None while there are fewer than *min_samples* rows."""
+    def candidates(self) -> F64 | None:
+        """The decisions (real units) a tree learner explores and chooses among; None otherwise."""
+        b = self.binding
+        if self.model_class != "tree" or not b.bounded:
+            return None
+        from .treefit import candidate_windows
+
+        lo, hi = b.rec_min / b.out_scale, b.rec_max / b.out_scale
+        return np.asarray(candidate_windows(int(np.ceil(lo)), int(np.floor(hi))), dtype=np.float64)
+
+    def fit(self, min_samples: int = 256) -> Fit | None:
+        """Fit the policy of this learner's model class; None while there are fewer than
+        *min_samples* rows."""
         if self.n_samples < min_samples:
             return None
+        if self.model_class == "tree":
+            return self._fit_tree(min_samples)
+        return self._fit_linear()
+
+    def _fit_tree(self, min_samples: int) -> TreeFit | None:
+        """A treefit policy from the model arm's rows, estimated on the log-binned table."""
+        from .registry import make_session
+        from .treefit import fit_policy
+
+        x, d, e, arm = self.data()
+        mine = arm == _ARM_MODEL
+        if np.count_nonzero(mine) < min_samples:
+            return None
+        b = self.binding
+        lo, hi = int(np.ceil(b.rec_min / b.out_scale)), int(np.floor(b.rec_max / b.out_scale))
+        # at most 8000 rows: a forest on more takes minutes in an emulated guest, and the
+        # window classes are learned from a few thousand explored decisions already
+        fitted = fit_policy(x[mine], d[mine], e[mine], lo=lo, hi=hi, max_rows=8000,
+                            input_name=b.input_name or models.INPUT_NAME,
+                            output_name=b.output_name or models.OUTPUT_NAME)
+        t = self.last_table = self.table()
+        sess = make_session(b.proxy, fitted.onnx)
+        (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        fixed, _, _ = to_fixed(np.asarray(y, dtype=np.float32).reshape(-1), b)
+        est = t.estimate(x, fixed.astype(np.float64) / b.out_scale)
+        log.info("proxy %s: fitted a tree on %d explored of %d samples, estimated efficiency "
+                 "%.3f (observed %.3f), value model's gain %.2fx", b.proxy, fitted.n_samples,
+                 len(x), est.efficiency, float(e.mean()), fitted.predicted_gain)
+        return TreeFit(fitted.onnx, len(x), est, float(e.mean()), fitted.predicted_gain)
+
+    def _fit_linear(self) -> LinearFit | None:
+        """The linear policy through the buckets' best decisions (see the module doc)."""
         x, d, e, _ = self.data()
         t = self.last_table = self.table()
         bx, bd, bw = t.best_per_bucket()
@@ -378,7 +479,7 @@ class Learner:
         return np.asarray(fixed / b.out_scale, dtype=np.float64)
 
     def update(self, registry: ModelRegistry, min_samples: int = 256
-               ) -> tuple[LinearFit, LoadedModel] | None:
+               ) -> tuple[Fit, LoadedModel] | None:
         """Fit and hot-swap the result into *registry* (None if not enough data yet)."""
         fit = self.fit(min_samples)
         if fit is None:
@@ -415,7 +516,8 @@ class LearningLoop:
     def __init__(self, learner: Learner, registry: ModelRegistry, *, every_s: float = 5.0,
                  min_samples: int = 256, min_new: int = 128, spread: float = 0.25,
                  save_to: Path | None = None, rng: np.random.Generator | None = None,
-                 background: bool = False) -> None:
+                 background: bool = False, hold_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.learner = learner
         self.registry = registry
         self.every_s = every_s
@@ -424,7 +526,16 @@ class LearningLoop:
         self.spread = spread
         self.save_to = save_to
         self.rng = rng if rng is not None else np.random.default_rng()
-        self.last: LinearFit | None = None
+        self.last: Fit | None = None
+        #: decisions explored (real units) for a tree learner: uniform over these
+        self.candidates = learner.candidates()
+        #: how long a tree learner holds a key's explored decision (seconds)
+        self.hold_s = hold_s
+        self.clock = clock
+        nkeys = max(int(learner.binding.schema.nkeys), 1)
+        #: per key: until when its held choice stands, and the choice (NaN: the model's)
+        self._until = np.full(nkeys, -np.inf)
+        self._held = np.full(nkeys, np.nan)
         self.fits = 0  # fits installed
         self.kept = 0  # fits not installed: the served model was estimated as good
         self.table: EfficiencyTable | None = None
@@ -432,7 +543,7 @@ class LearningLoop:
         self._n_at_fit = 0
         self.background = background
         self._job: threading.Thread | None = None
-        self._outcome: tuple[LinearFit | None, BaseException | None] = (None, None)
+        self._outcome: tuple[Fit | None, BaseException | None] = (None, None)
 
     @property
     def binding(self) -> Binding:
@@ -444,7 +555,7 @@ class LearningLoop:
     def feedback(self, feedback: npt.NDArray[np.void]) -> None:
         self.learner.observe_feedback(feedback)
 
-    def tick(self, now: float) -> LinearFit | None:
+    def tick(self, now: float) -> Fit | None:
         """Refit and install if due and better; returns the installed fit, else None.
 
         A failed install (:class:`~kmlbus.bus.registry.ModelError`) propagates:
@@ -467,7 +578,7 @@ class LearningLoop:
         self._job.start()
         return None
 
-    def wait(self) -> LinearFit | None:
+    def wait(self) -> Fit | None:
         """Wait for a background refit, if one runs; its outcome as :meth:`tick` gives it."""
         job, self._job = self._job, None
         if job is None:
@@ -484,7 +595,7 @@ class LearningLoop:
         except Exception as e:  # handed to the daemon's thread by wait()
             self._outcome = (None, e)
 
-    def _refit(self) -> LinearFit | None:
+    def _refit(self) -> Fit | None:
         """Fit; install the fit unless the served model is estimated at least as good."""
         fit = self.learner.fit(self.min_samples)
         if fit is None:
@@ -557,8 +668,19 @@ class LearningLoop:
         """Recommendations to send in learning, where the kernel applies them only on its
         ``explore`` share: the model's *recs* moved by up to ``spread`` (:func:`perturb`),
         or, without them, values uniform over the recommendation's range for *keys*.
-        Empty when there is neither a model nor a bounded range to explore."""
+        Empty when there is neither a model nor a bounded range to explore.
+
+        A tree learner explores its candidate decisions instead (see
+        :meth:`Learner.candidates`): each key gets one drawn uniformly, or,
+        with the model's *recs*, half the keys keep the model's value
+        (on-policy: the states the served model creates stay in the data).
+        The choice is held for ``hold_s`` per key: a decision's measured effect
+        also depends on what its predecessors left in place (pages read ahead
+        by a large window make the next period fast whatever it decides), so
+        one stream keeps one window for several decisions in a row."""
         b = self.binding
+        if self.candidates is not None:
+            return self._explore_candidates(keys, recs, self.candidates)
         if recs is not None:
             return perturb(recs, b, self.rng, self.spread)
         if not b.bounded:
@@ -567,6 +689,34 @@ class LearningLoop:
         out["key"] = keys
         out["value"] = self.rng.integers(b.rec_min, b.rec_max, len(keys), endpoint=True)
         out["ttl_ms"] = b.ttl_ms
+        return out
+
+
+    def _explore_candidates(self, keys: npt.NDArray[np.integer],
+                            recs: npt.NDArray[np.void] | None, cands: F64) -> npt.NDArray[np.void]:
+        b = self.binding
+        if recs is None:
+            out = np.zeros(len(keys), dtype=codec.struct_dtype("rec"))
+            out["key"] = keys
+            out["ttl_ms"] = b.ttl_ms
+        else:
+            out = recs.copy()
+        k = out["key"].astype(np.int64)
+        out = out[k < len(self._until)]
+        k = k[k < len(self._until)]
+        now = self.clock()
+        due = self._until[k] <= now
+        if recs is None:  # nothing of the model's to keep: a held "model's" choice is void
+            due |= np.isnan(self._held[k])
+        if due.any():
+            kd = k[due]
+            explore = np.ones(len(kd), dtype=bool) if recs is None else \
+                self.rng.random(len(kd)) < 0.5
+            self._held[kd] = np.where(explore, self.rng.choice(cands, len(kd)), np.nan)
+            self._until[kd] = now + self.hold_s
+        v = self._held[k]
+        mine = ~np.isnan(v)
+        out["value"][mine] = np.clip(np.rint(v[mine] * b.out_scale), b.rec_min, b.rec_max)
         return out
 
 

@@ -13,7 +13,7 @@ table still estimates the served and the fitted policy, and scores shadows for
 maturity) and replaces only the fit: :func:`kmlbus.bus.treefit.fit_policy` over
 the streams, on the efficiency itself (0 is a real score here, not a floor).
 
-Selected per proxy with ``learner = "tree"`` in the bus configuration.
+Selected per proxy with ``learner = "choice"`` in the bus configuration.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -54,7 +55,7 @@ def _warm_up() -> None:
         import sklearn.ensemble
         import sklearn.tree  # noqa: F401
     except ImportError as e:
-        log.error('placefit: learner = "tree" needs scikit-learn and skl2onnx '
+        log.error('placefit: learner = "choice" needs scikit-learn and skl2onnx '
                   "(pip install 'kmlbus[learn]'): %s", e)
         return
     log.info(READY)
@@ -79,6 +80,10 @@ class TreeFit:
                              f"'value', the binding asks for {binding.input_name!r} and "
                              f"{binding.output_name!r}")
         return self.onnx
+
+    def describe(self) -> dict[str, Any]:
+        """What ``kmlbus status`` shows of this fit."""
+        return {"model": "choice", "predicted_gain": self.predicted_gain}
 
 
 def _run_onnx(data: bytes, x: F32) -> F64:
@@ -114,9 +119,9 @@ class PlaceLearner(Learner):
         self.max_rows = max_rows
         self.n_estimators = n_estimators
         threading.Thread(target=_warm_up, daemon=True, name="kmlbus-placefit-imports").start()
-        self.candidates = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
+        self.choices = np.arange(lo, hi + 1, dtype=np.float64) / binding.out_scale
 
-    def fit(self, min_samples: int = 256) -> TreeFit | None:  # type: ignore[override]
+    def fit(self, min_samples: int = 256) -> TreeFit | None:
         """Fit on the explored decisions (the model arm's); None while there are too few."""
         x, d, e, arm = self.data()
         explored = arm == _ARM_MODEL
@@ -127,7 +132,7 @@ class PlaceLearner(Learner):
         fitted = treefit.fit_policy(x[explored], d[explored], e[explored],
                                     lo=b.rec_min, hi=b.rec_max, max_depth=self.max_depth,
                                     max_rows=self.max_rows, n_estimators=self.n_estimators,
-                                    candidates=self.candidates, log_value=False)
+                                    candidates=self.choices, log_value=False)
         chosen = np.clip(np.rint(_run_onnx(fitted.onnx, x) * b.out_scale), b.rec_min, b.rec_max)
         est = t.estimate(x, chosen / b.out_scale)
         fit = TreeFit(fitted.onnx, fitted.n_samples, est, float(e.mean()), fitted.predicted_gain)

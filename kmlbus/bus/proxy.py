@@ -279,8 +279,7 @@ def _learning_status(loop: LearningLoop) -> dict[str, Any]:
         "samples": loop.learner.n_samples, "fits": loop.fits, "kept": loop.kept,
         "unmatched_dropped": loop.learner.unmatched_dropped,
         "last_fit": None if last is None else {
-            "weights": list(getattr(last, "weights", ())), "bias": getattr(last, "bias", None),
-            "samples": last.n_samples,
+            **last.describe(), "samples": last.n_samples,
             "estimated": last.estimated.efficiency, "coverage": last.estimated.coverage,
             "observed": last.observed},
     }

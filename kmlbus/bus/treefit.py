@@ -7,10 +7,17 @@ module fits such a policy in two steps, both with scikit-learn:
 
 1. a value model: a random forest predicting the log of the reported efficiency from
    (features, log2(1 + decision)), fitted on explored decisions;
-2. a policy: for every recorded feature vector, the candidate decision the
-   value model rates best, distilled into one decision tree from features to
-   decision, which skl2onnx exports as the served ONNX model (input
-   ``features`` float32 [N, F], output ``value`` float32 [N, 1]).
+2. a policy: for every recorded feature vector, the candidate decision (a
+   window class: *lo*, then powers of two up to *hi*) the value model rates
+   best, distilled into one decision tree from features to class, each leaf
+   answering the class most of its samples chose (never an average of two
+   classes: half-way between 0 and 8 MiB is good for nobody); skl2onnx exports
+   it as the served ONNX model (input ``features`` float32 [N, F], output
+   ``value`` float32 [N, 1], or the names the binding asks for).
+
+The features must describe the state independently of the decisions taken
+(the readahead proxy measures the reader's own accesses): a model fitted on
+explored decisions is then fed the same kind of states when it serves.
 
 ``python -m kmlbus.bus.treefit TRACE... -o MODEL.onnx [--proxy NAME]`` fits
 from traces the bus recorded (``[bus] trace``) in learning mode.
@@ -28,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Fitted", "candidate_windows", "fit_policy", "from_traces", "main"]
+__all__ = ["Fitted", "candidate_windows", "fit_policy", "fraction_range", "from_traces", "main",
+           "window_class"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -47,6 +55,13 @@ def candidate_windows(lo: int, hi: int) -> npt.NDArray[np.float64]:
     if out[-1] != hi:
         out.append(float(hi))
     return np.asarray(out)
+
+
+def window_class(decision: npt.ArrayLike, cands: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+    """Index of the candidate nearest to each decision on the log2(1 + d) scale."""
+    ld = np.log2(1.0 + np.maximum(np.asarray(decision, dtype=np.float64), 0.0))
+    lc = np.log2(1.0 + np.maximum(cands, 0.0))
+    return np.asarray(np.argmin(np.abs(ld[:, None] - lc[None, :]), axis=1), dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -68,7 +83,8 @@ def _value_features(x: F32, decision: npt.NDArray[np.float64]) -> F32:
 def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
                lo: int, hi: int, max_depth: int = 6, seed: int = 0,
                max_rows: int = 20000, candidates: npt.ArrayLike | None = None,
-               log_value: bool = True, n_estimators: int = 60) -> Fitted:
+               log_value: bool = True, n_estimators: int = 60, input_name: str = "features",
+               output_name: str = "value") -> Fitted:
     """Fit a value model on (x, decision) -> efficiency, distil its argmax into one tree.
 
     *x*: float32 [N, F] features as the model sees them; *decision*, *efficiency*:
@@ -108,34 +124,43 @@ def fit_policy(x: F32, decision: npt.ArrayLike, efficiency: npt.ArrayLike, *,
     cands = (candidate_windows(lo, hi) if candidates is None
              else np.asarray(candidates, dtype=np.float64))
     scores = np.stack([value.predict(_value_features(x, np.full(len(x), c))) for c in cands], axis=1)
-    best = cands[np.argmax(scores, axis=1)]
+    best = np.argmax(scores, axis=1)
+    # split on the log of the window (a class index), then answer each leaf's majority class
     policy = DecisionTreeRegressor(max_depth=max_depth, min_samples_leaf=10, random_state=seed)
-    policy.fit(x, best)
+    policy.fit(x, np.log2(1.0 + cands[best]))
+    leaf = policy.apply(x)
+    votes = np.zeros((policy.tree_.node_count, len(cands)))
+    np.add.at(votes, (leaf, best), 1.0)
+    for node in np.unique(leaf):
+        policy.tree_.value[node, 0, 0] = cands[int(np.argmax(votes[node]))]
     chosen = policy.predict(x)
     served = value.predict(_value_features(x, chosen))
     recorded = value.predict(_value_features(x, d))
     gain = float(np.exp(np.mean(served - recorded)) if log_value
                  else np.mean(served) / max(float(np.mean(recorded)), 1e-9))
 
-    onx = convert_sklearn(policy, initial_types=[("features", FloatTensorType([None, x.shape[1]]))],
+    onx = convert_sklearn(policy, initial_types=[(input_name, FloatTensorType([None, x.shape[1]]))],
                           target_opset={"": 13, "ai.onnx.ml": 3})
     out = onx.graph.output[0]
     old = out.name
     for node in onx.graph.node:
-        node.output[:] = ["value" if o == old else o for o in node.output]
-    out.name = "value"
+        node.output[:] = [output_name if o == old else o for o in node.output]
+    out.name = output_name
     onx.doc_string = (f"treefit policy: depth {max_depth} tree distilled from a random forest of "
                       f"efficiency on {len(x)} explored decisions; candidates {cands.tolist()}")
     return Fitted(onx.SerializeToString(), len(x), gain)
 
 
-def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool = True
+def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool = True,
+                rows: tuple[float, float] = (0.0, 1.0)
                 ) -> tuple[F32, npt.NDArray[np.float64], npt.NDArray[np.float64], int, int]:
     """(features as floats, decisions, efficiencies, rec min, rec max) of *proxy* in recorded traces.
 
     Telemetry and feedback are joined by sequence number; with *explored_only*
     only decisions the kernel took from the bus's exploration (flag explored)
     or by the model arm count, so the decision varies independently of the state.
+    *rows* = (a, b): only the part of each trace's rows from fraction *a* to *b*
+    of them, in decision order (fit on the first half, replay on the second).
     """
     from kmlbus.bus import tracefile as traces
     from kmlbus.contract import spec
@@ -154,11 +179,24 @@ def from_traces(paths: Sequence[str | Path], proxy: str, *, explored_only: bool 
         if explored_only:
             keep = (t["flags"] & explored_flag) != 0
             t, f = t[keep], f[keep]
+        a, b = int(rows[0] * len(t)), int(rows[1] * len(t))
+        t, f = t[a:b], f[a:b]
         scale = np.array([max(fs.scale, 1) for fs in schema.features], dtype=np.float64)
         xs.append((t["features"][:, :len(scale)] / scale).astype(np.float32))
         ds.append(f["decision"].astype(np.float64))
         es.append(f["efficiency"].astype(np.float64) / max(schema.efficiency_scale, 1))
     return np.concatenate(xs), np.concatenate(ds), np.concatenate(es), lo, hi
+
+
+def fraction_range(text: str) -> tuple[float, float]:
+    """``A:B`` with 0 <= A < B <= 1, for ``--rows``."""
+    try:
+        a, b = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected A:B (fractions), found {text!r}") from None
+    if not 0.0 <= a < b <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected 0 <= A < B <= 1, found {text!r}")
+    return a, b
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -170,8 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--all-decisions", action="store_true",
                     help="fit on every decision, not only explored ones")
     ap.add_argument("--max-depth", type=int, default=6)
+    ap.add_argument("--rows", type=fraction_range, default=(0.0, 1.0), metavar="A:B",
+                    help="fit on this part of each trace's decisions (fractions, e.g. 0:0.5)")
     args = ap.parse_args(argv)
-    x, d, e, lo, hi = from_traces(args.traces, args.proxy, explored_only=not args.all_decisions)
+    x, d, e, lo, hi = from_traces(args.traces, args.proxy, explored_only=not args.all_decisions,
+                                  rows=args.rows)
     fitted = fit_policy(x, d, e, lo=lo, hi=hi, max_depth=args.max_depth)
     from kmlbus.bus import atomic
 

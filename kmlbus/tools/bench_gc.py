@@ -16,7 +16,7 @@ printed, never asserted.
 
 The ``learned`` policy is cost-benefit + hot-cold streams (the best human-made
 pair) with a bus: a fresh ``kmlbus run`` starts after the fill with its
-placement proxy set to learn from scratch (``learner = "tree"``,
+placement proxy set to learn from scratch (``learner = "choice"``,
 :mod:`kmlbus.bus.placefit`), so the measured phase includes its exploration in
 learning and whatever climb the mode machine allows on evidence.  The PNG
 shows cumulative WA against logical sizes written for the first repetition of
@@ -166,7 +166,7 @@ class _Bus:
         work = Path(self.dir.name)
         (work / "bus.toml").write_text(
             "[bus]\nttl_ms = 2000\nlatency_budget_ms = 1000\n"
-            f'[proxy."{proxy}"]\nlearn = true\nlearner = "tree"\nlearn_every_s = 5\n',
+            f'[proxy."{proxy}"]\nlearn = true\nlearner = "choice"\nlearn_every_s = 5\n',
             encoding="utf-8")
         self.log = log_to if log_to is not None else work / "bus.log"
         self.log_from = self.log.stat().st_size if self.log.exists() else 0  # this bus's part

@@ -64,7 +64,10 @@ _JOBS = {
     "rand_mmap": ("rand", "randread", "4k", "mmap"),
 }
 DEV = "nullb0"
-RA_FEATURES = 8
+#: the policy name of the bus that learns live and climbs through the modes
+LIVE = "proxy learned live"
+#: features of proxy ``readahead`` (seq first; see kernel/readahead/kmlbus_readahead.c)
+RA_FEATURES = 5
 
 
 def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]:
@@ -81,7 +84,8 @@ def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]
 def rule_model() -> onnx.ModelProto:
     """Hand-written baseline (never a served learned model): 8 MiB if seq >= 0.5, else 0.
 
-    Input float32 [N, 8] in the proxy's feature order (seq first), output float32 [N, 1] pages.
+    Input float32 [N, RA_FEATURES] in the proxy's feature order (seq first), output float32
+    [N, 1] pages.
     """
     pick = [[1.0]] + [[0.0]] * (RA_FEATURES - 1)
     graph = helper.make_graph(
@@ -127,6 +131,8 @@ class Results:
     runs: dict[tuple[str, str, str, str], list[float]]
     #: device -> proxy policy -> ns per decision spent in the proxy's entry handler
     decide_ns: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: device -> the mode the live learner had reached when it was measured
+    reached: dict[str, str] = field(default_factory=dict)
 
     def add(self, device: str, policy: str, workload: str, got: dict[str, float]) -> None:
         for stream, mibs in got.items():
@@ -134,21 +140,23 @@ class Results:
 
 
 @contextmanager
-def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
+def _daemon(work: Path, proxy_body: str, mode: str | None, *, ttl_ms: int = 5000,
             trace: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
-    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*."""
+    """``kmlbus run`` with ``[proxy.readahead]`` *proxy_body*, the proxy pinned in *mode*
+    (None: not pinned, the bus moves it on evidence; returns once it is attached)."""
     from kmlbus.bus import pins
     from kmlbus.contract import spec
     from kmlbus.wire import netlink
 
-    want = spec.load().enums["mode"].value(mode)
+    want = None if mode is None else spec.load().enums["mode"].value(mode)
     bus = f"[bus]\nttl_ms = {ttl_ms}\nlatency_budget_ms = 1000\n"
     if trace is not None:
         bus += f'trace = "{trace}"\n'
     (work / "bus.toml").write_text(f"{bus}\n[proxy.readahead]\n{proxy_body}")
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     os.environ["KMLBUS_STATE"] = env["KMLBUS_STATE"]
-    pins.pin("readahead", mode)
+    if mode is not None:
+        pins.pin("readahead", mode)
     log = open(work / "bus.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", str(work / "bus.toml")],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -160,7 +168,7 @@ def _daemon(work: Path, proxy_body: str, mode: str, *, ttl_ms: int = 5000,
                                    f"{(work / 'bus.log').read_text()[-2000:]}")
             with netlink.Connection() as c:
                 p = c.proxy("readahead")
-            if p["bus-portid"] and p["mode"] == want:
+            if p["bus-portid"] and (want is None or p["mode"] == want):
                 break
             if time.monotonic() > end:
                 raise RuntimeError(f"the bus did not take proxy readahead to {mode}: {p}")
@@ -190,19 +198,49 @@ def _decide_stats() -> tuple[int, int]:
     return int(kv["decisions"]), int(kv["decide_ns"])
 
 
+def _mode() -> str:
+    """The readahead proxy's mode, as the kernel has it."""
+    from kmlbus.contract import spec
+    from kmlbus.wire.netlink import Connection
+
+    with Connection() as c:
+        return spec.load().enums["mode"].name_of(int(c.proxy("readahead")["mode"]))
+
+
+def _climb(files: dict[str, Path], runtime: float, limit_s: float,
+           say: Callable[[str], None], label: str) -> str:
+    """Run the mixed, random mmap and sequential workloads in turn until the bus has taken
+    the proxy to recommendation on its evidence, or *limit_s* passed; the mode reached."""
+    t0 = time.monotonic()
+    mode = _mode()
+    while mode != "recommendation" and time.monotonic() - t0 < limit_s:
+        for wl in ("mixed", "rand_mmap", "seq4k"):
+            _run_fio(wl, files, runtime)
+        mode = _mode()
+        say(f"{label} climbing: {mode} after {time.monotonic() - t0:.0f} s")
+    return mode
+
+
 def _show(got: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:7.1f}" for k, v in got.items())
 
 
 def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], reps: int,
                runtime: float, res: Results, say: Callable[[str], None], *,
-               models: dict[str, bytes], collect: Path | None = None) -> None:
+               models: dict[str, bytes], collect: Path | None = None,
+               live: Path | None = None, climb_s: float = 600.0) -> None:
     """Every policy on one null_blk set-up, into *res*.
 
     *models*: proxy policy name -> ONNX model the bus serves in recommendation.
+    With *live* (a trace path), also ``proxy learned live``: a bus that learns
+    (``learner = "tree"``) with no model and no pin; the workloads run in turn
+    until it has taken the proxy to recommendation on the kernel's evidence
+    (at most *climb_s*), then are measured like the others, in the mode reached;
+    its trace (modes over time) goes to *live*.
     With *collect*, only the proxy runs, in learning with every decision
-    explored by the bus (``learn = true``, ``explore = 1000``), recorded to
-    the trace *collect* for `kmlbus.bus.treefit`.
+    explored by the bus (``learn = true``, ``learner = "tree"``: windows drawn
+    uniformly from 0 and the powers of two up to 8 MiB, ``explore = 1000``),
+    recorded to the trace *collect* for `kmlbus.bus.treefit`.
     """
     from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
     from kmlbus.vm.kernels import project_root
@@ -223,35 +261,54 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
         insmod(KMLBUS_KO)
         try:
             insmod(ra_ko, devices=DEV)
-            runs: list[tuple[str, str, str, Path | None]] = []
+            runs: list[tuple[str, str, str | None, Path | None]] = []
             if collect is not None:
-                runs.append(("explore", "learn = true\nexplore = 1000\nlearn_every_s = 1000000\n",
+                runs.append(("explore", 'learn = true\nlearner = "tree"\nexplore = 1000\n'
+                             "learn_every_s = 1000000\n",
                              "learning", collect))
             else:
                 runs += [(name, 'model = "model.onnx"\n', "recommendation", None) for name in models]
+                if live is not None:
+                    runs.append((LIVE, 'learn = true\nlearner = "tree"\nexplore = 300\n'
+                                 "learn_every_s = 10\n", None, live))
             for name, body, mode, trace in runs:
-                work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
-                if name in models:
-                    (work / "model.onnx").write_bytes(models[name])
-                with _daemon(work, body, mode, trace=trace):
-                    c0, s0 = _counters(), _decide_stats()
-                    for rep in range(reps):
-                        for wl in WORKLOADS:
-                            got = _run_fio(wl, files, runtime)
-                            res.add(device, name, wl, got)
-                            say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}")
-                    c1, s1 = _counters(), _decide_stats()
-                n = max(s1[0] - s0[0], 1)
-                say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
-                    f"default {c1['decisions-default'] - c0['decisions-default']}, "
-                    f"telemetry drops {c1['drops'] - c0['drops']}; "
-                    f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
-                res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
-                shutil.rmtree(work, ignore_errors=True)
+                try:
+                    _measure_proxy(device, name, body, mode, trace, models.get(name), files,
+                                   reps, runtime, res, say, climb_s)
+                except RuntimeError as e:  # a bus that died: say so, measure the rest
+                    say(f"{device} {name}: not measured: {e}")
         finally:
             for name in ("kmlbus_readahead", "kmlbus"):
                 if is_loaded(name):
                     rmmod(name)
+
+
+def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: Path | None,
+                   model: bytes | None, files: dict[str, Path], reps: int, runtime: float,
+                   res: Results, say: Callable[[str], None], climb_s: float) -> None:
+    """One proxy policy: its bus, (for the live learner) the climb, then the workloads."""
+    work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
+    if model is not None:
+        (work / "model.onnx").write_bytes(model)
+    with _daemon(work, body, mode, trace=trace):
+        if mode is None:
+            res.reached[device] = _climb(files, runtime, climb_s, say,
+                                         f"{device} {name}")
+        c0, s0 = _counters(), _decide_stats()
+        for rep in range(reps):
+            for wl in WORKLOADS:
+                got = _run_fio(wl, files, runtime)
+                res.add(device, name, wl, got)
+                say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
+                    + (f"  [{_mode()}]" if mode is None else ""))
+        c1, s1 = _counters(), _decide_stats()
+    n = max(s1[0] - s0[0], 1)
+    say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
+        f"default {c1['decisions-default'] - c0['decisions-default']}, "
+        f"telemetry drops {c1['drops'] - c0['drops']}; "
+        f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
+    res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
+    shutil.rmtree(work, ignore_errors=True)
 
 
 # ---- the table ---------------------------------------------------------------------------
@@ -305,14 +362,75 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
         for p in proxies:
             g = _mixed_gain(res, dev, p)
             lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        if dev in res.reached:
+            lines.append(f"{LIVE}: learned from the kernel's feedback with no model and no pin; "
+                         f"measured in {res.reached[dev]}")
         for p, ns in res.decide_ns.get(dev, {}).items():
             lines.append(f"decision cost, {p}: {ns:.0f} ns per decision in the entry handler "
                          "(stock: 0; the kretprobe trap and the return handler come on top)")
     return "\n".join(lines)
 
 
+def load_results(path: str | Path) -> tuple[Results, list[int]]:
+    """The :class:`Results` and grid a ``--json`` file holds."""
+    data = json.loads(Path(path).read_text())
+    res = Results({}, reached=dict(data.get("reached", {})))
+    for r in data["runs"]:
+        res.runs[(r["device"], r["policy"], r["workload"], r["stream"])] = list(r["mibs"])
+    return res, list(data["grid"])
+
+
+def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> Path:
+    """The benchmark as a PNG: per device, each stream's median MiB/s under every policy as a
+    ratio to the default (the grid's best is the oracle), and, with *live*, the live learner's
+    mode over time from its trace (:mod:`kmlbus.tools.plot`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kmlbus.tools import plot
+
+    res, grid = load_results(json_path)
+    devices = sorted({k[0] for k in res.runs}, key=list(DEVICES).index)
+    policies = [f"static {kb}" for kb in grid] + sorted(
+        {k[1] for k in res.runs if not k[1].startswith("static ")})
+    streams = [(wl, st) for wl, sts in WORKLOADS.items() for st in sts]
+    runs = {d: Path(f"{live}.{d}") for d in devices} if live else {}
+    runs = {d: p for d, p in runs.items() if p.exists()}
+    fig = Figure(figsize=(12, 4.2 * len(devices) + 2.6 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(devices) + len(runs), 1, squeeze=False)[:, 0]
+    width = 0.8 / len(policies)
+    for ax, dev in zip(axes, devices):
+        for i, pol in enumerate(policies):
+            ys = []
+            for wl, st in streams:
+                base = _med(res.runs.get((dev, f"static {DEFAULT_KB}", wl, st), []))
+                ys.append(_med(res.runs.get((dev, pol, wl, st), [])) / base)
+            ax.bar(np.arange(len(streams)) + (i - len(policies) / 2 + 0.5) * width, ys, width,
+                   label=pol + (" KiB" if pol.startswith("static") else ""))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(np.arange(len(streams)), [f"{wl}\n{st}" if wl == "mixed" else wl
+                                                for wl, st in streams])
+        ax.set_ylabel("MiB/s / default (median)")
+        ax.set_title(f"readahead, null_blk {dev}: throughput per stream, ratio to the default "
+                     f"{DEFAULT_KB} KiB")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax, (dev, path) in zip(axes[len(devices):], runs.items()):
+        run = plot.load_run(path, "readahead")
+        plot.mode_panel(ax, run)
+        ax.set_xlabel("seconds since the live learner's bus started recording")
+        ax.set_title(f"{LIVE}, {dev}: the proxy's mode over time (bus learning from the "
+                     f"kernel's feedback, no pin)")
+    FigureCanvasAgg(fig)
+    fig.savefig(Path(out), format="png", dpi=110)
+    return Path(out)
+
+
 def _guest_main(args: argparse.Namespace) -> int:
-    grid = QUICK_GRID_KB if args.quick else GRID_KB
+    grid = args.grid or (QUICK_GRID_KB if args.quick else GRID_KB)
+    if DEFAULT_KB not in grid:
+        print(f"bench_readahead: --grid must hold the default {DEFAULT_KB} KiB", file=sys.stderr)
+        return 2
     reps = args.reps if args.reps is not None else (1 if args.quick else 5)
     runtime = args.runtime if args.runtime is not None else 1.5
     res = Results({})
@@ -321,19 +439,25 @@ def _guest_main(args: argparse.Namespace) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - t0:7.1f} s] {line}", flush=True)
 
-    devices = list(DEVICES)[:1] if args.quick and not args.all_devices else list(DEVICES)
+    devices = args.device or (list(DEVICES)[:1] if args.quick and not args.all_devices
+                              else list(DEVICES))
     models = {"proxy rule": rule_model().SerializeToString()}
     if args.model:
         models["proxy learned"] = Path(args.model).read_bytes()
     for dev in devices:
         lat, mbps = DEVICES[dev]
         collect = None if args.collect is None else Path(f"{args.collect}.{dev}").resolve()
-        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect)
+        live = None if not args.live else Path(f"{args.live}.{dev}").resolve()
+        if live is not None:
+            live.unlink(missing_ok=True)
+        run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect,
+                   live=live, climb_s=args.climb_s)
     print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
-             for (d, p, w, s), v in res.runs.items()], indent=1))
+            {"grid": list(grid), "reached": res.reached,
+             "runs": [{"device": d, "policy": p, "workload": w, "stream": s, "mibs": v}
+                      for (d, p, w, s), v in res.runs.items()]}, indent=1))
     print(f"\n{reps} repetition(s), fio runtime {runtime:g} s, grid {list(grid)} KiB; "
           f"total {time.monotonic() - t0:.0f} s in the guest (TCG: compare ratios, not MiB/s)")
     return 0
@@ -346,26 +470,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="CI variant: the 2 ms device, grid 0/128/8192 KiB, 1 repetition")
     ap.add_argument("--all-devices", action="store_true", help="with --quick: both devices")
+    ap.add_argument("--device", action="append", choices=list(DEVICES),
+                    help="only this null_blk set-up (repeatable; default: both)")
     ap.add_argument("--runtime", type=float, help="seconds per fio run (default 1.5)")
+    ap.add_argument("--grid", type=lambda t: tuple(int(v) for v in t.split(",")),
+                    help=f"static read_ahead_kb settings, comma-separated (default "
+                         f"{','.join(map(str, GRID_KB))}; must hold {DEFAULT_KB})")
     ap.add_argument("--json", help="also write every sample to this JSON file")
     ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
+    ap.add_argument("--live", metavar="TRACE",
+                    help="also a bus that learns live and climbs through the modes on evidence "
+                         f"(policy '{LIVE}'); its traces go to TRACE.<device>")
+    ap.add_argument("--climb-s", type=float, default=600.0,
+                    help="longest time the live learner gets to reach recommendation (default 600)")
+    ap.add_argument("--png", help="draw the results (and the live learner's modes) to this PNG; "
+                                  "needs --json")
     ap.add_argument("--collect", metavar="TRACE",
                     help="instead: run the workloads with the bus exploring in learning, record "
                          "traces TRACE.<device> for python -m kmlbus.bus.treefit")
+    ap.add_argument("--kver", help="kernel release the VM boots (default: newest installed)")
     ap.add_argument("--here", action="store_true", help="run in this kernel (root, modules loadable)")
     args = ap.parse_args(argv)
     if shutil.which("fio") is None:
         print("bench_readahead: fio not found: apt-get install -y fio", file=sys.stderr)
         return 2
+    if args.png and not args.json:
+        ap.error("--png needs --json (the picture is drawn from it)")
     if args.here or (Path("/proc/modules").exists() and os.geteuid() == 0):
-        return _guest_main(args)
+        rc = _guest_main(args)
+        if rc == 0 and args.png and not args.here:
+            print(f"bench_readahead: {draw(args.json, args.png, live=args.live)}")
+        return rc
     from kmlbus import vm
 
     print("bench_readahead: this kernel cannot load modules; booting the Debian kernel under QEMU",
           flush=True)
     fwd = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--here"]
-    return vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
-                  memory="3G", timeout=3600 if not args.quick else 900)
+    rc = vm.run([sys.executable, "-m", "kmlbus.tools.bench_readahead", "--here", *fwd],
+                kver=args.kver, memory="3G", timeout=3600 if not args.quick else 900)
+    if rc == 0 and args.png and args.json:
+        print(f"bench_readahead: {draw(args.json, args.png, live=args.live)}")
+    return rc
 
 
 if __name__ == "__main__":

@@ -113,8 +113,12 @@ def _learning_line(learning: dict[str, Any]) -> str:
             f"kept back, {learning.get('samples', 0)} samples")
     last = learning.get("last_fit")
     if last:
-        w = ", ".join(f"{x:.2f}" for x in last.get("weights", []))
-        line += (f"; last fit: weights [{w}] bias {last.get('bias', 0.0):.2f}, estimated "
+        if last.get("model") == "tree":
+            what = f"tree (value model's gain {last.get('predicted_gain', 0.0):.2f}x)"
+        else:
+            w = ", ".join(f"{x:.2f}" for x in last.get("weights", []))
+            what = f"weights [{w}] bias {last.get('bias', 0.0):.2f}"
+        line += (f"; last fit: {what}, estimated "
                  f"{last.get('estimated', 0.0):.3f} (observed {last.get('observed', 0.0):.3f})")
     return line
 

@@ -14,15 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from kmlbus.bus.config import ProxyConfig, bind
 from kmlbus.bus.fixedpoint import features_to_float, to_fixed
-from kmlbus.bus.learner import EfficiencyTable, Estimate, Learner
+from kmlbus.bus.learner import EfficiencyTable, Estimate, Learner, LinearFit
 from kmlbus.bus.registry import ModelError, check_session, make_session
 from kmlbus.bus.tracefile import TraceError, collect, open_trace
 from kmlbus.contract import spec as _spec
 
-__all__ = ["Evaluation", "evaluate", "learn", "main", "summary"]
+__all__ = ["Evaluation", "Replay", "evaluate", "learn", "main", "replay", "summary"]
 
 def learn(path: str | os.PathLike[str], *, proxy: str | None = None,
           config: ProxyConfig | None = None, **learner_options: Any) -> Learner:
@@ -140,6 +141,76 @@ def evaluate(path: str | os.PathLike[str], model: bytes | str | os.PathLike[str]
                       int(is_def.sum()), default_est, rec_model, int((~is_def).sum()))
 
 
+@dataclass(frozen=True)
+class Replay:
+    """A policy's efficiency on explored decisions it would have taken (see :func:`replay`)."""
+
+    policy: str
+    #: explored decisions whose window class the policy would have chosen, of all
+    matched: int
+    rows: int
+    #: geometric mean of their efficiencies (real units), NaN without a match
+    geomean: float
+
+
+def replay(x: npt.NDArray[np.float32], d: npt.NDArray[np.float64], e: npt.NDArray[np.float64],
+           policies: dict[str, npt.NDArray[np.float64]], cands: npt.NDArray[np.float64]
+           ) -> list[Replay]:
+    """Estimate each policy from decisions explored uniformly over the window classes *cands*.
+
+    *policies*: name -> the decision the policy takes for each row of *x*.  When
+    the explored decision was drawn independently of the state, the explored
+    decisions that fall in the class the policy would choose are a random
+    sample of the states, each decided as the policy decides: the geometric
+    mean of their efficiencies estimates the policy's, without a model of the
+    efficiency (a matching, or rejection-sampling, estimator; its error is that
+    of a mean over ``matched`` rows).  Geometric, because efficiencies of a
+    sequential and a random reader differ by orders of magnitude.
+    """
+    from kmlbus.bus.treefit import window_class
+
+    got = window_class(d, cands)
+    out = []
+    for name, pd in policies.items():
+        m = window_class(pd, cands) == got
+        ok = m & (e > 0)
+        g = float(np.exp(np.mean(np.log(e[ok])))) if ok.any() else float("nan")
+        out.append(Replay(name, int(m.sum()), len(x), g))
+    return out
+
+
+def _replay_main(args: Any) -> int:
+    """``replay``: policies on the explored decisions of traces, overall and per group."""
+    from kmlbus.bus.treefit import candidate_windows, from_traces
+
+    x, d, e, lo, hi = from_traces(args.traces, args.proxy, rows=args.rows)
+    cands = candidate_windows(lo, hi)
+    names = [f.name for f in collect(args.traces[0], args.proxy)[2].features]
+    policies: dict[str, npt.NDArray[np.float64]] = {
+        f"static {v}": np.full(len(x), float(v)) for v in args.static}
+    for path in args.model:
+        sess = make_session(args.proxy, Path(path).read_bytes())
+        (y,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        policies[Path(path).name] = np.asarray(y, dtype=np.float64).reshape(-1)
+    groups: dict[str, npt.NDArray[np.bool_]] = {"all": np.ones(len(x), dtype=bool)}
+    for feat in args.by:
+        j = names.index(feat)
+        groups[f"{feat} >= 0.5"] = x[:, j] >= 0.5
+        groups[f"{feat} < 0.5"] = x[:, j] < 0.5
+    base = next(iter(policies))
+    print(f"{len(x)} explored decisions of proxy {args.proxy} (rows {args.rows[0]:g}:"
+          f"{args.rows[1]:g} of each trace), {len(cands)} window classes; geometric mean "
+          f"efficiency of the decisions each policy would have taken, x = ratio to {base}")
+    for gname, g in groups.items():
+        res = replay(x[g], d[g], e[g], {k: v[g] for k, v in policies.items()}, cands)
+        ref = res[0].geomean
+        print(f"  {gname} ({int(g.sum())} rows)")
+        for r in res:
+            print(f"    {r.policy:<28} {r.geomean:10.3f} {r.geomean / ref:6.2f}x  "
+                  f"({r.matched} matched)")
+    return 0
+
+
 def summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts per proxy and kind, rows, and the time span of a trace."""
     reader = open_trace(path)
@@ -167,12 +238,24 @@ def main(argv: Iterable[str] | None = None) -> int:
     import sys
 
     from kmlbus.bus import config as _config
+    from kmlbus.bus.treefit import fraction_range
 
     ap = argparse.ArgumentParser(prog="python -m kmlbus.tools.offline",
                                  description="Inspect kmlbus traces, evaluate and fit models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("show", help="counts per proxy and kind")
     s.add_argument("trace")
+    s = sub.add_parser("replay", help="policies' efficiency on decisions explored over window "
+                                      "classes (learner = \"tree\" traces)")
+    s.add_argument("traces", nargs="+")
+    s.add_argument("--proxy", default="readahead")
+    s.add_argument("--static", type=int, action="append", default=[],
+                   help="a constant decision to replay (first one: the reference); repeatable")
+    s.add_argument("--model", action="append", default=[], help="an ONNX policy; repeatable")
+    s.add_argument("--by", action="append", default=[],
+                   help="also per group of a feature above/below 0.5; repeatable")
+    s.add_argument("--rows", type=fraction_range, default=(0.0, 1.0), metavar="A:B",
+                   help="only this part of each trace's decisions (e.g. 0.5:1)")
     for name, hlp in (("evaluate", "estimate a model's efficiency on the trace"),
                       ("fit", "fit a linear model from the trace's feedback")):
         s = sub.add_parser(name, help=hlp)
@@ -186,6 +269,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         if args.cmd == "show":
             print(json.dumps(summary(args.trace), indent=2))
             return 0
+        if args.cmd == "replay":
+            if not args.static and not args.model:
+                ap.error("replay: give at least one --static or --model policy")
+            return _replay_main(args)
         pc = None
         if args.config:
             c = _config.load(args.config)
@@ -196,7 +283,7 @@ def main(argv: Iterable[str] | None = None) -> int:
             return 0
         learner = learn(args.trace, proxy=args.proxy, config=pc)
         fit = learner.fit()
-        if fit is None:
+        if not isinstance(fit, LinearFit):
             print(f"{args.trace}: only {learner.n_samples} joined decisions; need 256 to fit")
             return 1
         from kmlbus.bus import models as _models
@@ -209,7 +296,7 @@ def main(argv: Iterable[str] | None = None) -> int:
               f"({learner.binding.feature_names}) from {fit.n_samples} decisions")
         print(evaluate(args.trace, out, proxy=learner.binding.proxy, config=pc))
         return 0
-    except (TraceError, ModelError, _config.ConfigError) as e:
+    except (TraceError, ModelError, _config.ConfigError, ValueError) as e:
         print(f"kmlbus traces: {e}", file=sys.stderr)
         return 1
 

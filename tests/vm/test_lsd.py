@@ -370,7 +370,7 @@ def test_io_goes_on_while_the_bus_is_frozen_then_killed(lsd_module: int) -> None
 
 def test_the_bus_learns_a_placement_from_death_times_and_the_data_stays_intact(
         lsd_module: int, tmp_path: Path) -> None:
-    """``kmlbus run`` with ``learner = "tree"`` on the placement proxy and no model: it explores
+    """``kmlbus run`` with ``learner = "choice"`` on the placement proxy and no model: it explores
     in learning, fits a tree from the kernel's death-time feedback, installs it, and the
     model's placements reach the target, while fio verifies every pass it writes."""
     from .busproc import START_S, wait_for
@@ -381,7 +381,7 @@ def test_the_bus_learns_a_placement_from_death_times_and_the_data_stays_intact(
     work.mkdir()
     (work / "bus.toml").write_text(
         "[bus]\nttl_ms = 2000\nlatency_budget_ms = 1000\n"
-        f'[proxy."{place}"]\nlearn = true\nlearner = "tree"\nexplore = 200\nlearn_every_s = 3\n')
+        f'[proxy."{place}"]\nlearn = true\nlearner = "choice"\nexplore = 200\nlearn_every_s = 3\n')
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     hot = ("--random_distribution=zoned:90/10:10/90",)  # a hot tenth: its blocks die young
     with open(work / "bus.log", "wb") as log:

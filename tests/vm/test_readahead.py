@@ -44,7 +44,7 @@ SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
 REASON = SPEC.enums["reason"]
 KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
-PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault")
+PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault", "filemap_read")
 
 
 @dataclass(frozen=True)

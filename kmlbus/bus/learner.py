@@ -217,12 +217,14 @@ class TreeFit:
     observed: float
     #: the value model's opinion of the policy over the explored decisions (a ratio)
     predicted_gain: float
+    #: the ``learner`` that made it (``tree`` or ``choice``), shown in status
+    model: str = "tree"
 
     def to_onnx(self, binding: Binding) -> bytes:
         return self.onnx
 
     def describe(self) -> dict[str, Any]:
-        return {"model": "tree", "predicted_gain": self.predicted_gain}
+        return {"model": self.model, "predicted_gain": self.predicted_gain}
 
 
 @dataclass(frozen=True)

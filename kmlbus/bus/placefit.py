@@ -20,19 +20,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from kmlbus.contract import spec as _spec
 
-from . import treefit
+from . import models, treefit
 from .config import Binding
-from .learner import Estimate, Learner
+from .learner import Learner, TreeFit
 
-__all__ = ["READY", "PlaceLearner", "TreeFit"]
+__all__ = ["READY", "PlaceLearner"]
 
 log = logging.getLogger(__name__)
 log.addHandler(logging.NullHandler())
@@ -61,36 +59,11 @@ def _warm_up() -> None:
     log.info(READY)
 
 
-@dataclass(frozen=True)
-class TreeFit:
-    """A fitted tree policy (what :class:`~kmlbus.bus.learner.LearningLoop` installs)."""
-
-    onnx: bytes
-    n_samples: int
-    #: in-sample estimate of the fitted policy (from the learner's table) and the observed mean
-    estimated: Estimate
-    observed: float
-    #: the value model's predicted efficiency of the policy over the recorded decisions'
-    predicted_gain: float
-
-    def to_onnx(self, binding: Binding) -> bytes:
-        """The serialized model; its tensors are ``features`` and ``value``."""
-        if binding.input_name not in (None, "features") or binding.output_name not in (None, "value"):
-            raise ValueError(f"proxy {binding.proxy}: a tree policy's tensors are 'features' and "
-                             f"'value', the binding asks for {binding.input_name!r} and "
-                             f"{binding.output_name!r}")
-        return self.onnx
-
-    def describe(self) -> dict[str, Any]:
-        """What ``kmlbus status`` shows of this fit."""
-        return {"model": "choice", "predicted_gain": self.predicted_gain}
-
-
 def _run_onnx(data: bytes, x: F32) -> F64:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    (y,) = sess.run(["value"], {"features": np.ascontiguousarray(x, dtype=np.float32)})
+    (y,) = sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})
     return np.asarray(y, dtype=np.float64).reshape(-1)
 
 
@@ -132,10 +105,13 @@ class PlaceLearner(Learner):
         fitted = treefit.fit_policy(x[explored], d[explored], e[explored],
                                     lo=b.rec_min, hi=b.rec_max, max_depth=self.max_depth,
                                     max_rows=self.max_rows, n_estimators=self.n_estimators,
-                                    candidates=self.choices, log_value=False)
+                                    candidates=self.choices, log_value=False,
+                                    input_name=b.input_name or models.INPUT_NAME,
+                                    output_name=b.output_name or models.OUTPUT_NAME)
         chosen = np.clip(np.rint(_run_onnx(fitted.onnx, x) * b.out_scale), b.rec_min, b.rec_max)
         est = t.estimate(x, chosen / b.out_scale)
-        fit = TreeFit(fitted.onnx, fitted.n_samples, est, float(e.mean()), fitted.predicted_gain)
+        fit = TreeFit(fitted.onnx, fitted.n_samples, est, float(e.mean()), fitted.predicted_gain,
+                      model="choice")
         log.info("proxy %s: tree placement fitted on %d explored decisions, estimated %.3f "
                  "(observed %.3f, value model's gain %.2fx)", b.proxy, fitted.n_samples,
                  est.efficiency, fit.observed, fitted.predicted_gain)

@@ -49,7 +49,10 @@ def test_the_guides_module_builds_loads_and_takes_the_models_recommendations(
         kmlbus_module: int, tmp_path: Path) -> None:
     for name, text in file_blocks(GUIDE).items():
         (tmp_path / name).write_text(text, encoding="utf-8")
-    env = dict(os.environ, K=str(project_root() / "kernel"))
+    # the guide's commands run in its own folder: kmlbus must import from there as an installed
+    # package would, whether this checkout is installed or only on the test's path
+    path = os.pathsep.join(p for p in (str(project_root()), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, K=str(project_root() / "kernel"), PYTHONPATH=path)
     build = subprocess.run(["sh", "build.sh"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -62,11 +65,12 @@ def test_the_guides_module_builds_loads_and_takes_the_models_recommendations(
         assert p is not None and mode(p) == "emergency" and p["nkeys"] == 16
         assert [f["name"] for f in p["feature"]] == ["load"]
         assert p["recommendation"] == {"name": "window", "scale": 1, "min": 1, "max": 64}
-        subprocess.run([sys.executable, "make_model.py"], cwd=tmp_path, check=True, timeout=600)
+        subprocess.run([sys.executable, "make_model.py"], cwd=tmp_path, env=env, check=True,
+                       timeout=600)
         with open(log, "wb") as out:
             bus = subprocess.Popen([sys.executable, "-m", "kmlbus", "run", "--config", "hello.toml"],
                                    cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, KMLBUS_STATE=str(tmp_path / "state.json")))
+                                   env=dict(env, KMLBUS_STATE=str(tmp_path / "state.json")))
         end = time.monotonic() + CLIMB_S
         seen: set[str] = set()
         while True:

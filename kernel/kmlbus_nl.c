@@ -114,36 +114,64 @@ cancel:
 	return -EMSGSIZE;
 }
 
+/*
+ * Start an event on the events group: the header, the proxy's id and name,
+ * with room for @n_u32 more u32 attributes.  NULL when nobody listens or on
+ * allocation failure (events are best effort; mode-seq lets a listener see a
+ * gap).  Process context only: GFP_KERNEL.
+ */
+static struct sk_buff *event_start(struct kml_proxy *p, u8 cmd, int n_u32,
+				   void **hdr)
+{
+	struct sk_buff *skb;
+
+	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
+		return NULL;
+	skb = genlmsg_new((n_u32 + 1) * nla_total_size(sizeof(u32)) +
+			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
+	if (!skb)
+		return NULL;
+	*hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
+	if (!*hdr)
+		goto err_free;
+	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
+	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name))
+		goto err_cancel;
+	return skb;
+
+err_cancel:
+	genlmsg_cancel(skb, *hdr);
+err_free:
+	nlmsg_free(skb);
+	return NULL;
+}
+
+/* Finish an event begun by event_start(); @failed drops it instead. */
+static void event_send(struct sk_buff *skb, void *hdr, bool failed)
+{
+	if (failed) {
+		genlmsg_cancel(skb, hdr);
+		nlmsg_free(skb);
+		return;
+	}
+	genlmsg_end(skb, hdr);
+	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
+}
+
 /* Process context (the proxy's event_work). */
 void kmlbus_nl_mode_event(struct kml_proxy *p, const struct kml_mode_event *ev)
 {
 	struct sk_buff *skb;
 	void *hdr;
 
-	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
-		return;
-	skb = genlmsg_new(5 * nla_total_size(sizeof(u32)) +
-			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
+	skb = event_start(p, KMLBUS_CMD_MODE_EVENT, 4, &hdr);
 	if (!skb)
 		return;
-	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_MODE_EVENT);
-	if (!hdr)
-		goto err_free;
-	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
-	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE, ev->mode) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, ev->old) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_REASON, ev->reason) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, ev->seq))
-		goto err_cancel;
-	genlmsg_end(skb, hdr);
-	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
-	return;
-
-err_cancel:
-	genlmsg_cancel(skb, hdr);
-err_free:
-	nlmsg_free(skb);
+	event_send(skb, hdr,
+		   nla_put_u32(skb, KMLBUS_A_PROXY_MODE, ev->mode) ||
+		   nla_put_u32(skb, KMLBUS_A_PROXY_OLD_MODE, ev->old) ||
+		   nla_put_u32(skb, KMLBUS_A_PROXY_REASON, ev->reason) ||
+		   nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, ev->seq));
 }
 
 /* Process context (kml_proxy_destroy): the proxy is unlisted, not yet freed. */
@@ -152,27 +180,11 @@ void kmlbus_nl_removed_event(struct kml_proxy *p)
 	struct sk_buff *skb;
 	void *hdr;
 
-	if (!genl_has_listeners(&kmlbus_family, &init_net, KMLBUS_NLGRP_EVENTS))
-		return;
-	skb = genlmsg_new(2 * nla_total_size(sizeof(u32)) +
-			  nla_total_size(strlen(p->name) + 1), GFP_KERNEL);
+	skb = event_start(p, KMLBUS_CMD_PROXY_REMOVED, 1, &hdr);
 	if (!skb)
 		return;
-	hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, KMLBUS_CMD_PROXY_REMOVED);
-	if (!hdr)
-		goto err_free;
-	if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id) ||
-	    nla_put_string(skb, KMLBUS_A_PROXY_NAME, p->name) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
-		goto err_cancel;
-	genlmsg_end(skb, hdr);
-	genlmsg_multicast(&kmlbus_family, skb, 0, KMLBUS_NLGRP_EVENTS, GFP_KERNEL);
-	return;
-
-err_cancel:
-	genlmsg_cancel(skb, hdr);
-err_free:
-	nlmsg_free(skb);
+	event_send(skb, hdr,
+		   nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)));
 }
 
 /* ---- request helpers ------------------------------------------------ */

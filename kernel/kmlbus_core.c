@@ -935,6 +935,30 @@ EXPORT_SYMBOL_GPL(kml_proxy_register);
 /* ---- decision path (any context, never sleeps) ---------------------- */
 
 /*
+ * Does anyone listen to group telemetry, as this CPU looked in the current
+ * jiffy?  genl_has_listeners() is three calls deep and the decision path asks
+ * on every recorded decision; the answer changes when a socket joins or
+ * leaves.  One word per CPU, (jiffies << 1) | heard, read with one this_cpu
+ * op so an interrupt or a migration sees a consistent pair.  A listener that
+ * just joined misses at most a jiffy of samples (counted unheard); samples
+ * recorded after the last one left are counted unheard by the flush.
+ */
+static DEFINE_PER_CPU(unsigned long, kmlbus_heard);
+
+static __always_inline bool telemetry_heard(void)
+{
+	unsigned long now = READ_ONCE(jiffies) << 1;
+	unsigned long v = this_cpu_read(kmlbus_heard);
+	bool heard;
+
+	if (likely((v & ~1UL) == now))
+		return v & 1;
+	heard = kmlbus_nl_telemetry_heard();
+	this_cpu_write(kmlbus_heard, now | heard);
+	return heard;
+}
+
+/*
  * One in sample_period decisions is recorded: true if this one is not.
  * Each CPU counts down on its own (this_cpu ops are safe against interrupts
  * on the same CPU); a countdown left over from a larger period restarts.
@@ -975,7 +999,7 @@ static __always_inline u64 record_sample(struct kml_proxy *p,
 		kmlbus_count(p, KMLBUS_A_COUNTERS_UNSAMPLED, 1);
 		return 0;
 	}
-	if (!kmlbus_nl_telemetry_heard()) {
+	if (!telemetry_heard()) {
 		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, 1);
 		return 0;
@@ -1163,7 +1187,7 @@ int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
 
 	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
 		return -EAGAIN;
-	if (!kmlbus_nl_telemetry_heard()) {	/* as record_sample */
+	if (!telemetry_heard()) {	/* as record_sample */
 		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK, 1);
 		kmlbus_count(proxy, KMLBUS_A_COUNTERS_UNHEARD, 1);
 		return 0;

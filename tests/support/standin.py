@@ -532,7 +532,7 @@ class StandinProxy:
         c = self.countdown  # the kernel's countdown: decrement, picked unless 0 < left < period
         skip = c - 1 if 2 <= c <= period else 0
         i = np.arange(n)
-        picked = (i >= skip) & ((i - skip) % period == 0)
+        picked: npt.NDArray[np.bool_] = (i >= skip) & ((i - skip) % period == 0)
         hits = np.flatnonzero(picked)
         self.countdown = c - n if len(hits) == 0 else period - (n - 1 - int(hits[-1]))
         return picked

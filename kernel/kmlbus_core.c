@@ -10,8 +10,12 @@
  * - kml_proxy.mode_lock (irq-safe spinlock) serialises mode transitions,
  *   which come from handlers, the notifier, the stale check and subsystems,
  *   and guards the queue of mode events event_work sends.
- * - kml_proxy.ring_lock (irq-safe spinlock) guards both rings and seq; it is
- *   the only lock the decision path takes.  Slots are read lock-free.
+ * - kml_proxy.fb_lock (irq-safe spinlock) guards the feedback ring.
+ * - The decision path takes no lock: samples go to the deciding CPU's own
+ *   ring (struct kml_cpu) with interrupts off, counters are per CPU, slots
+ *   are read lock-free; the one shared write, seq, is made only for a
+ *   sample actually recorded.
+ * - kml_proxy.flush_lock (mutex) makes the flush the rings' only consumer.
  */
 #define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
 
@@ -183,7 +187,7 @@ static void ring_free(struct kml_ring *r)
 	r->buf = NULL;
 }
 
-/* Slot for a new record or NULL if full; caller holds ring_lock. */
+/* Slot for a new record or NULL if full; caller holds fb_lock. */
 static void *ring_push(struct kml_ring *r)
 {
 	u32 idx;
@@ -214,7 +218,7 @@ static void ring_pop(struct kml_ring *r, void *dst, u32 n)
  * Move the @n oldest records of @r into @skb, one @attr attribute each
  * (YNL's multi-attr: generic clients decode them as a list), back to back,
  * so a reader can still view them as one array of stride 4 + esize.  The
- * skb was sized for them; caller holds ring_lock.
+ * skb was sized for them; caller holds fb_lock.
  */
 static void ring_pop_attrs(struct kml_ring *r, struct sk_buff *skb, int attr,
 			   u32 n)
@@ -248,7 +252,7 @@ static void kmlbus_count_sent(struct kml_proxy *p, u32 n, int err)
  * arrive meanwhile wait for the next run, so a producer that outpaces the
  * sender cannot keep one run going (and the stale check waiting).  Runs in
  * process context under flush_lock, the rings' only consumer.  Returns true
- * if records are left.
+ * if records are left.  For the feedback ring; samples: flush_samples().
  */
 static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 		       int attr, u32 batch)
@@ -258,21 +262,21 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 	u32 n, budget;
 	void *hdr;
 
-	spin_lock_irqsave(&p->ring_lock, flags);
+	spin_lock_irqsave(&p->fb_lock, flags);
 	budget = r->count;
-	spin_unlock_irqrestore(&p->ring_lock, flags);
+	spin_unlock_irqrestore(&p->fb_lock, flags);
 
 	while (budget) {
-		spin_lock_irqsave(&p->ring_lock, flags);
+		spin_lock_irqsave(&p->fb_lock, flags);
 		n = min3(r->count, batch, budget);
 		if (n && !kmlbus_nl_telemetry_heard()) {
 			ring_pop(r, NULL, n);
-			spin_unlock_irqrestore(&p->ring_lock, flags);
+			spin_unlock_irqrestore(&p->fb_lock, flags);
 			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
 			budget -= n;
 			continue;
 		}
-		spin_unlock_irqrestore(&p->ring_lock, flags);
+		spin_unlock_irqrestore(&p->fb_lock, flags);
 		if (!n)
 			break;
 
@@ -287,9 +291,9 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 			goto err_free;
 		if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id))
 			goto err_free;
-		spin_lock_irqsave(&p->ring_lock, flags);
+		spin_lock_irqsave(&p->fb_lock, flags);
 		ring_pop_attrs(r, skb, attr, n);
-		spin_unlock_irqrestore(&p->ring_lock, flags);
+		spin_unlock_irqrestore(&p->fb_lock, flags);
 		budget -= n;
 		if (cmd == KMLBUS_CMD_TELEMETRY &&
 		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
@@ -311,14 +315,127 @@ err_free:
 	return false;
 }
 
-/* One bounded flush of both rings; true if records are left for another. */
+/*
+ * Send the samples CPU @cpu's ring held when the call began, in messages of
+ * at most @batch records, or count them unheard when nobody listens; as
+ * flush_ring(), newer records wait for the next run.  Caller holds
+ * flush_lock.  Returns true if records are left.
+ */
+static bool flush_cpu_samples(struct kml_proxy *p, int cpu, u32 batch)
+{
+	struct kml_cpu *c = per_cpu_ptr(p->cpu, cpu);
+	const size_t esize = sizeof(struct kmlbus_sample);
+	struct sk_buff *skb;
+	u32 head = c->head, budget, n, i;
+	void *hdr;
+
+	/* acquire: the records up to tail are written */
+	budget = smp_load_acquire(&c->tail) - head;
+	while (budget) {
+		n = min(batch, budget);
+		if (!kmlbus_nl_telemetry_heard()) {
+			head += n;
+			smp_store_release(&c->head, head);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, n);
+			budget -= n;
+			continue;
+		}
+		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
+				  (size_t)n * nla_total_size(esize) +
+				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
+		if (!skb)
+			return false;	/* retried by the periodic flush */
+		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0,
+				  KMLBUS_CMD_TELEMETRY);
+		if (!hdr || nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id)) {
+			nlmsg_free(skb);
+			return false;
+		}
+		for (i = 0; i < n; i++)
+			memcpy(nla_data(__nla_reserve(skb, KMLBUS_A_PROXY_RECORDS,
+						      esize)),
+			       &c->buf[(head + i) & (KMLBUS_RING_SAMPLES - 1)],
+			       esize);
+		/* release: the producer may reuse the slots once it sees head */
+		head += n;
+		smp_store_release(&c->head, head);
+		budget -= n;
+		if (nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
+				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
+				      KMLBUS_A_PROXY_PAD)) {
+			nlmsg_free(skb);
+			kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
+			continue;
+		}
+		genlmsg_end(skb, hdr);
+		kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
+							  KMLBUS_NLGRP_TELEMETRY,
+							  GFP_KERNEL));
+	}
+	return READ_ONCE(c->tail) != head;
+}
+
+/* Every CPU's samples, a bounded run each; true if records are left. */
+static bool flush_samples(struct kml_proxy *p, u32 batch)
+{
+	bool more = false;
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		more |= flush_cpu_samples(p, cpu, batch);
+	return more;
+}
+
+/* Drop every CPU's buffered samples uncounted (init); under flush_lock. */
+static void drop_samples(struct kml_proxy *p)
+{
+	struct kml_cpu *c;
+	int cpu;
+
+	for_each_possible_cpu(cpu) {
+		c = per_cpu_ptr(p->cpu, cpu);
+		smp_store_release(&c->head, smp_load_acquire(&c->tail));
+	}
+}
+
+static void free_cpu_rings(struct kml_proxy *p)
+{
+	int cpu;
+
+	for_each_possible_cpu(cpu)
+		kvfree(per_cpu_ptr(p->cpu, cpu)->buf);
+	free_percpu(p->cpu);
+}
+
+/* Each CPU's ring on its own node; undone on failure. */
+static int alloc_cpu_rings(struct kml_proxy *p)
+{
+	struct kml_cpu *c;
+	int cpu;
+
+	p->cpu = alloc_percpu(struct kml_cpu);
+	if (!p->cpu)
+		return -ENOMEM;
+	for_each_possible_cpu(cpu) {
+		c = per_cpu_ptr(p->cpu, cpu);
+		c->buf = kvmalloc_node(array_size(KMLBUS_RING_SAMPLES,
+						  sizeof(*c->buf)),
+				       GFP_KERNEL | __GFP_ZERO, cpu_to_node(cpu));
+		if (!c->buf) {
+			free_cpu_rings(p);	/* kvfree(NULL) is a no-op */
+			return -ENOMEM;
+		}
+	}
+	return 0;
+}
+
+/* One bounded flush of every ring; true if records are left for another. */
 static bool flush_now(struct kml_proxy *p)
 {
 	bool more;
 
 	mutex_lock(&p->flush_lock);
-	more = flush_ring(p, &p->samples, KMLBUS_CMD_TELEMETRY,
-			  KMLBUS_A_PROXY_RECORDS, READ_ONCE(flush_batch));
+	more = flush_samples(p, READ_ONCE(flush_batch));
 	more |= flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK,
 			   KMLBUS_A_PROXY_FEEDBACK, KMLBUS_MSG_FEEDBACK);
 	mutex_unlock(&p->flush_lock);
@@ -601,7 +718,7 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	mutex_init(&p->lock);
 	mutex_init(&p->flush_lock);
 	spin_lock_init(&p->mode_lock);
-	spin_lock_init(&p->ring_lock);
+	spin_lock_init(&p->fb_lock);
 	INIT_DELAYED_WORK(&p->flush, flush_work_fn);
 	INIT_WORK(&p->event_work, event_work_fn);
 	p->mode = KMLBUS_MODE_INITIAL;
@@ -610,6 +727,8 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	p->last_rec = jiffies;
 	p->share = KMLBUS_DEFAULT_SHARE;
 	p->explore = KMLBUS_DEFAULT_EXPLORE;
+	p->sample_period = 1;
+	atomic64_set(&p->seq, 0);
 
 	err = -ENOMEM;
 	p->cnt = alloc_percpu(struct kml_counters);
@@ -618,8 +737,7 @@ struct kml_proxy *kml_proxy_create(const struct kml_proxy_desc *desc)
 	p->slots = kvcalloc(desc->nkeys, sizeof(*p->slots), GFP_KERNEL);
 	if (!p->slots)
 		goto err_cnt;
-	err = ring_alloc(&p->samples, sizeof(struct kmlbus_sample),
-			 KMLBUS_RING_SAMPLES);
+	err = alloc_cpu_rings(p);
 	if (err)
 		goto err_slots;
 	err = ring_alloc(&p->feedback, sizeof(struct kmlbus_feedback),
@@ -645,7 +763,7 @@ err_unlock:
 	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&p->feedback);
 err_samples:
-	ring_free(&p->samples);
+	free_cpu_rings(p);
 err_slots:
 	kvfree(p->slots);
 err_cnt:
@@ -677,10 +795,10 @@ int kml_proxy_init(struct kml_proxy *proxy)
 	for (i = 0; i < proxy->desc.nkeys; i++)
 		WRITE_ONCE(proxy->slots[i], 0);
 	mutex_lock(&proxy->flush_lock);
-	spin_lock_irqsave(&proxy->ring_lock, flags);
-	ring_pop(&proxy->samples, NULL, proxy->samples.count);
+	drop_samples(proxy);
+	spin_lock_irqsave(&proxy->fb_lock, flags);
 	ring_pop(&proxy->feedback, NULL, proxy->feedback.count);
-	spin_unlock_irqrestore(&proxy->ring_lock, flags);
+	spin_unlock_irqrestore(&proxy->fb_lock, flags);
 	mutex_unlock(&proxy->flush_lock);
 	WRITE_ONCE(proxy->lifecycle, KMLBUS_LIFECYCLE_INITIALIZED);
 out:
@@ -775,7 +893,7 @@ void kml_proxy_destroy(struct kml_proxy *proxy)
 	ida_free(&kmlbus_ida, proxy->id);
 	mutex_unlock(&kmlbus_reg_lock);
 	ring_free(&proxy->feedback);
-	ring_free(&proxy->samples);
+	free_cpu_rings(proxy);
 	kvfree(proxy->slots);
 	free_percpu(proxy->cnt);	/* RCU walkers count too: after the grace period */
 	mutex_destroy(&proxy->flush_lock);
@@ -816,58 +934,107 @@ EXPORT_SYMBOL_GPL(kml_proxy_register);
 
 /* ---- decision path (any context, never sleeps) ---------------------- */
 
-static void fill_features(s32 *dst, const struct kml_proxy *p, const s32 *features)
-{
-	u32 n = features ? p->desc.nfeatures : 0;
+/*
+ * Does anyone listen to group telemetry, as this CPU looked in the current
+ * jiffy?  genl_has_listeners() is three calls deep and the decision path asks
+ * on every recorded decision; the answer changes when a socket joins or
+ * leaves.  One word per CPU, (jiffies << 1) | heard, read with one this_cpu
+ * op so an interrupt or a migration sees a consistent pair.  A listener that
+ * just joined misses at most a jiffy of samples (counted unheard); samples
+ * recorded after the last one left are counted unheard by the flush.
+ */
+static DEFINE_PER_CPU(unsigned long, kmlbus_heard);
 
-	memcpy(dst, features, n * sizeof(s32));
-	memset(dst + n, 0, (KMLBUS_MAX_FEATURES - n) * sizeof(s32));
+static __always_inline bool telemetry_heard(void)
+{
+	unsigned long now = READ_ONCE(jiffies) << 1;
+	unsigned long v = this_cpu_read(kmlbus_heard);
+	bool heard;
+
+	if (likely((v & ~1UL) == now))
+		return v & 1;
+	heard = kmlbus_nl_telemetry_heard();
+	this_cpu_write(kmlbus_heard, now | heard);
+	return heard;
 }
 
 /*
- * Append one sample; returns its seq (assigned even if the ring is full), or
- * 0 when nobody listens to group telemetry: then nothing is written to the
- * ring and the sample is counted unheard at once, without a shared write.
+ * One in sample_period decisions is recorded: true if this one is not.
+ * Each CPU counts down on its own (this_cpu ops are safe against interrupts
+ * on the same CPU); a countdown left over from a larger period restarts.
+ */
+static __always_inline bool sampled_out(struct kml_proxy *p)
+{
+	u32 period = READ_ONCE(p->sample_period);
+	u32 left;
+
+	if (period <= 1)
+		return false;
+	left = this_cpu_dec_return(p->cpu->countdown);
+	if ((s32)left > 0 && left < period)
+		return true;
+	this_cpu_write(p->cpu->countdown, period);
+	return false;
+}
+
+/*
+ * Append one sample to this CPU's ring; returns its seq, or 0 when the
+ * sample is not recorded: not chosen by sample_period (counted unsampled),
+ * nobody listens to group telemetry (counted unheard, nothing written), or
+ * the ring is full (counted a drop).  seq is taken only for a recorded
+ * sample, with interrupts off, so on each CPU seqs follow decision order.
  */
 static __always_inline u64 record_sample(struct kml_proxy *p,
 					 const struct kml_decision *d,
 					 s32 shadow, const s32 *features)
 {
+	u32 nf = features ? p->desc.nfeatures : 0;
 	struct kmlbus_sample *s;
+	struct kml_cpu *c;
 	unsigned long flags;
-	u32 count;
-	u64 seq;
+	u32 tail, held, i;
+	u64 seq, ts;
 
-	if (!kmlbus_nl_telemetry_heard()) {
+	if (sampled_out(p)) {
+		kmlbus_count(p, KMLBUS_A_COUNTERS_UNSAMPLED, 1);
+		return 0;
+	}
+	if (!telemetry_heard()) {
 		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_UNHEARD, 1);
 		return 0;
 	}
 
-	spin_lock_irqsave(&p->ring_lock, flags);
-	seq = ++p->seq;
-	s = ring_push(&p->samples);
-	if (s) {
-		s->seq = seq;
-		s->ts_ns = ktime_get_ns();
-		s->key = d->key;
-		s->decision = d->value;
-		s->shadow = shadow;
-		s->arm = d->arm;
-		s->mode = d->mode;
-		s->flags = d->flags;
-		fill_features(s->features, p, features);
-	}
-	count = p->samples.count;
-	spin_unlock_irqrestore(&p->ring_lock, flags);
-
-	if (s) {
-		kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
-		if (count == KMLBUS_FLUSH_COUNT)
-			mod_delayed_work(system_wq, &p->flush, 0);
-	} else {
+	ts = ktime_get_mono_fast_ns();
+	local_irq_save(flags);
+	c = this_cpu_ptr(p->cpu);
+	tail = c->tail;
+	/* acquire: the consumer is done with a slot before we reuse it */
+	held = tail - smp_load_acquire(&c->head);
+	if (unlikely(held >= KMLBUS_RING_SAMPLES)) {
+		local_irq_restore(flags);
 		kmlbus_count(p, KMLBUS_A_COUNTERS_DROPS, 1);
+		return 0;
 	}
+	s = &c->buf[tail & (KMLBUS_RING_SAMPLES - 1)];
+	seq = atomic64_inc_return(&p->seq);
+	s->seq = seq;
+	s->ts_ns = ts;
+	s->key = d->key;
+	s->decision = d->value;
+	s->shadow = shadow;
+	s->arm = d->arm;
+	s->mode = d->mode;
+	s->flags = d->flags;
+	for (i = 0; i < KMLBUS_MAX_FEATURES; i++)
+		s->features[i] = i < nf ? features[i] : 0;
+	/* release: the record is complete before the consumer sees it */
+	smp_store_release(&c->tail, tail + 1);
+	local_irq_restore(flags);
+
+	kmlbus_count(p, KMLBUS_A_COUNTERS_SAMPLES, 1);
+	if (held + 1 == KMLBUS_FLUSH_COUNT)
+		mod_delayed_work(system_wq, &p->flush, 0);
 	return seq;
 }
 
@@ -1020,12 +1187,12 @@ int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
 
 	if (!proxy_live(READ_ONCE(proxy->lifecycle)))
 		return -EAGAIN;
-	if (!kmlbus_nl_telemetry_heard()) {	/* as record_sample */
+	if (!telemetry_heard()) {	/* as record_sample */
 		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK, 1);
 		kmlbus_count(proxy, KMLBUS_A_COUNTERS_UNHEARD, 1);
 		return 0;
 	}
-	spin_lock_irqsave(&proxy->ring_lock, flags);
+	spin_lock_irqsave(&proxy->fb_lock, flags);
 	f = ring_push(&proxy->feedback);
 	if (f) {
 		f->seq = dec->seq;
@@ -1035,7 +1202,7 @@ int kml_proxy_report(struct kml_proxy *proxy, const struct kml_decision *dec,
 		f->arm = dec->arm;
 		memset(f->pad, 0, sizeof(f->pad));
 	}
-	spin_unlock_irqrestore(&proxy->ring_lock, flags);
+	spin_unlock_irqrestore(&proxy->fb_lock, flags);
 	if (!f) {
 		kmlbus_count(proxy, KMLBUS_A_COUNTERS_FEEDBACK_DROPS, 1);
 		return -ENOSPC;

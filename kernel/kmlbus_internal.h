@@ -32,8 +32,9 @@ static_assert(!(KMLBUS_RING_SAMPLES & (KMLBUS_RING_SAMPLES - 1)) &&
 #define KMLBUS_EVENTS		16	/* queued mode events; the oldest is lost */
 
 /*
- * A bounded FIFO of fixed-size records, protected by kml_proxy.ring_lock.
- * cap is a power of two (asserted below): indexes wrap with a mask.
+ * A bounded FIFO of fixed-size records, protected by kml_proxy.fb_lock (the
+ * feedback ring; samples go to the per-CPU rings below).  cap is a power of
+ * two (asserted below): indexes wrap with a mask.
  */
 struct kml_ring {
 	u8 *buf;
@@ -41,6 +42,22 @@ struct kml_ring {
 	u32 cap;
 	u32 head;	/* index of the oldest record */
 	u32 count;
+};
+
+/*
+ * One CPU's share of a proxy's sample buffer: a single-producer,
+ * single-consumer ring of KMLBUS_RING_SAMPLES records.  Only that CPU writes
+ * it, with interrupts off (so a decision in an interrupt cannot interleave
+ * with one it interrupted); the flush work drains it under flush_lock.  head
+ * and tail run free (tail - head records are held): the producer publishes a
+ * record with a release store of tail, the consumer frees slots with a
+ * release store of head.
+ */
+struct kml_cpu {
+	struct kmlbus_sample *buf;
+	u32 tail;		/* producer: next slot to fill */
+	u32 head;		/* consumer: oldest unsent record */
+	u32 countdown;		/* decisions until the next sample (sample_period) */
 };
 
 /*
@@ -59,20 +76,45 @@ struct kml_counters {
 	u64 c[KMLBUS_A_COUNTERS_MAX + 1];
 };
 
+/*
+ * Laid out for the decision path: what every decision reads comes first and
+ * is written only by control paths; what it writes is per CPU (cnt, cpu) or,
+ * for recorded samples only, seq on its own cache line; locks and the
+ * control state follow on lines of their own.
+ */
 struct kml_proxy {
-	struct list_head node;		/* kmlbus_proxies, RCU */
-	struct rcu_head rcu;
+	/* read-mostly: every decision reads these */
+	struct kml_proxy_desc desc;	/* copy; names point at the arrays below */
+	u32 mode;			/* READ_ONCE; written under mode_lock */
+	int lifecycle;			/* enum kmlbus_lifecycle, READ_ONCE */
+	u32 share;			/* permille, READ_ONCE */
+	u32 explore;			/* permille, READ_ONCE */
+	u32 sample_period;		/* 1..KMLBUS_MAX_SAMPLE_PERIOD, READ_ONCE */
 	u32 id;
+	/*
+	 * Recommendation slots: value in the high 32 bits, expiry (low 32 bits
+	 * of jiffies) in the low 32 bits; 0 = empty.  One u64 so a reader in
+	 * any context sees value and expiry together without a lock.  Stale
+	 * slots are swept (kmlbus_sweep) long before the expiry can wrap.
+	 */
+	u64 *slots;
+	/* counters, per CPU: the decision path adds without a shared write */
+	struct kml_counters __percpu *cnt;
+	/* sample rings and sampling countdowns, per CPU */
+	struct kml_cpu __percpu *cpu;
+
+	/* written by every recorded sample (and only then): its own line */
+	atomic64_t seq ____cacheline_aligned_in_smp;	/* last sample's seq */
+
+	struct list_head node ____cacheline_aligned_in_smp; /* kmlbus_proxies, RCU */
+	struct rcu_head rcu;
 	char name[KMLBUS_NAME_LEN];
 	char feature_names[KMLBUS_MAX_FEATURES][KMLBUS_NAME_LEN];
 	char rec_name[KMLBUS_NAME_LEN];
-	struct kml_proxy_desc desc;	/* copy; names point at the arrays above */
 
 	struct mutex lock;		/* lifecycle verbs */
-	int lifecycle;			/* enum kmlbus_lifecycle, READ_ONCE */
 
 	spinlock_t mode_lock;		/* serialises mode transitions */
-	u32 mode;			/* READ_ONCE in the decision path */
 	u32 reason;
 	unsigned long mode_since;	/* jiffies */
 	u32 mode_seq;			/* announced changes, under mode_lock */
@@ -82,32 +124,17 @@ struct kml_proxy {
 	u32 ev_count;
 	struct work_struct event_work;	/* sends them, in order */
 
-	u32 share;			/* permille, READ_ONCE */
-	u32 explore;			/* permille, READ_ONCE */
 	u32 stale_ms;			/* 0 = never demote for staleness */
 	unsigned long last_rec;		/* jiffies of the last recommend */
 
 	u32 bus_portid;			/* 0 = no bus; cleared by cmpxchg */
 	struct net *bus_net;		/* compared only, never dereferenced */
 
-	/*
-	 * Recommendation slots: value in the high 32 bits, expiry (low 32 bits
-	 * of jiffies) in the low 32 bits; 0 = empty.  One u64 so a reader in
-	 * any context sees value and expiry together without a lock.  Stale
-	 * slots are swept (kmlbus_sweep) long before the expiry can wrap.
-	 */
-	u64 *slots;
-
-	/* counters, per CPU: the decision path adds without a shared write */
-	struct kml_counters __percpu *cnt;
-
-	/* written by every recorded decision: its own cache line */
-	spinlock_t ring_lock ____cacheline_aligned_in_smp;	/* irq-safe */
-	u64 seq;			/* last sample seq, under ring_lock */
-	struct kml_ring samples;
+	/* feedback is rarer than samples: one shared ring under its own lock */
+	spinlock_t fb_lock ____cacheline_aligned_in_smp;	/* irq-safe */
 	struct kml_ring feedback;
 
-	struct mutex flush_lock;	/* single consumer of both rings */
+	struct mutex flush_lock;	/* single consumer of every ring */
 	struct delayed_work flush;
 };
 

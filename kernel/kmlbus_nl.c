@@ -104,7 +104,9 @@ static int fill_proxy(struct sk_buff *skb, struct kml_proxy *p, u32 portid,
 	    nla_put_u32(skb, KMLBUS_A_PROXY_EFFICIENCY_SCALE,
 			p->desc.efficiency_scale) ||
 	    nla_put_u32(skb, KMLBUS_A_PROXY_STALE_MS, READ_ONCE(p->stale_ms)) ||
-	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)))
+	    nla_put_u32(skb, KMLBUS_A_PROXY_MODE_SEQ, READ_ONCE(p->mode_seq)) ||
+	    nla_put_u32(skb, KMLBUS_A_PROXY_SAMPLE_PERIOD,
+			READ_ONCE(p->sample_period)))
 		goto cancel;
 	genlmsg_end(skb, hdr);
 	return 0;
@@ -334,12 +336,19 @@ int kmlbus_nl_set_params_doit(struct sk_buff *skb, struct genl_info *info)
 	struct nlattr *share = info->attrs[KMLBUS_A_PROXY_SHARE];
 	struct nlattr *explore = info->attrs[KMLBUS_A_PROXY_EXPLORE];
 	struct nlattr *stale = info->attrs[KMLBUS_A_PROXY_STALE_MS];
+	struct nlattr *period = info->attrs[KMLBUS_A_PROXY_SAMPLE_PERIOD];
 	struct kml_proxy *p;
 
 	if (stale && nla_get_u32(stale) > KMLBUS_MAX_TTL_MS * 1000U) {
 		NL_SET_ERR_MSG_ATTR(info->extack, stale,
 				    "stale-ms too large (at most 1000 * max-ttl-ms)");
 		return -ERANGE;
+	}
+	if (period && (nla_get_u32(period) < 1 ||
+		       nla_get_u32(period) > KMLBUS_MAX_SAMPLE_PERIOD)) {
+		NL_SET_ERR_MSG_ATTR(info->extack, period,
+				    "sample-period out of range (1..max-sample-period)");
+		return -EINVAL;
 	}
 	p = get_proxy(info);
 	if (IS_ERR(p))
@@ -350,6 +359,8 @@ int kmlbus_nl_set_params_doit(struct sk_buff *skb, struct genl_info *info)
 		WRITE_ONCE(p->explore, nla_get_u32(explore));
 	if (stale)
 		WRITE_ONCE(p->stale_ms, nla_get_u32(stale));
+	if (period)
+		WRITE_ONCE(p->sample_period, nla_get_u32(period));
 	put_proxy(p);
 	return 0;
 }

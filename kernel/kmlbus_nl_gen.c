@@ -20,11 +20,12 @@ const struct nla_policy kmlbus_set_mode_nl_policy[KMLBUS_A_PROXY_REASON + 1] = {
 };
 
 /* KMLBUS_CMD_SET_PARAMS - do */
-const struct nla_policy kmlbus_set_params_nl_policy[KMLBUS_A_PROXY_STALE_MS + 1] = {
+const struct nla_policy kmlbus_set_params_nl_policy[KMLBUS_A_PROXY_SAMPLE_PERIOD + 1] = {
 	[KMLBUS_A_PROXY_ID] = NLA_POLICY_MIN(NLA_U32, 1),
 	[KMLBUS_A_PROXY_SHARE] = NLA_POLICY_MAX(NLA_U32, 1000),
 	[KMLBUS_A_PROXY_EXPLORE] = NLA_POLICY_MAX(NLA_U32, 1000),
 	[KMLBUS_A_PROXY_STALE_MS] = { .type = NLA_U32, },
+	[KMLBUS_A_PROXY_SAMPLE_PERIOD] = { .type = NLA_U32, },
 };
 
 /* KMLBUS_CMD_ATTACH - do */
@@ -63,7 +64,7 @@ const struct genl_ops kmlbus_nl_ops[6] = {
 		.cmd		= KMLBUS_CMD_SET_PARAMS,
 		.doit		= kmlbus_nl_set_params_doit,
 		.policy		= kmlbus_set_params_nl_policy,
-		.maxattr	= KMLBUS_A_PROXY_STALE_MS,
+		.maxattr	= KMLBUS_A_PROXY_SAMPLE_PERIOD,
 		.flags		= GENL_ADMIN_PERM,
 	},
 	{

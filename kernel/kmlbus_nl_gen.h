@@ -12,7 +12,7 @@
 /* Request policies, one per operation (request attributes only). */
 extern const struct nla_policy kmlbus_get_nl_policy[KMLBUS_A_PROXY_NAME + 1];
 extern const struct nla_policy kmlbus_set_mode_nl_policy[KMLBUS_A_PROXY_REASON + 1];
-extern const struct nla_policy kmlbus_set_params_nl_policy[KMLBUS_A_PROXY_STALE_MS + 1];
+extern const struct nla_policy kmlbus_set_params_nl_policy[KMLBUS_A_PROXY_SAMPLE_PERIOD + 1];
 extern const struct nla_policy kmlbus_attach_nl_policy[KMLBUS_A_PROXY_ID + 1];
 extern const struct nla_policy kmlbus_detach_nl_policy[KMLBUS_A_PROXY_ID + 1];
 extern const struct nla_policy kmlbus_recommend_nl_policy[KMLBUS_A_PROXY_RECS + 1];

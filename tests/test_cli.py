@@ -124,3 +124,28 @@ def test_atomic_write_replaces_and_leaves_no_temporary_file_on_failure(tmp_path:
     with pytest.raises(OSError):
         atomic.write_bytes(tmp_path / "dir", b"cannot replace a directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "f.bin"]
+
+
+def test_status_table_shows_the_sample_period(capsys: pytest.CaptureFixture[str]) -> None:
+    v = cli.proxy_view({"id": 1, "name": "sample", "mode": 0, "sample-period": 8, "counters": {}}, {})
+    assert v["sample_period"] == 8
+    cli.print_status_table([v])
+    hdr, row = capsys.readouterr().out.splitlines()[:2]
+    assert row[hdr.index("SAMPLED"):].split()[0] == "1/8"
+
+
+def test_sample_period_command_shows_and_sets_through_the_family(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from kmlbus.wire import netlink
+    from tests.support.standin import StandinKernel
+
+    k = StandinKernel(seed=3)
+    monkeypatch.setattr(netlink, "Connection", lambda: k.open())
+    assert cli.main(["sample-period", "sample"]) == 0
+    assert "sample: sample-period 1 " in capsys.readouterr().out
+    assert cli.main(["sample-period", "sample", "64"]) == 0
+    assert "sample-period 64 " in capsys.readouterr().out and k.find("sample").sample_period == 64
+    assert cli.main(["sample-period", "sample", "0"]) != 0  # refused by the family: one line, unchanged
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sample-period" in err
+    assert k.find("sample").sample_period == 64

@@ -85,6 +85,10 @@ output_scale = 2.5
     ("[proxy.sample]\nlearn_every_s = 0", "proxy.sample.learn_every_s", "positive"),
     ("[proxy.sample]\nmodel = 'm.onnx'\nlearned_model = 'm.onnx'", "proxy.sample.learned_model",
      "other than the configured model"),
+    ("[proxy.sample]\nsample_period = 0", "proxy.sample.sample_period", "1..1048576"),
+    ("[proxy.sample]\nsample_period = 1048577", "proxy.sample.sample_period", "1..1048576"),
+    ("[proxy.sample]\nsample_period = 2.5", "proxy.sample.sample_period", "integer"),
+    ("[proxy.sample]\nsample_period = true", "proxy.sample.sample_period", "integer"),
     ("[bus\n", "", "not valid TOML"),
 ])
 def test_errors_are_one_line_naming_file_key_and_expectation(
@@ -291,3 +295,10 @@ def test_the_telemetry_receive_buffer_is_sized_for_the_configured_rate() -> None
 def test_bad_rate_or_receive_buffer_is_refused_with_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         loads(text)
+
+
+def test_sample_period_is_read_and_absent_means_leave_the_kernel_alone(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[proxy.a]\nsample_period = 16\n[proxy.b]\n")
+    c = cfg.load(p)
+    assert c.proxies["a"].sample_period == 16 and c.proxies["b"].sample_period is None

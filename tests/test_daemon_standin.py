@@ -605,3 +605,27 @@ def test_a_tree_learner_learns_from_scratch_and_climbs(tmp_path: Path) -> None:
         assert model > 1.2 * default, (model, default)
     finally:
         rig.bus.shutdown()
+
+
+# ---- sample_period ---------------------------------------------------------------------------
+
+def test_the_configured_sample_period_is_set_when_the_proxy_is_adopted(tmp_path: Path) -> None:
+    rig = make_learning_rig(tmp_path, "learn = true\nsample_period = 4\n")
+    try:
+        rig.run(0.2)
+        p = rig.k.find("sample")
+        assert p.sample_period == 4, "set with set-params when the daemon adopted the proxy"
+        c = p.counters
+        decided = c["decisions-default"] + c["decisions-model"]
+        assert decided > 0 and c["unsampled"] > 0
+        assert decided == c["samples"] + c["drops"] + c["unsampled"]
+    finally:
+        rig.bus.shutdown()
+
+
+def test_without_sample_period_the_kernels_value_is_left_alone(tmp_path: Path) -> None:
+    rig = make_learning_rig(tmp_path, "learn = true\n")
+    try:
+        assert rig.k.find("sample").sample_period == 1
+    finally:
+        rig.bus.shutdown()

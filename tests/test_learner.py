@@ -405,3 +405,16 @@ def test_a_background_refit_failure_reaches_the_caller() -> None:
     with pytest.raises(UnknownProxyError, match="ghost"):
         loop.tick(1.0)
     assert not reg.has_model("sample")
+
+
+def test_feedback_of_unrecorded_decisions_seq_0_is_not_kept_waiting_for_a_join() -> None:
+    # sample-period N: the kernel keeps the feedback of every decision, but only every Nth
+    # has a sample (and a seq); the others come with seq 0 and can never be joined
+    learner = Learner(cfg.bind(sample_schema()), pending=100)
+    wl = SampleWorkload(seed=5)
+    tel, fb = wl.run(400, explore=0.5)
+    fb = fb.copy()
+    fb["seq"][fb["seq"] % 4 != 0] = 0
+    assert learner.observe_feedback(fb) == 0
+    assert learner.observe_telemetry(tel[3::4]) == 100  # every recorded decision joined
+    assert learner.unmatched_dropped == 0, "seq-0 feedback took room from joinable rows"

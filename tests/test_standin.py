@@ -670,3 +670,34 @@ def test_unknown_group_is_refused(k: StandinKernel) -> None:
     with pytest.raises(KmlbusError):
         k.open(("nonsense",))
     assert k.links == []
+
+
+# ---- sample-period -----------------------------------------------------------------------------
+
+def test_sample_period_records_one_decision_in_n_and_counts_the_rest(k: StandinKernel, c: StandinLink) -> None:
+    pid = sid(c)
+    assert c.proxy(pid)["sample-period"] == 1
+    c.set_params(pid, sample_period=5)
+    assert c.proxy(pid)["sample-period"] == 5
+    before = c.proxy(pid)["counters"]
+    _, tel, fb = collect(c, 0.5)
+    after = c.proxy(pid)["counters"]
+    d = {key: after[key] - before[key] for key in after}
+    decided = d["decisions-default"] + d["decisions-model"]
+    assert decided > 500 and decided == d["samples"] + d["drops"] + d["unsampled"], d
+    assert abs(d["samples"] + d["drops"] - decided / 5) <= 1, d
+    assert np.all(np.diff(tel["seq"].astype(np.int64)) == 1), "a seq only for each recorded sample"
+    # the feedback of every decision is kept; only every 5th carries a seq, the others 0
+    assert np.all(np.diff(np.flatnonzero(fb["seq"])) == 5) and np.count_nonzero(fb["seq"] == 0) > 400
+    assert set(fb["seq"][fb["seq"] > 0].tolist()) <= set(tel["seq"].tolist())
+
+
+@pytest.mark.parametrize("bad", [0, 2**20 + 1])
+def test_sample_period_out_of_range_is_einval_with_extack_and_changes_nothing(c: StandinLink, bad: int) -> None:
+    pid = sid(c)
+    c.set_params(pid, sample_period=3)
+    with pytest.raises(NetlinkError) as ei:
+        c.set_params(pid, share=7, sample_period=bad)
+    assert ei.value.errno == errno.EINVAL and "sample-period" in ei.value.extack
+    p = c.proxy(pid)
+    assert p["sample-period"] == 3 and p["share"] != 7

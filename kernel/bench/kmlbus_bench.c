@@ -424,15 +424,9 @@ static int __init bench_init(void)
 	bench_fns[BENCH_DEFAULT_PATH] = kml_proxy_decide;
 	bench_fns[BENCH_FRESH] = kml_proxy_decide;
 
-	p = kml_proxy_create(&bench_desc);
+	p = kml_proxy_register(&bench_desc);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
-	err = kml_proxy_init(p);
-	if (err)
-		goto err_destroy;
-	err = kml_proxy_start(p);
-	if (err)
-		goto err_destroy;
 	err = bench_to_recommendation(p);
 	if (err)
 		goto err_destroy;

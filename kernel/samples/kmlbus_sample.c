@@ -164,21 +164,15 @@ MODULE_PARM_DESC(rate, "decisions per second (default 2000, 0 pauses)");
 static int __init sample_init(void)
 {
 	struct kml_proxy *p;
-	int i, err;
+	int i;
 
 	sample_rng = seed;
 	for (i = 0; i < SAMPLE_STREAMS; i++)
 		sample_seq_ratio[i] = sample_below(SAMPLE_SCALE + 1);
 
-	p = kml_proxy_create(&sample_desc);
+	p = kml_proxy_register(&sample_desc);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
-	err = kml_proxy_init(p);
-	if (err)
-		goto err_destroy;
-	err = kml_proxy_start(p);
-	if (err)
-		goto err_destroy;
 	sample_proxy = p;
 
 	hrtimer_init(&sample_timer, CLOCK_MONOTONIC, HRTIMER_MODE_REL_SOFT);
@@ -188,10 +182,6 @@ static int __init sample_init(void)
 	pr_info("proxy %u started, rate %u/s, seed %llu\n", kml_proxy_id(p),
 		rate, seed);
 	return 0;
-
-err_destroy:
-	kml_proxy_destroy(p);
-	return err;
 }
 
 static void __exit sample_exit(void)

@@ -99,26 +99,15 @@ MODULE_PARM_DESC(irq_mode, "write a mode: kml_proxy_set_mode from a hard interru
 static int __init testmod_init(void)
 {
 	struct kml_proxy *p;
-	int err;
 
 	init_irq_work(&testmod_work, testmod_irq);
-	p = kml_proxy_create(&testmod_desc);
+	p = kml_proxy_register(&testmod_desc);
 	if (IS_ERR(p))
 		return PTR_ERR(p);
-	err = kml_proxy_init(p);
-	if (err)
-		goto err_destroy;
-	err = kml_proxy_start(p);
-	if (err)
-		goto err_destroy;
 	mutex_lock(&testmod_lock);
 	testmod_proxy = p;
 	mutex_unlock(&testmod_lock);
 	return 0;
-
-err_destroy:
-	kml_proxy_destroy(p);
-	return err;
 }
 
 static void __exit testmod_exit(void)

@@ -23,6 +23,7 @@ kernel's fixed-point numbers map to the model's float tensors::
     learn_every_s = 5                     # refit at most this often
     learned_model = "learned.onnx"        # also write each learned model here
     learner = "tree"                      # model class learned: "linear" (default), "tree", "choice"
+    sample_period = 16                    # kernel records 1 decision in 16 (default: left as is)
 
 With ``learn = true`` a proxy needs no ``model``: in learning the bus
 explores uniformly over the recommendation's range until the first fit.
@@ -203,6 +204,9 @@ class ProxyConfig:
     learned_model: Path | None = None
     #: the model class learned: one of :data:`LEARNERS`
     learner: str = "linear"
+    #: the kernel records one decision in this many as a sample (set when the daemon
+    #: adopts the proxy); None leaves the kernel's value as it is
+    sample_period: int | None = None
 
     def explore_share(self, graph_default: int) -> int:
         """The ``explore`` permille to give the kernel for this proxy."""
@@ -232,7 +236,8 @@ class Config:
 
 _BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace", "rate", "rcvbuf"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
-               "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner"}
+               "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner",
+               "sample_period"}
 
 
 class _Where:
@@ -384,7 +389,16 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     if learner not in LEARNERS:
         raise w.err(f"{pre}.learner", ", ".join(f'"{n}"' for n in LEARNERS), learner)
     return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl,
-                       learn, explore, float(spread), every, saved, learner)
+                       learn, explore, float(spread), every, saved, learner,
+                       _sample_period(w, f"{pre}.sample_period", t.get("sample_period")))
+
+
+def _sample_period(w: _Where, key: str, v: Any) -> int | None:
+    """``sample_period``: an integer in 1..max-sample-period (the kernel's bound), or absent."""
+    top = int(_spec.load().consts["max-sample-period"])
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top):
+        raise w.err(key, f"an integer in 1..{top} (one decision in N recorded)", v)
+    return v
 
 
 def load(path: str | Path) -> Config:

@@ -337,7 +337,10 @@ class Learner:
         return self._join()
 
     def observe_feedback(self, feedback: npt.NDArray[np.void]) -> int:
-        """Remember measured efficiencies; returns rows newly joined."""
+        """Remember measured efficiencies; returns rows newly joined.  Feedback with seq 0
+        (a decision the kernel did not record: unsampled, unheard or dropped) has no
+        telemetry to join and is not kept."""
+        feedback = feedback[feedback["seq"] != 0]
         if len(feedback) == 0:
             return 0
         self._fb = np.concatenate([self._fb, feedback])

@@ -43,6 +43,7 @@ def proxy_view(p: dict[str, Any], bus_state: dict[str, Any]) -> dict[str, Any]:
         "bus_portid": int(p.get("bus-portid", 0)),
         "share": p.get("share"),
         "explore": p.get("explore"),
+        "sample_period": p.get("sample-period"),
         "nkeys": p.get("nkeys"),
         "features": [f.get("name") for f in p.get("feature", [])],
         "recommendation": p.get("recommendation", {}),
@@ -70,7 +71,7 @@ def _fmt_eff(x: Any) -> str:
 def print_status_table(views: list[dict[str, Any]]) -> None:
     """One row per proxy: mode, time in it, why, decisions and recommendations."""
     hdr = ("ID", "NAME", "MODE", "FOR", "WHY", "LIFECYCLE", "BUS", "DEC d/m",
-           "RECS rx/app/ign/exp", "LOST ring/send", "EFF d/m", "MATURITY")
+           "RECS rx/app/ign/exp", "LOST ring/send", "SAMPLED", "EFF d/m", "MATURITY")
     rows = []
     for v in views:
         c = v["counters"]
@@ -82,6 +83,7 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
             f"{c.get('decisions-default', 0)}/{c.get('decisions-model', 0)}",
             "/".join(str(c.get(k, 0)) for k in ("recs-received", "recs-applied", "recs-ignored", "recs-expired")),
             f"{c.get('drops', 0)}/{c.get('send-failed', 0)}",
+            f"1/{v.get('sample_period') or '?'}",
             f"{_fmt_eff(ev.get('default_mean'))}/{_fmt_eff(ev.get('model_mean'))}",
             _fmt_eff(ev.get("maturity")),
         ))
@@ -180,6 +182,21 @@ def cmd_mode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_period(args: argparse.Namespace) -> int:
+    """Show a proxy's sample period, or set it (the kernel checks the range)."""
+    with netlink.Connection() as conn:
+        attrs = _lookup(conn, args.proxy)
+        pid, name = int(attrs["id"]), str(attrs["name"])
+        if args.period is not None:
+            conn.set_params(pid, sample_period=args.period)
+            attrs = conn.proxy(pid)
+    c = attrs.get("counters", {})
+    print(f"{name}: sample-period {attrs.get('sample-period')} (one decision in "
+          f"{attrs.get('sample-period')} recorded; {c.get('samples', 0)} sampled, "
+          f"{c.get('unsampled', 0)} unsampled so far)")
+    return 0
+
+
 def _refusal(conn: netlink.Connection, pid: int, want: str, extack: str) -> str:
     """The kernel's reason plus where the proxy is and where it may go from there."""
     from kmlbus.contract import graph as mgraph
@@ -271,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pin", action="store_true", help="suspend the bus's automatic moves")
     g.add_argument("--unpin", action="store_true", help="let the bus move the proxy again")
     s.set_defaults(func=cmd_mode)
+
+    s = sub.add_parser("sample-period", help="show or set how many decisions make one telemetry sample")
+    s.add_argument("proxy", help="proxy name or id")
+    s.add_argument("period", nargs="?", type=int, help="record one decision in PERIOD (1 = every one)")
+    s.set_defaults(func=cmd_sample_period)
 
     s = sub.add_parser("watch", help="every proxy live: mode, time in it, per-arm efficiency, rates, "
                        "drops, the latest transitions")

@@ -134,10 +134,10 @@ class AsyncControl:
         await self.request("set-mode", {"id": proxy_id, "mode": mode, "reason": reason})
 
     async def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
-                         stale_ms: int | None = None) -> None:
-        """Set share/explore (permille) and the stale limit; None leaves one alone."""
+                         stale_ms: int | None = None, sample_period: int | None = None) -> None:
+        """Set share/explore (permille), the stale limit and the sample period; None leaves one alone."""
         await self.request("set-params", {"id": proxy_id, "share": share, "explore": explore,
-                                          "stale-ms": stale_ms})
+                                          "stale-ms": stale_ms, "sample-period": sample_period})
 
     async def attach(self, proxy_id: int) -> None:
         """Make this client's socket the proxy's bus."""

@@ -521,9 +521,11 @@ class ControlOps:
         self.request("set-mode", {"id": proxy_id, "mode": mode, "reason": reason})
 
     def set_params(self, proxy_id: int, *, share: int | None = None, explore: int | None = None,
-                   stale_ms: int | None = None) -> None:
-        """Set collaboration share, exploration share (permille) and stale limit; None leaves one alone."""
-        self.request("set-params", {"id": proxy_id, "share": share, "explore": explore, "stale-ms": stale_ms})
+                   stale_ms: int | None = None, sample_period: int | None = None) -> None:
+        """Set collaboration share, exploration share (permille), stale limit and sample period
+        (one decision in N recorded); None leaves one alone."""
+        self.request("set-params", {"id": proxy_id, "share": share, "explore": explore, "stale-ms": stale_ms,
+                                    "sample-period": sample_period})
 
     def attach(self, proxy_id: int) -> None:
         """Make this socket the proxy's bus (closing it drops the proxy to emergency)."""

@@ -22,7 +22,7 @@ What it models
       spec flags say cap-net-admin (PermissionError, as the socket option); the generated policy's range
       checks (ERANGE, "integer out of range"); set-mode checked against
       :func:`kmlbus.contract.graph.load` (EINVAL + extack); set-params (stale-ms bound,
-      ERANGE); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
+      ERANGE; sample-period outside 1..max-sample-period, EINVAL + extack, nothing changed); attach (EBUSY if another port holds the proxy); detach (ENOTCONN
       without a bus; otherwise emergency, reason detach); recommend, and
       set-mode with a reason other than operator to a mode other than
       emergency, of an attached proxy from another port (EBUSY); recommend
@@ -36,6 +36,10 @@ What it models
       counted expired once and cleared, clamping to the recommendation's bounds,
       and the per-mode gate of :func:`tests.support.gate.gate_batch` (not re-implemented).
       Counters as the kernel's ``counters`` nest.
+    * Sampling: one decision in ``sample-period`` recorded (the kernel's per-CPU
+      countdown, with one CPU), the others counted ``unsampled``; a seq only for
+      a sample kept in the ring (an unsampled, unheard or dropped one has seq 0,
+      and so has its feedback).
     * Buffering: rings of 1024 samples / 1024 feedback records, a flush when 32
       samples are buffered or every 20 ms, telemetry in messages of at most 32
       records, feedback of at most 128, records counted ``unheard`` (and
@@ -147,6 +151,7 @@ _SAMPLE_DT = codec.struct_dtype("sample")
 _FEEDBACK_DT = codec.struct_dtype("feedback")
 _COUNTERS = tuple(a.name for a in _SPEC.attr_sets["counters"].attrs if a.type != "pad")
 _MAX_TTL_MS = int(_SPEC.consts["max-ttl-ms"])
+_MAX_SAMPLE_PERIOD = int(_SPEC.consts["max-sample-period"])
 _MAX_RECS = int(_SPEC.consts["max-recs"])
 _MAX_KEYS = int(_SPEC.consts["max-keys"])
 _MAX_FEATURES = int(_SPEC.consts["max-features"])
@@ -356,6 +361,8 @@ class StandinProxy:
         self.share = int(g.collaboration_share)  # KMLBUS_DEFAULT_SHARE is generated from the graph
         self.explore = int(g.exploration_share)
         self.stale_ms = 0
+        self.sample_period = 1
+        self.countdown = 0  # struct kml_cpu.countdown (one CPU)
         self.last_rec = now
         self.bus_portid = 0
         self.lifecycle = _LIFECYCLE.value("created")
@@ -396,7 +403,7 @@ class StandinProxy:
             "bus-portid": self.bus_portid, "share": self.share, "explore": self.explore,
             "reason": self.reason, "mode-ms": (now - self.mode_since) // MS,
             "efficiency-scale": self.desc.efficiency_scale, "stale-ms": self.stale_ms,
-            "mode-seq": self.mode_seq,
+            "mode-seq": self.mode_seq, "sample-period": self.sample_period,
         }
 
     # -- lifecycle and workload ------------------------------------------------
@@ -484,33 +491,31 @@ class StandinProxy:
         c["decisions-default"] += n - nmodel
 
         eff = self.workload.efficiency(keys, value)
+        picked = self._sampled(n)
+        c["unsampled"] += n - int(np.count_nonzero(picked))
         if not self.kernel._listeners("telemetry"):
             # record_sample / kml_proxy_report with nobody listening: counted, not kept, no seq
-            c["samples"] += n
-            c["unheard"] += n
+            c["samples"] += int(np.count_nonzero(picked))
+            c["unheard"] += int(np.count_nonzero(picked))
             if eff is not None:
                 c["feedback"] += n
                 c["unheard"] += n
             return
 
-        s = np.zeros(n, dtype=_SAMPLE_DT)
-        s["seq"] = self.seq + 1 + np.arange(n)
-        self.seq += n  # assigned even to dropped samples
-        s["ts_ns"] = ts
-        s["key"] = keys
-        s["decision"] = value
-        s["shadow"] = np.where(fresh, mval, 0)
-        s["arm"] = arm
-        s["mode"] = self.mode
-        s["flags"] = flags
-        s["features"][:, :feats.shape[1]] = feats
-        kept = self.samples.push(s)
-        c["samples"] += kept
-        c["drops"] += n - kept
+        seqs = np.zeros(n, dtype=np.uint64)  # an unsampled or dropped decision has none
+        idx = np.flatnonzero(picked)
+        kept = min(len(idx), self.samples.cap - self.samples.count)
+        seqs[idx[:kept]] = self.seq + 1 + np.arange(kept, dtype=np.uint64)
+        self.seq += kept
+        if len(idx) > kept:
+            c["drops"] += len(idx) - kept
+        if kept:
+            self._record(idx[:kept], seqs, ts, keys, value, fresh, mval, arm, flags, feats)
+            c["samples"] += kept
 
         if eff is not None:
             f = np.zeros(n, dtype=_FEEDBACK_DT)
-            f["seq"] = s["seq"]
+            f["seq"] = seqs
             f["key"] = keys
             f["decision"] = value
             f["efficiency"] = eff
@@ -518,6 +523,39 @@ class StandinProxy:
             kept = self.feedback.push(f)
             c["feedback"] += kept
             c["feedback-drops"] += n - kept
+
+    def _sampled(self, n: int) -> npt.NDArray[np.bool_]:
+        """``sampled_out``: which of the next *n* decisions the countdown picks (1 in sample-period)."""
+        period = self.sample_period
+        if period <= 1:
+            return np.ones(n, dtype=bool)
+        c = self.countdown  # the kernel's countdown: decrement, picked unless 0 < left < period
+        skip = c - 1 if 2 <= c <= period else 0
+        i = np.arange(n)
+        picked: npt.NDArray[np.bool_] = (i >= skip) & ((i - skip) % period == 0)
+        hits = np.flatnonzero(picked)
+        self.countdown = c - n if len(hits) == 0 else period - (n - 1 - int(hits[-1]))
+        return picked
+
+    def _record(self, idx: npt.NDArray[Any], seqs: npt.NDArray[np.uint64], ts: npt.NDArray[np.int64],
+                keys: npt.NDArray[Any], value: npt.NDArray[Any], fresh: npt.NDArray[Any],
+                mval: npt.NDArray[Any], arm: npt.NDArray[Any], flags: npt.NDArray[Any],
+                feats: npt.NDArray[Any]) -> None:
+        """Write the picked decisions *idx* into the sample ring (it has room for them)."""
+        n = len(idx)
+        s = np.zeros(n, dtype=_SAMPLE_DT)
+        s["seq"] = seqs[idx]
+        s["ts_ns"] = ts[idx]
+        keys, value, fresh, mval = keys[idx], value[idx], fresh[idx], mval[idx]
+        arm, flags, feats = arm[idx], flags[idx], feats[idx]
+        s["key"] = keys
+        s["decision"] = value
+        s["shadow"] = np.where(fresh, mval, 0)
+        s["arm"] = arm
+        s["mode"] = self.mode
+        s["flags"] = flags
+        s["features"][:, :feats.shape[1]] = feats
+        self.samples.push(s)
 
     # -- flushing, staleness, modes --------------------------------------------------
 
@@ -826,7 +864,13 @@ class StandinKernel:
             stale = a.get("stale-ms")
             if stale is not None and stale > _MAX_TTL_MS * 1000:
                 raise _Refused(-errno_mod.ERANGE, "stale-ms too large (at most 1000 * max-ttl-ms)", "stale-ms")
+            period = a.get("sample-period")
+            if period is not None and not 1 <= period <= _MAX_SAMPLE_PERIOD:
+                raise _Refused(-errno_mod.EINVAL, "sample-period out of range (1..max-sample-period)",
+                               "sample-period")
             p = self._proxy_of(a)
+            if period is not None:
+                p.sample_period = int(period)
             if a.get("share") is not None:
                 p.share = int(a["share"])
             if a.get("explore") is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kmlbus.tools import bench_gc
 from kmlbus.tools.bench_gc import POLICIES, Run
 
@@ -61,3 +63,34 @@ def test_policies_are_named_once_and_learned_sits_on_the_best_human_pair() -> No
     best_human = next(p for p in POLICIES if p.name == "cb+hot-cold")
     assert (learned[0].victim, learned[0].placement, learned[0].streams) == (
         best_human.victim, best_human.placement, best_human.streams)
+
+
+def test_saved_rows_merge_into_the_table_of_one_run(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Repetitions split over invocations (``--rows``) give the table one run would have."""
+    import json
+
+    pols = [POLICIES[0], POLICIES[-1]]
+    results = {("90/10", 0.8, pols[0].name): [_run(2.0, [""]), _run(2.2, [""]), _run(1.8, [""])],
+               ("90/10", 0.8, pols[1].name): [_run(1.0, ["learning"]), _run(1.2, ["learning"]),
+                                              _run(1.1, ["learning", "collaboration"])]}
+    files = [tmp_path / f"rep{i}.jsonl" for i in range(3)]
+    for (w, u, p), runs in results.items():
+        for rep, run in enumerate(runs):
+            with open(files[rep], "a", encoding="utf-8") as f:
+                f.write(json.dumps(bench_gc.row(w, u, p, rep, run)) + "\n")
+    loaded = bench_gc.load_rows(list(reversed(files)))  # file order does not matter, reps do
+    assert loaded == results
+    assert bench_gc.main(["--from-rows", *map(str, files), "--policy", "greedy", "learned"]) == 0
+    out = capsys.readouterr().out
+    assert bench_gc._table(results, ["90/10"], [0.8], pols) in out
+    assert "learned 90/10 80% rep 2: learning@0.50 -> collaboration@1.00" in out
+
+
+def test_a_broken_row_is_named_with_its_file_and_line(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"workload": "90/10", "utilization": 0.8, "policy": "greedy", "wa": 2.0, '
+                   '"seconds": 1}\n{"workload": "90/10"}\n')
+    assert bench_gc.main(["--from-rows", str(bad)]) == 2
+    assert f"{bad}:2: not a bench_gc row: KeyError" in capsys.readouterr().err

@@ -90,6 +90,9 @@ output_scale = 2.5
     ("[proxy.sample]\nsample_period = 2.5", "proxy.sample.sample_period", "integer"),
     ("[proxy.sample]\nsample_period = true", "proxy.sample.sample_period", "integer"),
     ("[bus\n", "", "not valid TOML"),
+    ("[proxy.sample]\nefficiency = 'wa'", "proxy.sample.efficiency",
+     '"mean", "reclaimed", "class-match"'),
+    ("[proxy.sample]\nefficiency = 1", "proxy.sample.efficiency", "found int 1"),
 ])
 def test_errors_are_one_line_naming_file_key_and_expectation(
         tmp_path: Path, text: str, key: str, expected: str) -> None:
@@ -118,6 +121,15 @@ def test_learning_keys_and_the_explore_share_they_give(tmp_path: Path) -> None:
     assert a.explore_share(0) == cfg.DEFAULT_LEARN_EXPLORE
     assert a.explore_share(50) == 50  # the graph's own share wins when it has one
     assert b.explore_share(0) == 30 and off.explore_share(0) == 0
+
+
+def test_efficiency_reading_defaults_to_the_plain_mean_and_takes_each_known_kind(
+        tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[proxy.a]\n[proxy.b]\nefficiency = 'reclaimed'\n"
+                 "[proxy.c]\nefficiency = 'class-match'\n[proxy.d]\nefficiency = 'mean'\n")
+    c = cfg.load(p)
+    assert [c.proxies[n].efficiency for n in "abcd"] == ["mean", "reclaimed", "class-match", "mean"]
 
 
 def test_error_names_what_was_found(tmp_path: Path) -> None:

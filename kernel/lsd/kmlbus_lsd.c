@@ -951,31 +951,6 @@ static const struct kml_proxy_ops lsd_place_ops = {
 	.default_decision	= lsd_place_default_cb,
 };
 
-static void lsd_proxy_put(struct kml_proxy *proxy)
-{
-	if (!proxy)
-		return;
-	kml_proxy_stop(proxy);
-	kml_proxy_destroy(proxy);
-}
-
-static struct kml_proxy *lsd_proxy_get(const struct kml_proxy_desc *desc)
-{
-	struct kml_proxy *proxy = kml_proxy_create(desc);
-	int err;
-
-	if (IS_ERR(proxy))
-		return proxy;
-	err = kml_proxy_init(proxy);
-	if (!err)
-		err = kml_proxy_start(proxy);
-	if (err) {
-		kml_proxy_destroy(proxy);
-		return ERR_PTR(err);
-	}
-	return proxy;
-}
-
 /*
  * The two decision points.  Victim keys are segment numbers, so the proxy
  * exists only when every segment has one; placement keys are 1024 equal
@@ -1003,7 +978,7 @@ static int lsd_proxies(struct lsd *lsd, char **error)
 		desc.recommendation = (struct kml_rec_desc){
 			"score", LSD_PERMILLE, 0, LSD_SCORE_MAX };
 		desc.ops = &lsd_victim_ops;
-		lsd->victim_proxy = lsd_proxy_get(&desc);
+		lsd->victim_proxy = kml_proxy_register(&desc);
 		if (IS_ERR(lsd->victim_proxy)) {
 			DMERR("cannot register kmlbus proxy %s: %ld", name,
 			      PTR_ERR(lsd->victim_proxy));
@@ -1029,7 +1004,7 @@ static int lsd_proxies(struct lsd *lsd, char **error)
 	desc.features[LSD_PF_RRATE] = (struct kml_field_desc){ "region_rate", LSD_PERMILLE };
 	desc.recommendation = (struct kml_rec_desc){ "stream", 1, 0, lsd->nr_streams - 1 };
 	desc.ops = &lsd_place_ops;
-	lsd->place_proxy = lsd_proxy_get(&desc);
+	lsd->place_proxy = kml_proxy_register(&desc);
 	if (IS_ERR(lsd->place_proxy)) {
 		DMERR("cannot register kmlbus proxy %s: %ld", name, PTR_ERR(lsd->place_proxy));
 		*error = "Cannot register the placement proxy";
@@ -1043,10 +1018,8 @@ static void lsd_free(struct lsd *lsd)
 	if (lsd->wq)
 		destroy_workqueue(lsd->wq);
 	/* nothing decides any more: no I/O, no cleaner */
-	if (!IS_ERR(lsd->place_proxy))
-		lsd_proxy_put(lsd->place_proxy);
-	if (!IS_ERR(lsd->victim_proxy))
-		lsd_proxy_put(lsd->victim_proxy);
+	kml_proxy_destroy(lsd->place_proxy);	/* NULL and ERR_PTR are ignored */
+	kml_proxy_destroy(lsd->victim_proxy);
 	if (lsd->id >= 0)
 		ida_free(&lsd_ida, lsd->id);
 	kvfree(lsd->cand);

@@ -24,6 +24,7 @@ kernel's fixed-point numbers map to the model's float tensors::
     learned_model = "learned.onnx"        # also write each learned model here
     learner = "tree"                      # model class learned: "linear" (default), "tree", "choice"
     sample_period = 16                    # kernel records 1 decision in 16 (default: left as is)
+    efficiency = "reclaimed"              # status reading per arm: "mean" (default), "reclaimed", "class-match"
 
 With ``learn = true`` a proxy needs no ``model``: in learning the bus
 explores uniformly over the recommendation's range until the first fit.
@@ -32,6 +33,8 @@ far from linear, see :mod:`kmlbus.bus.treefit`) and explores over the
 recommendation's range on a log scale: 0 or the minimum, then powers of two.
 ``learner = "choice"`` learns a tree that chooses among every value of a small
 range (at most 65, such as a device's streams), exploring around the served value.
+``efficiency`` only changes how ``kmlbus status`` shows each arm's mean
+efficiency (see :mod:`kmlbus.bus.readings`), never what the policy compares.
 
 The kernel, not the file, is the authority on what a proxy's features are:
 :func:`bind` checks a :class:`ProxyConfig` against the :class:`ProxySchema`
@@ -58,6 +61,7 @@ __all__ = [
     "BusConfig",
     "Config",
     "ConfigError",
+    "EFFICIENCY_READINGS",
     "FieldSchema",
     "LEARNERS",
     "ProxyConfig",
@@ -207,6 +211,8 @@ class ProxyConfig:
     #: the kernel records one decision in this many as a sample (set when the daemon
     #: adopts the proxy); None leaves the kernel's value as it is
     sample_period: int | None = None
+    #: how ``kmlbus status`` reads each arm's mean efficiency: one of :data:`EFFICIENCY_READINGS`
+    efficiency: str = "mean"
 
     def explore_share(self, graph_default: int) -> int:
         """The ``explore`` permille to give the kernel for this proxy."""
@@ -219,6 +225,10 @@ class ProxyConfig:
 #: decisions (:mod:`kmlbus.bus.treefit`, e.g. readahead windows); a tree choosing among every
 #: value of a small range (:mod:`kmlbus.bus.placefit`, e.g. kmlbus-lsd's streams).
 LEARNERS = ("linear", "tree", "choice")
+
+#: Readings of a proxy's per-arm efficiency (``efficiency = ...``, :mod:`kmlbus.bus.readings`):
+#: the plain mean; cleaning WA = 1 / mean freed share; mean class error of a choice.
+EFFICIENCY_READINGS = ("mean", "reclaimed", "class-match")
 
 #: Exploration share (permille) of a learning proxy whose config does not say:
 #: without explored decisions the learner can only reproduce the default.
@@ -237,7 +247,7 @@ class Config:
 _BUS_KEYS = {"ttl_ms", "latency_budget_ms", "trace", "rate", "rcvbuf"}
 _PROXY_KEYS = {"model", "input", "output", "features", "input_scale", "output_scale", "ttl_ms",
                "learn", "explore", "explore_spread", "learn_every_s", "learned_model", "learner",
-               "sample_period"}
+               "sample_period", "efficiency"}
 
 
 class _Where:
@@ -388,9 +398,12 @@ def _proxy(w: _Where, name: str, t: Any, base: Path) -> ProxyConfig:
     learner = t.get("learner", ProxyConfig.learner)
     if learner not in LEARNERS:
         raise w.err(f"{pre}.learner", ", ".join(f'"{n}"' for n in LEARNERS), learner)
+    eff = t.get("efficiency", ProxyConfig.efficiency)
+    if eff not in EFFICIENCY_READINGS:
+        raise w.err(f"{pre}.efficiency", ", ".join(f'"{n}"' for n in EFFICIENCY_READINGS), eff)
     return ProxyConfig(name, model, inp, out, features, per, scale_all, out_scale, ttl,
                        learn, explore, float(spread), every, saved, learner,
-                       _sample_period(w, f"{pre}.sample_period", t.get("sample_period")))
+                       _sample_period(w, f"{pre}.sample_period", t.get("sample_period")), eff)
 
 
 def _sample_period(w: _Where, key: str, v: Any) -> int | None:

@@ -235,11 +235,11 @@ class Bus:
         except (ModelError, ConfigError) as e:
             log.error("proxy %s: %s; it stays in emergency", schema.name, e)
         loop = self._learning_loop(schema)
+        pc = self.config.proxies.get(schema.name)
         proxy = Proxy(schema, modes, ctl=self.ctl, registry=self.registry, dispatcher=self.dispatcher,
                       policy=self.policy, stats=self.stats, learning=loop, trace=self.trace,
-                      clock=self.clock)
+                      clock=self.clock, reading=pc.efficiency if pc is not None else "mean")
         g = self.graph.guards
-        pc = self.config.proxies.get(schema.name)
         explore = g.exploration_share if pc is None else pc.explore_share(g.exploration_share)
         self.ctl.attach(pid)
         self.ctl.set_params(pid, share=g.collaboration_share, explore=explore,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from kmlbus.bus import readings
 from kmlbus.bus.config import ProxySchema
 from kmlbus.bus.dispatcher import Dispatcher, DispatchError
 from kmlbus.bus.learner import LearningLoop
@@ -48,13 +49,15 @@ class Proxy:
     *stats* is the daemon's counter dict (``malformed``, ``send_errors``,
     ``refused_moves``), shared by every proxy.  The machine mirrors each move
     to the kernel through *ctl* before it moves (see :mod:`modes.machine`).
+    *reading* is the proxy's ``efficiency`` config key: how ``status`` shows
+    each arm's mean efficiency (:mod:`kmlbus.bus.readings`).
     """
 
     def __init__(self, schema: ProxySchema, modes: ProxyModes, *, ctl: Sender,
                  registry: ModelRegistry, dispatcher: Dispatcher, policy: Policy,
                  stats: MutableMapping[str, int], learning: LearningLoop | None = None,
-                 trace: TraceWriter | None = None, clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 trace: TraceWriter | None = None, clock: Callable[[], float] = time.monotonic,
+                 reading: str = readings.DEFAULT) -> None:
         self.id = schema.id
         self.name = schema.name
         self.schema = schema
@@ -67,6 +70,9 @@ class Proxy:
         self.learning = learning
         self.trace = trace
         self.clock = clock
+        if reading not in readings.KINDS:
+            raise ValueError(f"proxy {schema.name}: unknown efficiency reading {reading!r}")
+        self.reading = reading
         r = schema.recommendation
         bounds = (r.min, r.max) if r.min is not None and r.max is not None else None
         self.evidence = Evidence(modes, bounds=bounds,
@@ -253,6 +259,7 @@ class Proxy:
                 "default_mean": arms.get("default", {}).get("mean"),
                 "model_mean": arms.get("model", {}).get("mean"),
                 "maturity": rep.get("maturity", {}).get("quality"),
+                "per_arm": readings.per_arm(self.reading, self.schema, arms),
                 "detail": rep,
             },
             "model": None if lm is None else str(lm.source),

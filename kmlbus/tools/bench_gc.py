@@ -4,7 +4,13 @@ Needs ``kernel/lsd/kmlbus_lsd.ko``, brd, device-mapper and fio; on a kernel that
 load modules it boots the Debian kernel under QEMU and runs itself there (``--here`` inside)::
 
     python3 -m kmlbus.tools.bench_gc [--reps 3] [--utilization 0.8 0.9] [--workload uniform 80/20 ...]
-        [--policy greedy learned ...] [--png vm-out/gc.png]
+        [--policy greedy learned ...] [--png vm-out/gc.png] [--rows vm-out/gc.jsonl [--first-rep 1]]
+    python3 -m kmlbus.tools.bench_gc --from-rows vm-out/gc-*.jsonl [--png vm-out/gc.png]
+
+``--rows`` appends every run as one JSON line as soon as it is measured, so
+repetitions can be split over several shorter invocations (``--first-rep``
+numbers them on, and seeds follow the repetition's number) and merged into one
+table with ``--from-rows`` (no measurement, no VM).
 
 For every workload, utilization and policy it creates a fresh target on a RAM
 disk, fills it once sequentially, then writes ``--multiple`` times its logical
@@ -43,7 +49,8 @@ from pathlib import Path
 from kmlbus.vm.guest import KMLBUS_KO, insmod, is_loaded, rmmod
 from kmlbus.vm.kernels import project_root
 
-__all__ = ["POLICIES", "WORKLOADS", "Policy", "Run", "main", "measure", "moving_hot_set"]
+__all__ = ["POLICIES", "WORKLOADS", "Policy", "Run", "load_rows", "main", "measure",
+           "moving_hot_set", "row"]
 
 LSD_KO = project_root() / "kernel" / "lsd" / "kmlbus_lsd.ko"
 DM_NAME = "lsdbench"
@@ -84,6 +91,38 @@ class Run:
     transitions: list[tuple[float, str]] = field(default_factory=list)
     #: logical sizes written when the bus had installed each new learned model (refits)
     fits: list[float] = field(default_factory=list)
+
+
+def row(workload: str, utilization: float, policy: str, rep: int, run: Run) -> dict[str, object]:
+    """One measured run as a JSON-ready row (``--rows``), everything the table and PNG need."""
+    return {"workload": workload, "utilization": utilization, "policy": policy, "rep": rep,
+            "wa": run.wa, "seconds": run.seconds, "written": run.written,
+            "wa_so_far": run.wa_so_far, "modes": run.modes,
+            "transitions": [list(t) for t in run.transitions], "fits": run.fits}
+
+
+def load_rows(paths: Sequence[Path]) -> dict[tuple[str, float, str], list[Run]]:
+    """Runs saved by ``--rows`` in *paths*, by (workload, utilization, policy), in repetition
+    order.  Raises ValueError naming the file and line of a row that is not one."""
+    keyed: dict[tuple[str, float, str], list[tuple[int, Run]]] = {}
+    for path in paths:
+        for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not text.strip():
+                continue
+            try:
+                r = json.loads(text)
+                run = Run(float(r["wa"]), float(r["seconds"]),
+                          [float(x) for x in r.get("written", [])],
+                          [float(x) for x in r.get("wa_so_far", [])],
+                          [str(m) for m in r.get("modes", [])],
+                          [(float(x), str(m)) for x, m in r.get("transitions", [])],
+                          [float(x) for x in r.get("fits", [])])
+                key = (str(r["workload"]), float(r["utilization"]), str(r["policy"]))
+                keyed.setdefault(key, []).append((int(r.get("rep", 0)), run))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a bench_gc row: {type(e).__name__}: {e}") from None
+    return {k: [run for _, run in sorted(v, key=lambda x: x[0])] for k, v in keyed.items()}
+
 
 #: workload name -> fio --random_distribution (None: the moving hot set, run in phases)
 WORKLOADS: dict[str, str | None] = {
@@ -401,10 +440,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, help="draw WA over time per policy into this PNG")
     ap.add_argument("--bus-log", type=Path, help="append the learned runs' bus output here")
     ap.add_argument("--json", action="store_true", help="print the raw runs as JSON")
+    ap.add_argument("--rows", type=Path,
+                    help="append each run to this file as a JSON line as soon as it is measured")
+    ap.add_argument("--first-rep", type=int, default=0,
+                    help="number of this invocation's first repetition (seed 1000 + number)")
+    ap.add_argument("--from-rows", type=Path, nargs="+", metavar="FILE",
+                    help="measure nothing: the table (and --png) of runs saved with --rows")
     ap.add_argument("--here", action="store_true", help="run on this kernel, do not boot a VM")
     args = ap.parse_args(argv)
     policies = [p for p in POLICIES if p.name in args.policy]
     policies.sort(key=lambda p: args.policy.index(p.name))
+
+    if args.from_rows:
+        return _from_rows(args.from_rows, args, policies)
 
     from kmlbus.tools import demo
 
@@ -419,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: dict[tuple[str, float, str], list[Run]] = {}
     with _modules(args.ram_mib):
-        for rep in range(args.reps):
+        for rep in range(args.first_rep, args.first_rep + args.reps):
             for w in args.workload:
                 for u in args.utilization:
                     for p in policies:  # interleaved, so drift falls on every policy
@@ -435,6 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             print(f"rep {rep} {w} {u:.0%} {p.name}: failed: {e}", file=sys.stderr)
                             run = Run(float("nan"), 0.0)
                         results.setdefault((w, u, p.name), []).append(run)
+                        if args.rows is not None:
+                            args.rows.parent.mkdir(parents=True, exist_ok=True)
+                            with open(args.rows, "a", encoding="utf-8") as f:
+                                f.write(json.dumps(row(w, u, p.name, rep, run)) + "\n")
                         print(f"rep {rep} {w} {u:.0%} {p.name}: WA {run.wa:.3f} "
                               f"({run.seconds:.0f} s)", file=sys.stderr, flush=True)
                         if run.transitions:
@@ -453,6 +505,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.png is not None:
         draw(results, args.workload, args.utilization, policies, args.png)
         print(f"\n{args.png}: WA over time per policy", file=sys.stderr)
+    return 0
+
+
+def _from_rows(paths: Sequence[Path], args: argparse.Namespace, policies: list[Policy]) -> int:
+    """The table, timelines and PNG of saved runs: the cells and policies the rows have, in
+    the order of --workload, --utilization and --policy (the first policy present is the base)."""
+    try:
+        results = load_rows(paths)
+    except (OSError, ValueError) as e:
+        print(f"bench_gc: {e}", file=sys.stderr)
+        return 2
+    workloads = [w for w in args.workload if any(k[0] == w for k in results)]
+    utils = sorted({k[1] for k in results if k[0] in workloads},
+                   key=lambda u: args.utilization.index(u) if u in args.utilization else 99)
+    have = [p for p in policies
+            if all((w, u, p.name) in results for w in workloads for u in utils)]
+    if not workloads or not have:
+        print("bench_gc: the rows have no cell with every policy asked for", file=sys.stderr)
+        return 2
+    print(_table(results, workloads, utils, have))
+    timelines = _timelines({k: v for k, v in results.items() if k[0] in workloads})
+    if timelines:
+        print("\nplacement mode of the learned runs (mode@logical sizes written):")
+        print(timelines)
+    if args.png is not None:
+        draw(results, workloads, utils, have, args.png)
     return 0
 
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kmlbus.bus import statefile
+from kmlbus.bus import readings, statefile
 from kmlbus.contract import spec
 from kmlbus.tools import plot
 from kmlbus.wire import codec, netlink
@@ -104,6 +104,9 @@ def print_status_table(views: list[dict[str, Any]]) -> None:
             last = bus["last"]
             print(f"  {v['name']}: last move {last.get('from')} -> {last.get('to')} "
                   f"({last.get('trigger')}): {last.get('reason')}")
+        per = (bus or {}).get("evidence", {}).get("per_arm")
+        if per and per.get("efficiency", "mean") != "mean" and not bus.get("stale"):
+            print(f"  {v['name']}: {readings.line(per)}")
         learning = (bus or {}).get("learning")
         if learning:
             print(f"  {v['name']}: {_learning_line(learning)}")

@@ -376,12 +376,14 @@ def test_the_bus_learns_a_placement_from_death_times_and_the_data_stays_intact(
     from .busproc import START_S, wait_for
 
     dev = _make(0.8, 3, " 2 victim=cost-benefit placement=hot-cold")
-    place = dev.status()["place_proxy"]
+    place, victim = dev.status()["place_proxy"], dev.status()["victim_proxy"]
     work = tmp_path / "bus"
     work.mkdir()
     (work / "bus.toml").write_text(
         "[bus]\nttl_ms = 2000\nlatency_budget_ms = 1000\n"
-        f'[proxy."{place}"]\nlearn = true\nlearner = "choice"\nexplore = 200\nlearn_every_s = 3\n')
+        f'[proxy."{place}"]\nlearn = true\nlearner = "choice"\nexplore = 200\nlearn_every_s = 3\n'
+        'efficiency = "class-match"\n'
+        f'[proxy."{victim}"]\nefficiency = "reclaimed"\n')  # watched only: no model, no learning
     env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
     hot = ("--random_distribution=zoned:90/10:10/90",)  # a hot tenth: its blocks die young
     with open(work / "bus.log", "wb") as log:
@@ -405,12 +407,54 @@ def test_the_bus_learns_a_placement_from_death_times_and_the_data_stays_intact(
             _fio_verify(dev, loops=1, extra=hot)
         view = bus_view()
         assert str(view["model"]).startswith("learned("), view
-        before = int(dev.status()["placed_model"])
+        pre = dev.status()
         _fio_verify(dev, loops=1, extra=hot)  # a whole verified pass with the learned model served
         st = dev.status()
-        assert int(st["placed_model"]) > before, st
+        assert int(st["placed_model"]) > int(pre["placed_model"]), st
         assert float(st["wa"]) > 1.0, st
+        _per_arm_readings_agree_with_the_target(work, victim, place, pre, st)
     finally:
         bus.terminate()
         bus.wait(timeout=120)
     _remove(NAME)
+
+
+def _per_arm_readings_agree_with_the_target(work: Path, victim: str, place: str,
+                                            pre: dict[str, str], st: dict[str, str]) -> None:
+    """``kmlbus status`` reads the victim proxy's arms as cleaning WA ("reclaimed") and the
+    placement's as class error ("class-match"), in the table and in ``--json``.
+
+    The bus's WA is 1 / the mean freed share over its evidence window (the last 400
+    cleanings the bus heard of, about the last fio pass); the target's ``wa_default`` is
+    the same ratio from its counters.  Over equal segments the two formulas agree, so the
+    check compares the bus's reading with the target's counters over the last pass (within
+    10%: the window and the pass need not cover exactly the same cleanings); a wrong
+    conversion (the raw mean, or its inverse off by the scale) would be off by 2x or more.
+    No model decided any victim, so both sides have nothing for the model arm.
+    """
+    env = dict(os.environ, KMLBUS_STATE=str(work / "state.json"))
+    deadline = time.monotonic() + 60
+    while True:  # the daemon writes its state file every second or so
+        out = subprocess.run([sys.executable, "-m", "kmlbus", "status", "--json"], env=env,
+                             capture_output=True, text=True, check=True, timeout=120).stdout
+        views = {v["name"]: v for v in json.loads(out)}
+        per = ((views[victim].get("bus") or {}).get("evidence") or {}).get("per_arm") or {}
+        if per.get("default_count", 0) >= 100 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert per.get("efficiency") == "reclaimed" and per.get("label") == "WA", views[victim]
+    cleaned = (int(st["cleaned_default"]) - int(pre["cleaned_default"])) * SEG_BLOCKS
+    moved = int(st["moved_default"]) - int(pre["moved_default"])
+    assert cleaned > moved > 0, (pre, st)
+    assert per["default"] == pytest.approx(cleaned / (cleaned - moved), rel=0.10), (per, pre, st)
+    assert 1.0 < per["default"] < 1.5 * float(st["wa_default"]), (per, st)
+    assert per["model"] is None and st["wa_model"] == "0.000", (per, st)
+    pl = views[place]["bus"]["evidence"]["per_arm"]
+    assert pl["efficiency"] == "class-match" and pl["default"] is not None, pl
+    assert 0.0 <= pl["default"] <= 2.0, pl  # three streams: off by at most two classes
+    table = subprocess.run([sys.executable, "-m", "kmlbus", "status"], env=env,
+                           capture_output=True, text=True, check=True, timeout=120).stdout
+    shown = re.search(rf"  {re.escape(victim)}: WA per arm: default ([0-9.]+), model -\n", table)
+    assert shown, table  # (read anew: the state file may have moved on since the --json)
+    assert float(shown.group(1)) == pytest.approx(cleaned / (cleaned - moved), rel=0.10), table
+    assert f"  {place}: class error per arm: default " in table, table

@@ -40,9 +40,22 @@
  * so a model fitted on explored decisions would be fed other states when it
  * serves.
  *
- * Feedback (kml_proxy_report at the stream's next decision): the reader's
- * progress rate between the two decisions, in pages per millisecond
- * (scale 1000): the pages its accesses asked for in between, over the time.
+ * Hold: a stream's decision is held for hold_ms (module parameter): the
+ * stream's decision points within the period reuse its value and arm without
+ * asking kmlbus again, and the first one after it reports the period and
+ * decides anew.  A window's effect outlasts the call that set it (what it read
+ * ahead is consumed by the accesses after the next decision point), so
+ * feedback measured from one decision point to the next would credit one arm
+ * with what another arm's window did whenever arms alternate between
+ * decisions.  Over a period of one arm only, the credit is that arm's.  A
+ * change of the proxy's mode ends the hold at once (killing the bus gives
+ * emergency, hence stock, at the next decision point).  hold_ms=0 decides at
+ * every decision point.  A stream is known by the address of its file_ra_state:
+ * a file opened where a closed one's was inherits the rest of its period.
+ *
+ * Feedback (kml_proxy_report when the period ends): the reader's progress
+ * rate over the period, in pages per millisecond (scale 1000): the pages its
+ * accesses asked for during the period, over the period's time.
  * Readahead exists to make readers progress: a window too small makes a
  * sequential reader wait on each small I/O, a window too large makes a random
  * reader wait for pages it never uses, and both show as a lower rate.  Page
@@ -88,6 +101,8 @@
 #define RA_MAXACTIVE	64		/* calls in flight per probe (faults sleep) */
 #define RA_DRAIN_MS	30000		/* longest wait for calls in flight at exit */
 #define RA_SEQ_GAP	64		/* pages: an access this close after the last is sequential */
+#define RA_HOLD_MS	1000		/* default period a decision is held per stream */
+#define RA_MAX_HOLD_MS	60000
 
 /* Every feature is a statistic of the reader's own accesses (see the top). */
 enum ra_feature {
@@ -105,11 +120,11 @@ struct ra_stream {
 	spinlock_t lock;
 	const struct file_ra_state *ra;	/* owner tag, compared only */
 	bool busy;
-	bool has_prev;
+	bool held;		/* prev is in force until t_ns + hold */
 	unsigned int stock;	/* ra_pages before the decision, restored on return */
 	pgoff_t last;		/* last page of the reader's previous access */
-	u64 progress;		/* pages the reader asked for since the previous decision */
-	u64 t_ns;		/* previous decision: time */
+	u64 progress;		/* pages the reader asked for since the period began */
+	u64 t_ns;		/* the held decision's period began */
 	s32 seq, reqavg, jump;	/* EWMAs of the accesses, feature scales */
 	struct kml_decision prev;
 };
@@ -130,13 +145,31 @@ static int ra_ndevs;
 static struct ra_stream *ra_streams;
 static struct kml_proxy *ra_proxy;
 static bool ra_draining;
-/* What deciding costs: decisions taken and ns spent in ra_enter for them. */
+static unsigned int hold_ms = RA_HOLD_MS;
+
+static int ra_hold_set(const char *val, const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, 0, RA_MAX_HOLD_MS);
+}
+
+static const struct kernel_param_ops ra_hold_ops = {
+	.set	= ra_hold_set,
+	.get	= param_get_uint,
+};
+module_param_cb(hold_ms, &ra_hold_ops, &hold_ms, 0644);
+MODULE_PARM_DESC(hold_ms, "ms a stream keeps one decision (one arm) before the next; 0..60000, default 1000");
+/*
+ * What deciding costs: windows applied (decision points served, held or
+ * decided), decisions asked of kmlbus, and ns spent in ra_enter for them all.
+ */
+static atomic64_t ra_windows = ATOMIC64_INIT(0);
 static atomic64_t ra_decisions = ATOMIC64_INIT(0);
 static atomic64_t ra_decide_ns = ATOMIC64_INIT(0);
 
 static int ra_stats_get(char *buf, const struct kernel_param *kp)
 {
-	return scnprintf(buf, PAGE_SIZE, "decisions=%lld decide_ns=%lld\n",
+	return scnprintf(buf, PAGE_SIZE, "windows=%lld decisions=%lld decide_ns=%lld\n",
+			 (long long)atomic64_read(&ra_windows),
 			 (long long)atomic64_read(&ra_decisions),
 			 (long long)atomic64_read(&ra_decide_ns));
 }
@@ -145,7 +178,7 @@ static const struct kernel_param_ops ra_stats_ops = {
 	.get	= ra_stats_get,
 };
 module_param_cb(stats, &ra_stats_ops, NULL, 0444);
-MODULE_PARM_DESC(stats, "decisions taken and ns spent deciding them (entry handler, without the probe's trap)");
+MODULE_PARM_DESC(stats, "windows applied, decisions asked of kmlbus, ns spent on the windows (entry handler, without the probe's trap)");
 
 static s32 ra_ewma(s32 avg, s32 x)
 {
@@ -174,7 +207,7 @@ static bool ra_in_scope(const struct address_space *mapping)
 static void ra_claim(struct ra_stream *s, const struct file_ra_state *ra, pgoff_t index)
 {
 	s->ra = ra;
-	s->has_prev = false;
+	s->held = false;
 	s->seq = index == 0 ? RA_SCALE : 0;
 	s->reqavg = RA_SCALE;
 	s->jump = 0;
@@ -204,7 +237,7 @@ static void ra_access(struct ra_stream *s, const struct file_ra_state *ra, pgoff
 	s->progress += npages;
 }
 
-/* Pages per ms * RA_SCALE that the reader asked for since the previous decision. */
+/* Pages per ms * RA_SCALE that the reader asked for since the period began. */
 static s32 ra_rate(const struct ra_stream *s, u64 now)
 {
 	u64 dt = max_t(u64, now - s->t_ns, 1);
@@ -214,10 +247,23 @@ static s32 ra_rate(const struct ra_stream *s, u64 now)
 }
 
 /*
- * Decide the window for stream @ra at page @index.  @mmap: a fault, counted
- * as an access here (reads are counted by ra_read_enter before they reach
- * readahead).  Returns 0 with @call filled when a window is in place until
- * the call returns, 1 when this call leaves the file as it is.
+ * True while stream @s's decision holds at @now: its period has not ended and
+ * the proxy is still in the mode it was decided in.
+ */
+static bool ra_holding(const struct ra_stream *s, u64 now)
+{
+	u64 hold = (u64)READ_ONCE(hold_ms) * NSEC_PER_MSEC;
+
+	return s->held && now - s->t_ns < hold &&
+	       kml_proxy_mode(ra_proxy) == s->prev.mode;
+}
+
+/*
+ * Decide the window for stream @ra at page @index, or reuse the decision
+ * its period holds.  @mmap: a fault, counted as an access here (reads are
+ * counted by ra_read_enter before they reach readahead).  Returns 0 with
+ * @call filled when a window is in place until the call returns, 1 when this
+ * call leaves the file as it is.
  */
 static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct ra_call *call)
 {
@@ -238,7 +284,12 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	cur = READ_ONCE(ra->ra_pages);
 	if (s->ra != ra)
 		ra_claim(s, ra, index);
-	if (s->has_prev) {
+	if (ra_holding(s, now)) {
+		/* the default arm's value is stock, whatever stock is now */
+		window = s->prev.arm == KMLBUS_ARM_MODEL ? s->prev.value : cur;
+		goto apply;
+	}
+	if (s->held && s->prev.seq) {
 		eff = ra_rate(s, now);
 		prev = s->prev;
 		report = true;
@@ -251,17 +302,20 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	f[RA_F_STOCK] = min_t(unsigned int, cur, S32_MAX);
 
 	if (kml_proxy_decide(ra_proxy, slot, f, &dec)) {
+		s->held = false;
 		spin_unlock_irqrestore(&s->lock, flags);
 		return 1;
 	}
 	/* the default's value is cur itself; model values are clamped by kmlbus */
 	window = dec.value;
-	s->busy = true;
-	s->stock = cur;
 	s->prev = dec;
-	s->has_prev = dec.seq != 0;
+	s->held = true;
+	atomic64_inc(&ra_decisions);
 	s->progress = 0;
 	s->t_ns = now;
+apply:
+	s->busy = true;
+	s->stock = cur;
 	if (window != cur)
 		WRITE_ONCE(ra->ra_pages, window);
 	spin_unlock_irqrestore(&s->lock, flags);
@@ -270,7 +324,7 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 		kml_proxy_report(ra_proxy, &prev, eff);
 	call->ra = ra;
 	call->slot = slot;
-	atomic64_inc(&ra_decisions);
+	atomic64_inc(&ra_windows);
 	atomic64_add(ktime_get_ns() - now, &ra_decide_ns);
 	return 0;
 }
@@ -508,23 +562,17 @@ static int __init ra_init(void)
 	for (i = 0; i < RA_STREAMS; i++)
 		spin_lock_init(&ra_streams[i].lock);
 
-	p = kml_proxy_create(&ra_desc);
+	p = kml_proxy_register(&ra_desc);
 	if (IS_ERR(p)) {
 		err = PTR_ERR(p);
 		goto err_free;
 	}
-	err = kml_proxy_init(p);
-	if (err)
-		goto err_destroy;
-	err = kml_proxy_start(p);
-	if (err)
-		goto err_destroy;
 	ra_proxy = p;
 
 	err = register_kprobe(&ra_read_probe);
 	if (err) {
 		pr_err("register_kprobe(%s): %d\n", ra_read_probe.symbol_name, err);
-		goto err_stop;
+		goto err_destroy;
 	}
 	err = register_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
 	if (err) {
@@ -536,8 +584,6 @@ static int __init ra_init(void)
 
 err_read:
 	unregister_kprobe(&ra_read_probe);
-err_stop:
-	kml_proxy_stop(p);
 err_destroy:
 	kml_proxy_destroy(p);
 err_free:
@@ -558,7 +604,6 @@ static void __exit ra_exit(void)
 			pr_info("%s: %d calls missed (maxactive %d)\n",
 				ra_probes[i]->kp.symbol_name, ra_probes[i]->nmissed,
 				RA_MAXACTIVE);
-	kml_proxy_stop(ra_proxy);
 	kml_proxy_destroy(ra_proxy);
 	kfree(ra_streams);
 }

@@ -36,9 +36,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,7 +57,15 @@ DEVICES = {"2ms": (2_000_000, 0), "200us+200MBps": (200_000, 200)}
 WORKLOADS: dict[str, tuple[str, ...]] = {
     "seq4k": ("seq4k",), "seq64k": ("seq64k",), "rand_psync": ("rand_psync",),
     "rand_mmap": ("rand_mmap",), "mixed": ("seq4k", "rand_mmap"),
+    # real applications (kmlbus.tools.ra_apps); LMDB's figure is thousands of lookups/s
+    "lmdb": ("get_k/s",), "sha256sum": ("scan",),
 }
+#: fio's workloads (the others are real applications)
+FIO_WORKLOADS = ("seq4k", "seq64k", "rand_psync", "rand_mmap", "mixed")
+#: LMDB database size and the memory cgroup limit its lookups run under (MiB)
+LMDB_MB, LMDB_MEMCG_MB = 160, 48
+#: files sha256sum scans, MiB each
+SHA_FILES, SHA_MB = 2, 64
 _JOBS = {
     "seq4k": ("seq", "read", "4k", "psync"),
     "seq64k": ("seq", "read", "64k", "psync"),
@@ -70,10 +79,10 @@ LIVE = "proxy learned live"
 RA_FEATURES = 5
 
 
-def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]:
-    """The fio command line of *workload*: one job per stream, JSON output."""
+def fio_args(workload: str, files: dict[str, Path], runtime: float, numjobs: int = 1) -> list[str]:
+    """The fio command line of *workload*: *numjobs* jobs per stream kind, JSON output."""
     args = ["fio", "--output-format=json", "--fadvise_hint=0", "--invalidate=1", "--direct=0",
-            "--time_based", f"--runtime={runtime:g}s", "--group_reporting=0"]
+            "--time_based", f"--runtime={runtime:g}s", "--group_reporting=0", f"--numjobs={numjobs}"]
     for job in WORKLOADS[workload]:
         which, rw, bs, engine = _JOBS[job]
         args += [f"--name={job}", f"--filename={files[which]}", f"--rw={rw}", f"--bs={bs}",
@@ -113,15 +122,61 @@ def _f32(x: object) -> np.ndarray:
 
 # ---- in the guest ---------------------------------------------------------------------
 
-def _run_fio(workload: str, files: dict[str, Path], runtime: float) -> dict[str, float]:
-    """MiB/s per stream of one fio run, caches dropped first."""
+def _run_fio(workload: str, files: dict[str, Path], runtime: float,
+             numjobs: int = 1) -> dict[str, float]:
+    """MiB/s per stream of one fio run, caches dropped first (with *numjobs* > 1, the last
+    job of each name)."""
     from kmlbus.vm.nullblk import drop_caches
 
     drop_caches()
-    out = subprocess.run(fio_args(workload, files, runtime), capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(fio_args(workload, files, runtime, numjobs), capture_output=True,
+                         text=True, check=True).stdout
     data = json.loads(out[out.index("{"):])
     return {j["jobname"]: j["read"]["bw_bytes"] / 2**20 for j in data["jobs"]}
+
+
+def _run(workload: str, files: dict[str, Path], runtime: float) -> dict[str, float]:
+    """One run of *workload* (fio or a real application), caches dropped first: per stream,
+    MiB/s (LMDB: thousands of lookups per second)."""
+    from kmlbus.tools import ra_apps
+    from kmlbus.vm.nullblk import drop_caches
+
+    if workload in FIO_WORKLOADS:
+        return _run_fio(workload, files, runtime)
+    drop_caches()
+    if workload == "lmdb":
+        procs = files.get("lmdb_procs")
+        return {"get_k/s": ra_apps.run_lmdb(files["lmdb"], ra_apps.lmdb_keys(LMDB_MB), runtime,
+                                            procs)}
+    if workload == "sha256sum":
+        return {"scan": ra_apps.run_sha256([files[f"sha{i}"] for i in range(SHA_FILES)])}
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def _workloads(files: dict[str, Path]) -> list[str]:
+    """The workloads *files* has data for (the applications' only outside ``--collect``)."""
+    return [wl for wl in WORKLOADS if wl in FIO_WORKLOADS or "lmdb" in files]
+
+
+@contextmanager
+def _apps(disk: Any, files: dict[str, Path], say: Callable[[str], None]) -> Iterator[None]:
+    """The real applications' data on *disk*, into *files*; LMDB's memory cgroup while inside."""
+    from kmlbus.tools import ra_apps
+
+    try:
+        import lmdb  # noqa: F401 - the guest shares this Python
+    except ImportError as e:
+        raise SystemExit("bench_readahead: py-lmdb is missing: pip install 'kmlbus[bench]'") from e
+    t0 = time.monotonic()
+    files["lmdb"] = disk.mountpoint / "lmdb"
+    ra_apps.make_lmdb(files["lmdb"], LMDB_MB)
+    for i in range(SHA_FILES):
+        files[f"sha{i}"] = disk.make_file(f"sha{i}", SHA_MB)
+    say(f"application data: LMDB {LMDB_MB} MiB (lookups under memory.max {LMDB_MEMCG_MB} MiB), "
+        f"{SHA_FILES} x {SHA_MB} MiB for sha256sum; {time.monotonic() - t0:.0f} s")
+    with ra_apps.memcg("kmlbus-bench-lmdb", LMDB_MEMCG_MB) as procs:
+        files["lmdb_procs"] = procs
+        yield
 
 
 @dataclass
@@ -192,10 +247,13 @@ def _counters() -> dict[str, int]:
 
 
 def _decide_stats() -> tuple[int, int]:
-    """(decisions, ns spent deciding) from kmlbus_readahead's ``stats`` parameter."""
+    """(windows applied, ns spent on them) from kmlbus_readahead's ``stats`` parameter.
+
+    Every decision point applies a window, decided anew or held (see the module's
+    ``hold_ms``): the cost on the I/O path is per decision point."""
     text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
     kv = dict(part.split("=") for part in text.split())
-    return int(kv["decisions"]), int(kv["decide_ns"])
+    return int(kv["windows"]), int(kv["decide_ns"])
 
 
 def _mode() -> str:
@@ -247,14 +305,16 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
     from kmlbus.vm.nullblk import NullBlk, set_read_ahead_kb
 
     ra_ko = project_root() / "kernel" / "readahead" / "kmlbus_readahead.ko"
-    with NullBlk("/run/kmlbus-bench-ra", name=DEV, size_mb=1024, completion_nsec=latency_ns,
-                 mbps=mbps) as disk:
+    with NullBlk("/run/kmlbus-bench-ra", name=DEV, size_mb=1536, completion_nsec=latency_ns,
+                 mbps=mbps) as disk, ExitStack() as apps:
         files = {"seq": disk.make_file("seq", 512), "rand": disk.make_file("rand", 256)}
+        if collect is None:
+            apps.enter_context(_apps(disk, files, say))
         for rep in range(reps if collect is None else 0):
-            for wl in WORKLOADS:
+            for wl in _workloads(files):
                 for kb in grid:
                     set_read_ahead_kb(DEV, kb)
-                    got = _run_fio(wl, files, runtime)
+                    got = _run(wl, files, runtime)
                     res.add(device, f"static {kb}", wl, got)
                     say(f"{device} rep {rep + 1} {wl:<10} static {kb:>4} KiB  {_show(got)}")
         set_read_ahead_kb(DEV, DEFAULT_KB)
@@ -296,8 +356,8 @@ def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: P
                                          f"{device} {name}")
         c0, s0 = _counters(), _decide_stats()
         for rep in range(reps):
-            for wl in WORKLOADS:
-                got = _run_fio(wl, files, runtime)
+            for wl in _workloads(files):
+                got = _run(wl, files, runtime)
                 res.add(device, name, wl, got)
                 say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
                     + (f"  [{_mode()}]" if mode is None else ""))
@@ -306,7 +366,7 @@ def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: P
     say(f"{device} {name}: decisions model {c1['decisions-model'] - c0['decisions-model']}, "
         f"default {c1['decisions-default'] - c0['decisions-default']}, "
         f"telemetry drops {c1['drops'] - c0['drops']}; "
-        f"{(s1[1] - s0[1]) / n:.0f} ns per decision in the entry handler")
+        f"{(s1[1] - s0[1]) / n:.0f} ns per decision point in the entry handler")
     res.decide_ns.setdefault(device, {})[name] = (s1[1] - s0[1]) / n
     shutil.rmtree(work, ignore_errors=True)
 
@@ -328,6 +388,13 @@ def _mixed_gain(res: Results, dev: str, policy: str) -> float:
                      / _med(res.runs.get((dev, default, "mixed", s), [])) for s in WORKLOADS["mixed"]])
 
 
+def _measured(res: Results, dev: str) -> list[tuple[str, str]]:
+    """(workload, stream) pairs the default was measured on for *dev*, in table order."""
+    default = f"static {DEFAULT_KB}"
+    return [(wl, st) for wl, sts in WORKLOADS.items() for st in sts
+            if res.runs.get((dev, default, wl, st))]
+
+
 def summarize(res: Results, grid: Sequence[int]) -> str:
     """The result table: per device and stream, medians (min-max) and ratios to the default."""
     lines: list[str] = []
@@ -336,25 +403,25 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
     proxies = sorted({k[1] for k in res.runs if not k[1].startswith("static ")})
     for dev in devices:
         lines.append(f"\n== {dev}: MiB/s median (min-max) over repetitions; x = ratio to default "
-                     f"({DEFAULT_KB} KiB); /or = ratio to the stream's oracle ==")
+                     f"({DEFAULT_KB} KiB); /or = ratio to the stream's oracle; lmdb: thousands of "
+                     "lookups/s ==")
         head = f"{'workload/stream':<22}" + "".join(f"{f'static {kb}':>16}" for kb in grid)
         head += f"{'oracle':>16}" + "".join(f"{p:>29}" for p in proxies)
         lines.append(head)
-        for wl, streams in WORKLOADS.items():
-            for st in streams:
-                row = f"{wl + '/' + st:<22}"
-                base = _med(res.runs.get((dev, default, wl, st), []))
-                meds = {kb: _med(res.runs.get((dev, f"static {kb}", wl, st), [])) for kb in grid}
-                for kb in grid:
-                    row += f"{meds[kb]:>9.1f} {meds[kb] / base:>5.2f}x"
-                okb = max(grid, key=lambda k: meds[k])
-                row += f"{meds[okb]:>9.1f} @{okb:>5}"
-                for p in proxies:
-                    xs = res.runs.get((dev, p, wl, st), [])
-                    pm = _med(xs)
-                    spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
-                    row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
-                lines.append(row)
+        for wl, st in _measured(res, dev):
+            row = f"{wl + '/' + st:<22}"
+            base = _med(res.runs.get((dev, default, wl, st), []))
+            meds = {kb: _med(res.runs.get((dev, f"static {kb}", wl, st), [])) for kb in grid}
+            for kb in grid:
+                row += f"{meds[kb]:>9.1f} {meds[kb] / base:>5.2f}x"
+            okb = max(grid, key=lambda k: meds[k])
+            row += f"{meds[okb]:>9.1f} @{okb:>5}"
+            for p in proxies:
+                xs = res.runs.get((dev, p, wl, st), [])
+                pm = _med(xs)
+                spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
+                row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
+            lines.append(row)
         static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
         best = max(grid, key=lambda k: static[k])
         lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
@@ -393,7 +460,8 @@ def draw(json_path: str | Path, out: str | Path, *, live: str | None = None) -> 
     devices = sorted({k[0] for k in res.runs}, key=list(DEVICES).index)
     policies = [f"static {kb}" for kb in grid] + sorted(
         {k[1] for k in res.runs if not k[1].startswith("static ")})
-    streams = [(wl, st) for wl, sts in WORKLOADS.items() for st in sts]
+    streams = sorted({ws for d in devices for ws in _measured(res, d)},
+                     key=[(wl, st) for wl, sts in WORKLOADS.items() for st in sts].index)
     runs = {d: Path(f"{live}.{d}") for d in devices} if live else {}
     runs = {d: p for d, p in runs.items() if p.exists()}
     fig = Figure(figsize=(12, 4.2 * len(devices) + 2.6 * len(runs)), layout="constrained")

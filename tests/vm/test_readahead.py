@@ -211,10 +211,24 @@ def recommend_all(c: Connection, pid: int, window: int) -> None:
     c.recommend(pid, [(k, window, 60000) for k in range(NKEYS)])
 
 
-def decisions_taken() -> int:
-    """Decisions counted by kmlbus_readahead's read-only ``stats`` parameter."""
+HOLD = Path("/sys/module/kmlbus_readahead/parameters/hold_ms")
+
+
+def ra_stats() -> dict[str, int]:
+    """kmlbus_readahead's read-only ``stats`` parameter: windows, decisions, decide_ns."""
     text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
-    return int(dict(part.split("=") for part in text.split())["decisions"])
+    return {k: int(v) for k, v in (part.split("=") for part in text.split())}
+
+
+def decisions_taken() -> int:
+    """Decisions kmlbus_readahead asked of kmlbus (held windows are not decisions)."""
+    return ra_stats()["decisions"]
+
+
+def next_period() -> None:
+    """Wait out the hold: a file opened where a closed one's readahead state was
+    inherits that stream's held decision until its period ends."""
+    time.sleep(int(HOLD.read_text()) / 1000 + 0.1)
 
 
 def probed_symbols() -> list[str]:
@@ -268,6 +282,33 @@ def test_files_on_other_devices_are_not_touched(readahead: int) -> None:
     assert after == before
 
 
+def test_a_stream_keeps_one_decision_per_hold_period(
+        readahead: int, disk: tuple[NullBlk, Path], stock: Pattern) -> None:
+    d, path = disk
+    assert HOLD.read_text().strip() == "1000"
+    with pytest.raises(OSError):
+        HOLD.write_text("60001")
+    assert HOLD.read_text().strip() == "1000", "a rejected hold_ms changed the value"
+    try:
+        s0, t0 = ra_stats(), time.monotonic()
+        held = read_seq(d, path, 4096)
+        elapsed, s1 = time.monotonic() - t0, ra_stats()
+        HOLD.write_text("0")
+        next_period()
+        s2 = ra_stats()
+        each = read_seq(d, path, 4096)
+        s3 = ra_stats()
+    finally:
+        HOLD.write_text("1000")
+    windows, decisions = s1["windows"] - s0["windows"], s1["decisions"] - s0["decisions"]
+    # one stream: one decision per period begun, the other decision points hold it
+    assert 1 <= decisions <= elapsed / 1.0 + 1 < windows
+    # hold_ms=0: every decision point is a decision
+    assert s3["decisions"] - s2["decisions"] == s3["windows"] - s2["windows"] > decisions
+    # in emergency the held arm is the default: stock requests either way
+    assert held == each == stock.seq4k
+
+
 # ---- (b) recommendations change real reads ----------------------------------------------
 
 def test_recommended_windows_change_request_sizes_and_pages_read(
@@ -281,8 +322,10 @@ def test_recommended_windows_change_request_sizes_and_pages_read(
         recommend_all(c, pid, 4)
         small = read_seq(d, path, 4096)
         recommend_all(c, pid, 0)
+        next_period()
         none_mmap = touch_mmap_random(d, path)
         recommend_all(c, pid, 2048)
+        next_period()
         big = read_seq(d, path, 4096)
         big_mmap = touch_mmap_random(d, path)
         counters = c.proxy(pid)["counters"]

@@ -79,10 +79,10 @@ LIVE = "proxy learned live"
 RA_FEATURES = 5
 
 
-def fio_args(workload: str, files: dict[str, Path], runtime: float, numjobs: int = 1) -> list[str]:
-    """The fio command line of *workload*: *numjobs* jobs per stream kind, JSON output."""
+def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]:
+    """The fio command line of *workload*: one job per stream, JSON output."""
     args = ["fio", "--output-format=json", "--fadvise_hint=0", "--invalidate=1", "--direct=0",
-            "--time_based", f"--runtime={runtime:g}s", "--group_reporting=0", f"--numjobs={numjobs}"]
+            "--time_based", f"--runtime={runtime:g}s", "--group_reporting=0"]
     for job in WORKLOADS[workload]:
         which, rw, bs, engine = _JOBS[job]
         args += [f"--name={job}", f"--filename={files[which]}", f"--rw={rw}", f"--bs={bs}",
@@ -122,15 +122,13 @@ def _f32(x: object) -> np.ndarray:
 
 # ---- in the guest ---------------------------------------------------------------------
 
-def _run_fio(workload: str, files: dict[str, Path], runtime: float,
-             numjobs: int = 1) -> dict[str, float]:
-    """MiB/s per stream of one fio run, caches dropped first (with *numjobs* > 1, the last
-    job of each name)."""
+def _run_fio(workload: str, files: dict[str, Path], runtime: float) -> dict[str, float]:
+    """MiB/s per stream of one fio run, caches dropped first."""
     from kmlbus.vm.nullblk import drop_caches
 
     drop_caches()
-    out = subprocess.run(fio_args(workload, files, runtime, numjobs), capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(fio_args(workload, files, runtime), capture_output=True, text=True,
+                         check=True).stdout
     data = json.loads(out[out.index("{"):])
     return {j["jobname"]: j["read"]["bw_bytes"] / 2**20 for j in data["jobs"]}
 

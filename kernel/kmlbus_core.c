@@ -247,6 +247,50 @@ static void kmlbus_count_sent(struct kml_proxy *p, u32 n, int err)
 }
 
 /*
+ * A message of @n records of @esize bytes each for @p, its id put, with
+ * room for the drops counter; NULL on failure (the caller's records stay
+ * where they are, for the next run).
+ */
+static struct sk_buff *batch_start(struct kml_proxy *p, u8 cmd, u32 n,
+				   size_t esize, void **hdr)
+{
+	struct sk_buff *skb;
+
+	skb = genlmsg_new(nla_total_size(sizeof(u32)) +
+			  (size_t)n * nla_total_size(esize) +
+			  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
+	if (!skb)
+		return NULL;
+	*hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
+	if (!*hdr || nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id)) {
+		nlmsg_free(skb);
+		return NULL;
+	}
+	return skb;
+}
+
+/*
+ * Multicast a batch of @n records begun by batch_start(), telemetry with the
+ * proxy's drops counter; a batch that cannot be finished is counted
+ * send-failed, never lost silently.
+ */
+static void batch_send(struct kml_proxy *p, struct sk_buff *skb, void *hdr,
+		       u32 n, bool drops)
+{
+	if (drops && nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
+				       kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
+				       KMLBUS_A_PROXY_PAD)) {
+		nlmsg_free(skb);
+		kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
+		return;
+	}
+	genlmsg_end(skb, hdr);
+	kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
+						  KMLBUS_NLGRP_TELEMETRY,
+						  GFP_KERNEL));
+}
+
+/*
  * Send the records @r held when the call began, in messages of at most
  * @batch records, or count them unheard when nobody listens.  Records that
  * arrive meanwhile wait for the next run, so a producer that outpaces the
@@ -281,38 +325,16 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 			break;
 
 		/* count only grows meanwhile: we are the only consumer */
-		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
-				  (size_t)n * nla_total_size(r->esize) +
-				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
+		skb = batch_start(p, cmd, n, r->esize, &hdr);
 		if (!skb)
 			return false;	/* retried by the periodic flush */
-		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0, cmd);
-		if (!hdr)
-			goto err_free;
-		if (nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id))
-			goto err_free;
 		spin_lock_irqsave(&p->fb_lock, flags);
 		ring_pop_attrs(r, skb, attr, n);
 		spin_unlock_irqrestore(&p->fb_lock, flags);
 		budget -= n;
-		if (cmd == KMLBUS_CMD_TELEMETRY &&
-		    nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
-				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
-				      KMLBUS_A_PROXY_PAD)) {
-			nlmsg_free(skb);
-			kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
-			continue;
-		}
-		genlmsg_end(skb, hdr);
-		kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
-							  KMLBUS_NLGRP_TELEMETRY,
-							  GFP_KERNEL));
+		batch_send(p, skb, hdr, n, cmd == KMLBUS_CMD_TELEMETRY);
 	}
 	return READ_ONCE(r->count) != 0;
-
-err_free:
-	nlmsg_free(skb);
-	return false;
 }
 
 /*
@@ -340,17 +362,9 @@ static bool flush_cpu_samples(struct kml_proxy *p, int cpu, u32 batch)
 			budget -= n;
 			continue;
 		}
-		skb = genlmsg_new(nla_total_size(sizeof(u32)) +
-				  (size_t)n * nla_total_size(esize) +
-				  nla_total_size_64bit(sizeof(u64)), GFP_KERNEL);
+		skb = batch_start(p, KMLBUS_CMD_TELEMETRY, n, esize, &hdr);
 		if (!skb)
 			return false;	/* retried by the periodic flush */
-		hdr = genlmsg_put(skb, 0, 0, &kmlbus_family, 0,
-				  KMLBUS_CMD_TELEMETRY);
-		if (!hdr || nla_put_u32(skb, KMLBUS_A_PROXY_ID, p->id)) {
-			nlmsg_free(skb);
-			return false;
-		}
 		for (i = 0; i < n; i++)
 			memcpy(nla_data(__nla_reserve(skb, KMLBUS_A_PROXY_RECORDS,
 						      esize)),
@@ -360,17 +374,7 @@ static bool flush_cpu_samples(struct kml_proxy *p, int cpu, u32 batch)
 		head += n;
 		smp_store_release(&c->head, head);
 		budget -= n;
-		if (nla_put_u64_64bit(skb, KMLBUS_A_PROXY_DROPS,
-				      kmlbus_counter(p, KMLBUS_A_COUNTERS_DROPS),
-				      KMLBUS_A_PROXY_PAD)) {
-			nlmsg_free(skb);
-			kmlbus_count(p, KMLBUS_A_COUNTERS_SEND_FAILED, n);
-			continue;
-		}
-		genlmsg_end(skb, hdr);
-		kmlbus_count_sent(p, n, genlmsg_multicast(&kmlbus_family, skb, 0,
-							  KMLBUS_NLGRP_TELEMETRY,
-							  GFP_KERNEL));
+		batch_send(p, skb, hdr, n, true);
 	}
 	return READ_ONCE(c->tail) != head;
 }

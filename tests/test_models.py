@@ -70,3 +70,24 @@ def test_main_writes_the_sample_models(tmp_path: Path, capsys: pytest.CaptureFix
     assert sorted(q.name for q in tmp_path.iterdir()) == [
         "sample_bad.onnx", "sample_good.onnx", "sample_inverted.onnx"]
     assert models.main([]) == 2
+
+
+@pytest.mark.parametrize("module", ["kmlbus.bus.daemon", "kmlbus.tools.cli"])
+def test_the_daemon_and_the_cli_start_without_importing_onnx(module: str) -> None:
+    # onnx (with ml_dtypes) costs ~1 s of CPU to import on the host and ~30 s in
+    # a TCG guest; only building a model needs it, so starting must not.
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print('onnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_a_built_model_still_checks_and_loads() -> None:
+    m = models.linear_model([1.0, 2.0], 0.5)
+    onnx.checker.check_model(m)
+    sess = ort.InferenceSession(models.to_bytes(m))
+    y = sess.run(None, {models.INPUT_NAME: np.array([[1.0, 1.0]], dtype=np.float32)})[0]
+    assert float(y[0, 0]) == pytest.approx(3.5)

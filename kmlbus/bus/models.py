@@ -21,13 +21,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from types import ModuleType
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from kmlbus.bus import atomic
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "INPUT_NAME",
@@ -55,11 +57,29 @@ OUTPUT_NAME = "value"
 SAMPLE_FEATURES = ("seq_ratio", "req_size", "noise")
 
 
+def _onnx() -> ModuleType:
+    """The ``onnx`` package, imported on first use.
+
+    Importing it costs about 1 s of CPU on the host (most of it in
+    ``ml_dtypes``) and half a minute in a TCG guest; the daemon imports this
+    module for its constants and only builds a model when a linear fit is
+    exported, so ``kmlbus run`` and every CLI command start without it.
+    """
+    import onnx
+    import onnx.checker
+    import onnx.helper
+    import onnx.numpy_helper
+
+    return onnx
+
+
 def _finish(graph: onnx.GraphProto, doc: str) -> onnx.ModelProto:
-    model = helper.make_model(graph, producer_name="kmlbus", doc_string=doc,
-                              opset_imports=[helper.make_opsetid("", OPSET)])
+    ox = _onnx()
+    helper = ox.helper
+    model: onnx.ModelProto = helper.make_model(graph, producer_name="kmlbus", doc_string=doc,
+                                               opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
-    onnx.checker.check_model(model)
+    ox.checker.check_model(model)
     return model
 
 
@@ -75,6 +95,8 @@ def linear_model(weights: Sequence[float], bias: float, n_features: int | None =
     n = w.shape[0] if n_features is None else n_features
     if n != w.shape[0] or n < 1:
         raise ValueError(f"linear_model: {w.shape[0]} weights for {n} features")
+    ox = _onnx()
+    helper, numpy_helper, TensorProto = ox.helper, ox.numpy_helper, ox.TensorProto
     graph = helper.make_graph(
         [helper.make_node("MatMul", [input_name, "W"], ["xw"]),
          helper.make_node("Add", ["xw", "B"], [output_name])],
@@ -113,6 +135,8 @@ def mismatched_model(kind: Literal["width", "dtype", "output", "rank"],
     ``width``: input [N, n_features + 1]; ``dtype``: input float64;
     ``output``: output [N, 2]; ``rank``: input of rank 3 [N, n_features, 1].
     """
+    ox = _onnx()
+    helper, numpy_helper, TensorProto = ox.helper, ox.numpy_helper, ox.TensorProto
     if kind == "width":
         return linear_model([1.0] * (n_features + 1), 0.0, doc="mismatch: input too wide")
     if kind == "dtype":

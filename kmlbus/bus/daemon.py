@@ -50,7 +50,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from kmlbus.bus import pins, statefile
+from kmlbus.bus import pins, readings, statefile
 from kmlbus.bus.config import Config, ConfigError, ProxySchema, load
 from kmlbus.bus.dispatcher import Dispatcher
 from kmlbus.bus import fastlane
@@ -238,7 +238,7 @@ class Bus:
         pc = self.config.proxies.get(schema.name)
         proxy = Proxy(schema, modes, ctl=self.ctl, registry=self.registry, dispatcher=self.dispatcher,
                       policy=self.policy, stats=self.stats, learning=loop, trace=self.trace,
-                      clock=self.clock, reading=pc.efficiency if pc is not None else "mean")
+                      clock=self.clock, reading=pc.efficiency if pc is not None else readings.DEFAULT)
         g = self.graph.guards
         explore = g.exploration_share if pc is None else pc.explore_share(g.exploration_share)
         self.ctl.attach(pid)

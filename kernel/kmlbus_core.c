@@ -291,16 +291,16 @@ static void batch_send(struct kml_proxy *p, struct sk_buff *skb, void *hdr,
 }
 
 /*
- * Send the records @r held when the call began, in messages of at most
- * @batch records, or count them unheard when nobody listens.  Records that
- * arrive meanwhile wait for the next run, so a producer that outpaces the
- * sender cannot keep one run going (and the stale check waiting).  Runs in
- * process context under flush_lock, the rings' only consumer.  Returns true
- * if records are left.  For the feedback ring; samples: flush_samples().
+ * Send the feedback records the ring held when the call began, in messages
+ * of at most KMLBUS_MSG_FEEDBACK records, or count them unheard when nobody
+ * listens.  Records that arrive meanwhile wait for the next run, so a
+ * producer that outpaces the sender cannot keep one run going (and the stale
+ * check waiting).  Runs in process context under flush_lock, the ring's only
+ * consumer.  Returns true if records are left.  Samples: flush_samples().
  */
-static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
-		       int attr, u32 batch)
+static bool flush_feedback(struct kml_proxy *p)
 {
+	struct kml_ring *r = &p->feedback;
 	unsigned long flags;
 	struct sk_buff *skb;
 	u32 n, budget;
@@ -312,7 +312,7 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 
 	while (budget) {
 		spin_lock_irqsave(&p->fb_lock, flags);
-		n = min3(r->count, batch, budget);
+		n = min3(r->count, (u32)KMLBUS_MSG_FEEDBACK, budget);
 		if (n && !kmlbus_nl_telemetry_heard()) {
 			ring_pop(r, NULL, n);
 			spin_unlock_irqrestore(&p->fb_lock, flags);
@@ -325,14 +325,14 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 			break;
 
 		/* count only grows meanwhile: we are the only consumer */
-		skb = batch_start(p, cmd, n, r->esize, &hdr);
+		skb = batch_start(p, KMLBUS_CMD_FEEDBACK, n, r->esize, &hdr);
 		if (!skb)
 			return false;	/* retried by the periodic flush */
 		spin_lock_irqsave(&p->fb_lock, flags);
-		ring_pop_attrs(r, skb, attr, n);
+		ring_pop_attrs(r, skb, KMLBUS_A_PROXY_FEEDBACK, n);
 		spin_unlock_irqrestore(&p->fb_lock, flags);
 		budget -= n;
-		batch_send(p, skb, hdr, n, cmd == KMLBUS_CMD_TELEMETRY);
+		batch_send(p, skb, hdr, n, false);
 	}
 	return READ_ONCE(r->count) != 0;
 }
@@ -340,7 +340,7 @@ static bool flush_ring(struct kml_proxy *p, struct kml_ring *r, u8 cmd,
 /*
  * Send the samples CPU @cpu's ring held when the call began, in messages of
  * at most @batch records, or count them unheard when nobody listens; as
- * flush_ring(), newer records wait for the next run.  Caller holds
+ * flush_feedback(), newer records wait for the next run.  Caller holds
  * flush_lock.  Returns true if records are left.
  */
 static bool flush_cpu_samples(struct kml_proxy *p, int cpu, u32 batch)
@@ -440,8 +440,7 @@ static bool flush_now(struct kml_proxy *p)
 
 	mutex_lock(&p->flush_lock);
 	more = flush_samples(p, READ_ONCE(flush_batch));
-	more |= flush_ring(p, &p->feedback, KMLBUS_CMD_FEEDBACK,
-			   KMLBUS_A_PROXY_FEEDBACK, KMLBUS_MSG_FEEDBACK);
+	more |= flush_feedback(p);
 	mutex_unlock(&p->flush_lock);
 	return more;
 }

@@ -449,3 +449,15 @@ def test_codec_follows_the_spec_file_not_hand_written_numbers(tmp_path: Path, mo
         monkeypatch.undo()
         codec.clear_caches()
     assert codec.encode_attrs("proxy", {"id": 7})[2] == SPEC.attr_sets["proxy"].by_name["id"].value
+
+
+def test_the_fast_yaml_loader_reads_the_spec_and_graph_as_the_pure_python_one_does() -> None:
+    # spec.load() and graph.load() use libyaml's loader for start-up time; it must not change
+    # what they read (a tag or a number parsed differently would renumber the wire).
+    import yaml
+
+    from kmlbus.contract import graph as kgraph
+
+    for path in (SPEC.path, kgraph.GRAPH_PATH):
+        text = path.read_text(encoding="utf-8")
+        assert yaml.load(text, Loader=kspec.SAFE_LOADER) == yaml.safe_load(text), path

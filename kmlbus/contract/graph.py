@@ -140,4 +140,4 @@ def _parse(raw: dict[str, Any]) -> Graph:
 def load(path: Path = GRAPH_PATH) -> Graph:
     """Parse and check the mode graph (cached)."""
     with open(path, encoding="utf-8") as f:
-        return _parse(yaml.safe_load(f))
+        return _parse(yaml.load(f, Loader=kspec.SAFE_LOADER))

@@ -20,6 +20,11 @@ from typing import Any
 
 import yaml
 
+#: libyaml's safe loader where PyYAML was built with it: it parses the family spec about 7x
+#: faster than the pure-Python one (9 vs 68 ms on the host, about 2 s less at every Python start
+#: that reads the spec in a TCG guest); the same documents give the same objects.
+SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 __all__ = [
     "Attr",
     "AttrSet",
@@ -332,5 +337,5 @@ def load(path: Path | None = None) -> Spec:
     """Parse and check the family spec (cached; the default path is :func:`spec_path`)."""
     p = path or spec_path()
     with open(p, encoding="utf-8") as f:
-        raw = yaml.safe_load(f)
+        raw = yaml.load(f, Loader=SAFE_LOADER)
     return _parse(raw, p)

@@ -46,9 +46,9 @@ def _run(machine: type[ProxyMachine], examples: int, steps: int) -> list[int]:
 
 @pytest.mark.sample_params(rate=500)
 def test_the_kit_machine_holds_on_the_sample_proxy(modules: LoadedModules) -> None:
-    judged = _run(proxy_machine(LiveTarget(), "sample", decide_s=0.2), examples=4, steps=15)
+    judged = _run(proxy_machine(LiveTarget(), "sample", decide_s=0.2), examples=2, steps=15)
     # the runs compared decisions with the recommendations sent (not an empty pass)
-    assert sum(judged) > 100, judged
+    assert sum(judged) > 50, judged
 
 
 class Reader:

@@ -450,8 +450,12 @@ def _per_arm_readings_agree_with_the_target(work: Path, victim: str, place: str,
     assert 1.0 < per["default"] < 1.5 * float(st["wa_default"]), (per, st)
     assert per["model"] is None and st["wa_model"] == "0.000", (per, st)
     pl = views[place]["bus"]["evidence"]["per_arm"]
-    assert pl["efficiency"] == "class-match" and pl["default"] is not None, pl
-    assert 0.0 <= pl["default"] <= 2.0, pl  # three streams: off by at most two classes
+    assert pl["efficiency"] == "class-match" and pl["label"] == "class error", pl
+    # The learned model may have climbed to recommendation, where it decides every placement:
+    # then the window holds only the model's arm.  Whichever arms have evidence are read.
+    heard = {arm: pl[arm] for arm in ("default", "model") if pl.get(f"{arm}_count", 0) > 0}
+    assert heard, pl
+    assert all(0.0 <= v <= 2.0 for v in heard.values()), pl  # three streams: at most two classes off
     table = subprocess.run([sys.executable, "-m", "kmlbus", "status"], env=env,
                            capture_output=True, text=True, check=True, timeout=120).stdout
     shown = re.search(rf"  {re.escape(victim)}: WA per arm: default ([0-9.]+), model -\n", table)

@@ -164,6 +164,9 @@ def test_test_command_runs_the_vm_suite_with_this_python() -> None:
     import sys
     assert pytest_command(["-x"])[:7] == [sys.executable, "-m", "pytest", "-m", "vm", "tests/vm", "-q"]
     assert "tests/vm" not in pytest_command(["tests/vm/test_vm_smoke.py::test_x"])
+    # options that name tests to leave out keep the whole suite as the run's path
+    left_out = ["--deselect=tests/vm/test_vm_smoke.py::test_x", "--ignore=tests/vm/test_dkms.py"]
+    assert pytest_command(left_out)[5] == "tests/vm"
 
 
 # --- real boots (two, a few seconds each under TCG) ---------------------------------------

@@ -41,9 +41,10 @@ def _vm_options(parser: argparse.ArgumentParser, timeout: float) -> None:
 def pytest_command(pytest_args: Sequence[str]) -> list[str]:
     """The guest command of ``test``: pytest on the vm-marked suite.
 
-    If the arguments name test paths, they replace the default ``tests/vm``.
+    If the arguments name test paths, they replace the default ``tests/vm``; options such as
+    ``--deselect=FILE::TEST`` or ``--ignore=FILE`` name no path to run.
     """
-    names_path = any("::" in a or (not a.startswith("-") and Path(a).exists()) for a in pytest_args)
+    names_path = any(not a.startswith("-") and ("::" in a or Path(a).exists()) for a in pytest_args)
     paths = [] if names_path else ["tests/vm"]
     return [sys.executable, "-m", "pytest", "-m", "vm", *paths, "-q", "-p", "no:cacheprovider",
             *pytest_args]

@@ -245,7 +245,7 @@ def test_closed_connection_fails_with_an_os_error_not_a_hang(modules: Any) -> No
 
 
 def test_bench_wire_in_the_guest(modules: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    out = bench_wire.run(requests=100, decodes=500)
+    out = bench_wire.run(requests=30, decodes=150)  # a smoke run in CI: the numbers come from bench_wire itself
     assert out["kmlbus_get_raw_us"] > 0 and out["decode_numpy_us"] > 0
     with capsys.disabled():
         print("\nbench_wire (guest):", json.dumps({k: round(v, 2) for k, v in out.items()}))

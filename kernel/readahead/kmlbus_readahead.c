@@ -50,8 +50,23 @@
  * decisions.  Over a period of one arm only, the credit is that arm's.  A
  * change of the proxy's mode ends the hold at once (killing the bus gives
  * emergency, hence stock, at the next decision point).  hold_ms=0 decides at
- * every decision point.  A stream is known by the address of its file_ra_state:
- * a file opened where a closed one's was inherits the rest of its period.
+ * every decision point.
+ *
+ * Streams: a stream is known by the address of its file_ra_state, and a
+ * file's first read() (f_ra.prev_pos still -1, as file_ra_state_init left
+ * it) starts a new one, so a file opened where a closed one's state was does
+ * not inherit that stream's statistics or period.  A file only ever faulted on
+ * (mmap) leaves prev_pos at -1: it is known by address alone.
+ *
+ * Warm-up: a new stream's first warmup_accesses accesses (module parameter,
+ * 0..1024, default 8) are decided at every decision point, unheld, and their
+ * decisions are not reported as feedback.  Without it a new stream's first
+ * decision is taken on statistics of no access at all and held a whole
+ * period, so a short stream (a file opened and read once, LMDB lookups) is
+ * decided blind for most or all of its life; and a period that began blind
+ * would credit the arm with a rate the features did not choose.  Each
+ * warm-up decision sees the statistics of the accesses so far.  They are
+ * counted in stats as warmup.
  *
  * Feedback (kml_proxy_report when the period ends): the reader's progress
  * rate over the period, in pages per millisecond (scale 1000): the pages its
@@ -103,6 +118,8 @@
 #define RA_SEQ_GAP	64		/* pages: an access this close after the last is sequential */
 #define RA_HOLD_MS	1000		/* default period a decision is held per stream */
 #define RA_MAX_HOLD_MS	60000
+#define RA_WARMUP	8		/* default accesses of a new stream decided unheld */
+#define RA_MAX_WARMUP	1024
 
 /* Every feature is a statistic of the reader's own accesses (see the top). */
 enum ra_feature {
@@ -124,6 +141,7 @@ struct ra_stream {
 	unsigned int stock;	/* ra_pages before the decision, restored on return */
 	pgoff_t last;		/* last page of the reader's previous access */
 	u64 progress;		/* pages the reader asked for since the period began */
+	u32 accesses;		/* since the stream began, saturating above RA_MAX_WARMUP */
 	u64 t_ns;		/* the held decision's period began */
 	s32 seq, reqavg, jump;	/* EWMAs of the accesses, feature scales */
 	struct kml_decision prev;
@@ -158,19 +176,37 @@ static const struct kernel_param_ops ra_hold_ops = {
 };
 module_param_cb(hold_ms, &ra_hold_ops, &hold_ms, 0644);
 MODULE_PARM_DESC(hold_ms, "ms a stream keeps one decision (one arm) before the next; 0..60000, default 1000");
+
+static unsigned int warmup_accesses = RA_WARMUP;
+
+static int ra_warmup_set(const char *val, const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, 0, RA_MAX_WARMUP);
+}
+
+static const struct kernel_param_ops ra_warmup_ops = {
+	.set	= ra_warmup_set,
+	.get	= param_get_uint,
+};
+module_param_cb(warmup_accesses, &ra_warmup_ops, &warmup_accesses, 0644);
+MODULE_PARM_DESC(warmup_accesses, "a new stream's first accesses decided at every decision point, unheld and unreported; 0..1024, default 8");
+
 /*
  * What deciding costs: windows applied (decision points served, held or
- * decided), decisions asked of kmlbus, and ns spent in ra_enter for them all.
+ * decided), decisions asked of kmlbus (warm-up ones among them, also counted
+ * apart), and ns spent in ra_enter for them all.
  */
 static atomic64_t ra_windows = ATOMIC64_INIT(0);
 static atomic64_t ra_decisions = ATOMIC64_INIT(0);
+static atomic64_t ra_warmups = ATOMIC64_INIT(0);
 static atomic64_t ra_decide_ns = ATOMIC64_INIT(0);
 
 static int ra_stats_get(char *buf, const struct kernel_param *kp)
 {
-	return scnprintf(buf, PAGE_SIZE, "windows=%lld decisions=%lld decide_ns=%lld\n",
+	return scnprintf(buf, PAGE_SIZE, "windows=%lld decisions=%lld warmup=%lld decide_ns=%lld\n",
 			 (long long)atomic64_read(&ra_windows),
 			 (long long)atomic64_read(&ra_decisions),
+			 (long long)atomic64_read(&ra_warmups),
 			 (long long)atomic64_read(&ra_decide_ns));
 }
 
@@ -178,7 +214,7 @@ static const struct kernel_param_ops ra_stats_ops = {
 	.get	= ra_stats_get,
 };
 module_param_cb(stats, &ra_stats_ops, NULL, 0444);
-MODULE_PARM_DESC(stats, "windows applied, decisions asked of kmlbus, ns spent on the windows (entry handler, without the probe's trap)");
+MODULE_PARM_DESC(stats, "windows applied, decisions asked of kmlbus, warm-up decisions among them, ns spent on the windows (entry handler, without the probe's trap)");
 
 static s32 ra_ewma(s32 avg, s32 x)
 {
@@ -213,20 +249,24 @@ static void ra_claim(struct ra_stream *s, const struct file_ra_state *ra, pgoff_
 	s->jump = 0;
 	s->last = index ? index - 1 : 0;
 	s->progress = 0;
+	s->accesses = 0;
 }
 
 /*
- * One access of stream @ra: @npages pages from page @index.  Called with the
- * slot's lock held, for every access in scope, whatever the window.
+ * One access of stream @ra: @npages pages from page @index; @fresh: it begins
+ * a new stream (a file's first read()).  Called with the slot's lock held, for
+ * every access in scope, whatever the window.
  */
 static void ra_access(struct ra_stream *s, const struct file_ra_state *ra, pgoff_t index,
-		      unsigned long npages)
+		      unsigned long npages, bool fresh)
 {
 	u64 gap;
 	bool seq;
 
-	if (s->ra != ra)
+	if (fresh || s->ra != ra)
 		ra_claim(s, ra, index);
+	if (s->accesses <= RA_MAX_WARMUP)
+		s->accesses++;
 	npages = clamp_t(unsigned long, npages, 1, RA_MAX_WINDOW);
 	seq = index >= s->last && index - s->last <= RA_SEQ_GAP;
 	gap = index >= s->last ? index - s->last : s->last - index;
@@ -260,8 +300,9 @@ static bool ra_holding(const struct ra_stream *s, u64 now)
 
 /*
  * Decide the window for stream @ra at page @index, or reuse the decision
- * its period holds.  @mmap: a fault, counted as an access here (reads are
- * counted by ra_read_enter before they reach readahead).  Returns 0 with
+ * its period holds; during the stream's warm-up, decide unheld.  @mmap: a
+ * fault (accesses are counted by ra_note_access before they reach
+ * readahead).  Returns 0 with
  * @call filled when a window is in place until the call returns, 1 when this
  * call leaves the file as it is.
  */
@@ -271,7 +312,7 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	struct ra_stream *s = &ra_streams[slot];
 	struct kml_decision prev, dec;
 	s32 f[RA_NFEATURES], eff = 0, window;
-	bool report = false;
+	bool report = false, warm;
 	unsigned long flags;
 	u64 now = ktime_get_ns();
 	unsigned int cur;
@@ -284,7 +325,9 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	cur = READ_ONCE(ra->ra_pages);
 	if (s->ra != ra)
 		ra_claim(s, ra, index);
-	if (ra_holding(s, now)) {
+	/* a stream's accesses up to warmup_accesses, this one included */
+	warm = s->accesses <= READ_ONCE(warmup_accesses);
+	if (!warm && ra_holding(s, now)) {
 		/* the default arm's value is stock, whatever stock is now */
 		window = s->prev.arm == KMLBUS_ARM_MODEL ? s->prev.value : cur;
 		goto apply;
@@ -309,10 +352,16 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	/* the default's value is cur itself; model values are clamped by kmlbus */
 	window = dec.value;
 	s->prev = dec;
-	s->held = true;
 	atomic64_inc(&ra_decisions);
-	s->progress = 0;
-	s->t_ns = now;
+	if (warm) {
+		/* neither held nor reported: the first decision after warm-up holds */
+		s->held = false;
+		atomic64_inc(&ra_warmups);
+	} else {
+		s->held = true;
+		s->progress = 0;
+		s->t_ns = now;
+	}
 apply:
 	s->busy = true;
 	s->stock = cur;
@@ -329,15 +378,19 @@ apply:
 	return 0;
 }
 
-/* Count one access of stream @ra unless its slot is held by another stream's call. */
-static void ra_note_access(struct file_ra_state *ra, pgoff_t index, unsigned long npages)
+/*
+ * Count one access of stream @ra unless its slot is held by another stream's
+ * call; @fresh: it begins a new stream.
+ */
+static void ra_note_access(struct file_ra_state *ra, pgoff_t index, unsigned long npages,
+			   bool fresh)
 {
 	struct ra_stream *s = &ra_streams[hash_ptr(ra, RA_HASH_BITS)];
 	unsigned long flags;
 
 	spin_lock_irqsave(&s->lock, flags);
 	if (!READ_ONCE(ra_draining) && (!s->busy || s->ra == ra))
-		ra_access(s, ra, index, npages);
+		ra_access(s, ra, index, npages, fresh);
 	spin_unlock_irqrestore(&s->lock, flags);
 }
 
@@ -352,8 +405,10 @@ static int ra_read_enter(struct kprobe *kp, struct pt_regs *regs)
 
 	if (!file || !count || pos < 0 || !ra_in_scope(file->f_mapping))
 		return 0;
+	/* file_ra_state_init() set prev_pos to -1; filemap_read moves it on */
 	ra_note_access(&file->f_ra, pos >> PAGE_SHIFT,
-		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1);
+		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1,
+		       READ_ONCE(file->f_ra.prev_pos) == -1);
 	return 0;
 }
 
@@ -393,7 +448,7 @@ static int ra_fault_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 	if (!file || !ra_in_scope(file->f_mapping))
 		return 1;
 	/* every fault is an access of the reader; only some reach readahead */
-	ra_note_access(&file->f_ra, vmf->pgoff, 1);
+	ra_note_access(&file->f_ra, vmf->pgoff, 1, false);
 	/* those that do: a missing page or the marker */
 	rcu_read_lock();
 	folio = xa_load(&file->f_mapping->i_pages, vmf->pgoff);

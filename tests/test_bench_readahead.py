@@ -119,3 +119,14 @@ def test_rule_variant_on_the_command_line_fails_before_any_run(
     with pytest.raises(SystemExit):
         main(["--rule-variant", "a:hold_ms=1", "--rule-variant", "a:hold_ms=2", "--here"])
     assert "names must differ: a, a" in capsys.readouterr().err
+
+
+def test_table_of_a_run_without_the_mixed_workload_has_no_mixed_line() -> None:
+    res = Results({})
+    for kb, v in ((0, 3.0), (128, 1.0), (8192, 0.2)):
+        res.add("2ms", f"static {kb}", "lmdb", {"get_k/s": v})
+    res.add("2ms", "proxy rule", "lmdb", {"get_k/s": 2.0})
+    res.add("2ms", "proxy rule w0", "lmdb", {"get_k/s": 0.5})
+    out = summarize(res, (0, 128, 8192))
+    assert "mixed" not in out and "nan" not in out
+    assert "3.0 @    0" in out and "proxy rule w0" in out

@@ -490,13 +490,14 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
                 spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
                 row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
             lines.append(row)
-        static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
-        best = max(grid, key=lambda k: static[k])
-        lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
-                     f"best static {best} KiB {static[best]:.2f}x")
-        for p in proxies:
-            g = _mixed_gain(res, dev, p)
-            lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        if any(wl == "mixed" for wl, _ in _measured(res, dev)):  # not with --workload
+            static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
+            best = max(grid, key=lambda k: static[k])
+            lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
+                         f"best static {best} KiB {static[best]:.2f}x")
+            for p in proxies:
+                g = _mixed_gain(res, dev, p)
+                lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
         if dev in res.reached:
             lines.append(f"{LIVE}: learned from the kernel's feedback with no model and no pin; "
                          f"measured in {res.reached[dev]}")

@@ -52,11 +52,13 @@
  * emergency, hence stock, at the next decision point).  hold_ms=0 decides at
  * every decision point.
  *
- * Streams: a stream is known by the address of its file_ra_state, and a
- * file's first read() (f_ra.prev_pos still -1, as file_ra_state_init left
- * it) starts a new one, so a file opened where a closed one's state was does
- * not inherit that stream's statistics or period.  A file only ever faulted on
- * (mmap) leaves prev_pos at -1: it is known by address alone.
+ * Streams: a stream is known by the address of its file_ra_state, and
+ * opening a file starts a new one (a kprobe on file_ra_state_init, which
+ * every open calls for the new file's f_ra), so a file opened where a closed
+ * one's state was inherits neither its statistics nor its period.  The open
+ * is where a stream begins for read() and mmap alike; a file's first read()
+ * (f_ra.prev_pos still -1) would tell only of readers, since faults leave
+ * prev_pos alone, and a file only ever mapped would be known by address.
  *
  * Warm-up: a new stream's first warmup_accesses accesses (module parameter,
  * 0..1024, default 8) are decided at every decision point, unheld, and their
@@ -253,17 +255,16 @@ static void ra_claim(struct ra_stream *s, const struct file_ra_state *ra, pgoff_
 }
 
 /*
- * One access of stream @ra: @npages pages from page @index; @fresh: it begins
- * a new stream (a file's first read()).  Called with the slot's lock held, for
- * every access in scope, whatever the window.
+ * One access of stream @ra: @npages pages from page @index.  Called with the
+ * slot's lock held, for every access in scope, whatever the window.
  */
 static void ra_access(struct ra_stream *s, const struct file_ra_state *ra, pgoff_t index,
-		      unsigned long npages, bool fresh)
+		      unsigned long npages)
 {
 	u64 gap;
 	bool seq;
 
-	if (fresh || s->ra != ra)
+	if (s->ra != ra)
 		ra_claim(s, ra, index);
 	if (s->accesses <= RA_MAX_WARMUP)
 		s->accesses++;
@@ -378,19 +379,15 @@ apply:
 	return 0;
 }
 
-/*
- * Count one access of stream @ra unless its slot is held by another stream's
- * call; @fresh: it begins a new stream.
- */
-static void ra_note_access(struct file_ra_state *ra, pgoff_t index, unsigned long npages,
-			   bool fresh)
+/* Count one access of stream @ra unless its slot is held by another stream's call. */
+static void ra_note_access(struct file_ra_state *ra, pgoff_t index, unsigned long npages)
 {
 	struct ra_stream *s = &ra_streams[hash_ptr(ra, RA_HASH_BITS)];
 	unsigned long flags;
 
 	spin_lock_irqsave(&s->lock, flags);
 	if (!READ_ONCE(ra_draining) && (!s->busy || s->ra == ra))
-		ra_access(s, ra, index, npages, fresh);
+		ra_access(s, ra, index, npages);
 	spin_unlock_irqrestore(&s->lock, flags);
 }
 
@@ -405,10 +402,32 @@ static int ra_read_enter(struct kprobe *kp, struct pt_regs *regs)
 
 	if (!file || !count || pos < 0 || !ra_in_scope(file->f_mapping))
 		return 0;
-	/* file_ra_state_init() set prev_pos to -1; filemap_read moves it on */
 	ra_note_access(&file->f_ra, pos >> PAGE_SHIFT,
-		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1,
-		       READ_ONCE(file->f_ra.prev_pos) == -1);
+		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1);
+	return 0;
+}
+
+/*
+ * void file_ra_state_init(struct file_ra_state *ra, struct address_space *mapping):
+ * a file is being opened.  A stream a closed file left at this address ends,
+ * so the file's first access starts its own (statistics, warm-up, period).
+ * No call can be in flight on @ra: each pins its file, and this one is new.
+ */
+static int ra_open_enter(struct kprobe *kp, struct pt_regs *regs)
+{
+	struct file_ra_state *ra = (struct file_ra_state *)regs_get_kernel_argument(regs, 0);
+	struct address_space *mapping =
+		(struct address_space *)regs_get_kernel_argument(regs, 1);
+	struct ra_stream *s;
+	unsigned long flags;
+
+	if (!ra_in_scope(mapping))
+		return 0;
+	s = &ra_streams[hash_ptr(ra, RA_HASH_BITS)];
+	spin_lock_irqsave(&s->lock, flags);
+	if (s->ra == ra)
+		s->ra = NULL;	/* the next access claims the slot afresh */
+	spin_unlock_irqrestore(&s->lock, flags);
 	return 0;
 }
 
@@ -448,7 +467,7 @@ static int ra_fault_enter(struct kretprobe_instance *ri, struct pt_regs *regs)
 	if (!file || !ra_in_scope(file->f_mapping))
 		return 1;
 	/* every fault is an access of the reader; only some reach readahead */
-	ra_note_access(&file->f_ra, vmf->pgoff, 1, false);
+	ra_note_access(&file->f_ra, vmf->pgoff, 1);
 	/* those that do: a missing page or the marker */
 	rcu_read_lock();
 	folio = xa_load(&file->f_mapping->i_pages, vmf->pgoff);
@@ -516,6 +535,16 @@ static struct kretprobe *ra_probes[] = {
 static struct kprobe ra_read_probe = {
 	.symbol_name	= "filemap_read",
 	.pre_handler	= ra_read_enter,
+};
+
+/* Opens begin streams; nothing is changed. */
+static struct kprobe ra_open_probe = {
+	.symbol_name	= "file_ra_state_init",
+	.pre_handler	= ra_open_enter,
+};
+
+static struct kprobe *ra_kprobes[] = {
+	&ra_read_probe, &ra_open_probe,
 };
 
 static s32 ra_default(struct kml_proxy *proxy, u32 key, const s32 *features)
@@ -624,9 +653,10 @@ static int __init ra_init(void)
 	}
 	ra_proxy = p;
 
-	err = register_kprobe(&ra_read_probe);
+	err = register_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 	if (err) {
-		pr_err("register_kprobe(%s): %d\n", ra_read_probe.symbol_name, err);
+		pr_err("register_kprobes(%s, %s): %d\n", ra_read_probe.symbol_name,
+		       ra_open_probe.symbol_name, err);
 		goto err_destroy;
 	}
 	err = register_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
@@ -638,7 +668,7 @@ static int __init ra_init(void)
 	return 0;
 
 err_read:
-	unregister_kprobe(&ra_read_probe);
+	unregister_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 err_destroy:
 	kml_proxy_destroy(p);
 err_free:
@@ -653,7 +683,7 @@ static void __exit ra_exit(void)
 	WRITE_ONCE(ra_draining, true);
 	ra_drain();
 	unregister_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
-	unregister_kprobe(&ra_read_probe);
+	unregister_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 	for (i = 0; i < ARRAY_SIZE(ra_probes); i++)
 		if (ra_probes[i]->nmissed)
 			pr_info("%s: %d calls missed (maxactive %d)\n",

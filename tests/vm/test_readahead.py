@@ -44,7 +44,8 @@ SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
 REASON = SPEC.enums["reason"]
 KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
-PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault", "filemap_read")
+PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault", "filemap_read",
+          "file_ra_state_init")
 
 
 @dataclass(frozen=True)
@@ -313,20 +314,24 @@ def test_a_stream_keeps_one_decision_per_hold_period(
     assert held == each == stock.seq4k
 
 
-def fresh_streams(path: Path, streams: int, reads: int, seed: int) -> None:
-    """*streams* new streams one after the other, each *reads* reads long: open *path*,
-    pread single pages 64 pages apart (none the first page) with the file's pages evicted
-    first, close.  Each read misses the cache and is not sequential, so it is one access
-    and reaches exactly one decision point (page_cache_sync_ra)."""
+def fresh_streams(path: Path, streams: int, reads: int, seed: int, *, mmap_: bool = False) -> None:
+    """*streams* new streams one after the other, each *reads* accesses long: open *path*,
+    read single pages 64 pages apart (none the first page; pread, or with *mmap_* a touch
+    of the mapped page) with the file's pages evicted first, close.  Each access misses
+    the cache and is not sequential, so it reaches exactly one decision point
+    (page_cache_sync_ra, or filemap_fault on a missing page)."""
     rng = random.Random(seed)
     for _ in range(streams):
         drop_file(path)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            for page in rng.sample(range(64, FILE_MB * 256, 64), reads):
-                assert len(os.pread(fd, 4096, page * 4096)) == 4096
-        finally:
-            os.close(fd)
+        pages = rng.sample(range(64, FILE_MB * 256, 64), reads)
+        with open(path, "rb") as f:
+            if mmap_:
+                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                    for page in pages:
+                        m[page * 4096]
+            else:
+                for page in pages:
+                    assert len(os.pread(f.fileno(), 4096, page * 4096)) == 4096
 
 
 def test_a_new_streams_first_accesses_are_decided_unheld_and_not_reported(
@@ -343,10 +348,10 @@ def test_a_new_streams_first_accesses_are_decided_unheld_and_not_reported(
     with Connection(groups=("telemetry",)) as c:
         pid = int(c.proxy("readahead")["id"])
 
-        def measure(name: str, warmup: int, n: int, reads: int) -> None:
+        def measure(name: str, warmup: int, n: int, reads: int, mmap_: bool = False) -> None:
             WARMUP.write_text(str(warmup))
             s0, f0 = ra_stats(), c.proxy(pid)["counters"]["feedback"]
-            fresh_streams(path, n, reads, seed=len(got))
+            fresh_streams(path, n, reads, seed=len(got), mmap_=mmap_)
             s1, f1 = ra_stats(), c.proxy(pid)["counters"]["feedback"]
             got[name] = {k: s1[k] - s0[k] for k in ("windows", "decisions", "warmup")}
             got[name]["feedback"] = f1 - f0
@@ -355,6 +360,7 @@ def test_a_new_streams_first_accesses_are_decided_unheld_and_not_reported(
             # hold_ms=0: every decision point decides, and each would report the one before
             HOLD.write_text("0")
             measure("short", 8, streams, short)
+            measure("short mmap", 8, streams, short, mmap_=True)
             measure("long", 8, 1, long)
             measure("no warm-up", 0, streams, short)
         finally:
@@ -364,6 +370,8 @@ def test_a_new_streams_first_accesses_are_decided_unheld_and_not_reported(
     # one's readahead state was): every decision is warm-up, none is reported
     assert got["short"] == {"windows": streams * short, "decisions": streams * short,
                             "warmup": streams * short, "feedback": 0}, got
+    # the same for streams of mmap faults (an open begins a stream, not only a first read())
+    assert got["short mmap"] == got["short"], got
     # warm-up ends after 8 accesses; the first decision after it is not reported either
     assert got["long"] == {"windows": long, "decisions": long, "warmup": 8,
                            "feedback": long - 8 - 1}, got

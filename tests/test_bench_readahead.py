@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 from kmlbus.tools.bench_readahead import (
     GRID_KB,
     Results,
     fio_args,
+    main,
+    parse_rule_variant,
     RA_FEATURES,
     rule_model,
     summarize,
@@ -80,3 +84,49 @@ def test_json_results_round_trip_and_draw_a_png(tmp_path: Path) -> None:
            "recommendation" in summarize(res, grid)
     png = draw(path, tmp_path / "r.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10000
+
+
+def test_rule_variant_names_a_run_and_its_module_parameters() -> None:
+    assert parse_rule_variant("w0:warmup_accesses=0") == ("w0", {"warmup_accesses": 0})
+    assert parse_rule_variant("h250-w32:hold_ms=250,warmup_accesses=32") == (
+        "h250-w32", {"hold_ms": 250, "warmup_accesses": 32})
+
+
+@pytest.mark.parametrize("text, says", [
+    ("warmup_accesses=0", "expected NAME:param=N"),
+    (":warmup_accesses=0", "expected NAME:param=N"),
+    ("w 0:warmup_accesses=0", "expected NAME:param=N"),
+    ("w0:", "'' is not param=N"),
+    ("w0:warmup_accesses", "is not param=N"),
+    ("w0:warmup_accesses=0,", "'' is not param=N"),
+    ("w0:Warmup=1", "is not param=N"),
+    ("w0:warmup_accesses=eight", "is not an integer"),
+    ("w0:warmup_accesses=1.5", "is not an integer"),
+    ("w0:hold_ms=1,hold_ms=2", "hold_ms is given twice"),
+    ("d:devices=1", "devices is not a setting to compare"),
+])
+def test_rule_variant_refuses_malformed_text_and_says_why(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_rule_variant(text)
+
+
+def test_rule_variant_on_the_command_line_fails_before_any_run(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--rule-variant", "w0:warmup_accesses=x", "--here"])
+    assert e.value.code == 2
+    assert "warmup_accesses='x' is not an integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--rule-variant", "a:hold_ms=1", "--rule-variant", "a:hold_ms=2", "--here"])
+    assert "names must differ: a, a" in capsys.readouterr().err
+
+
+def test_table_of_a_run_without_the_mixed_workload_has_no_mixed_line() -> None:
+    res = Results({})
+    for kb, v in ((0, 3.0), (128, 1.0), (8192, 0.2)):
+        res.add("2ms", f"static {kb}", "lmdb", {"get_k/s": v})
+    res.add("2ms", "proxy rule", "lmdb", {"get_k/s": 2.0})
+    res.add("2ms", "proxy rule w0", "lmdb", {"get_k/s": 0.5})
+    out = summarize(res, (0, 128, 8192))
+    assert "mixed" not in out and "nan" not in out
+    assert "3.0 @    0" in out and "proxy rule w0" in out

@@ -50,8 +50,25 @@
  * decisions.  Over a period of one arm only, the credit is that arm's.  A
  * change of the proxy's mode ends the hold at once (killing the bus gives
  * emergency, hence stock, at the next decision point).  hold_ms=0 decides at
- * every decision point.  A stream is known by the address of its file_ra_state:
- * a file opened where a closed one's was inherits the rest of its period.
+ * every decision point.
+ *
+ * Streams: a stream is known by the address of its file_ra_state, and
+ * opening a file starts a new one (a kprobe on file_ra_state_init, which
+ * every open calls for the new file's f_ra), so a file opened where a closed
+ * one's state was inherits neither its statistics nor its period.  The open
+ * is where a stream begins for read() and mmap alike; a file's first read()
+ * (f_ra.prev_pos still -1) would tell only of readers, since faults leave
+ * prev_pos alone, and a file only ever mapped would be known by address.
+ *
+ * Warm-up: a new stream's first warmup_accesses accesses (module parameter,
+ * 0..1024, default 8) are decided at every decision point, unheld, and their
+ * decisions are not reported as feedback.  Without it a new stream's first
+ * decision is taken on statistics of no access at all and held a whole
+ * period, so a short stream (a file opened and read once, LMDB lookups) is
+ * decided blind for most or all of its life; and a period that began blind
+ * would credit the arm with a rate the features did not choose.  Each
+ * warm-up decision sees the statistics of the accesses so far.  They are
+ * counted in stats as warmup.
  *
  * Feedback (kml_proxy_report when the period ends): the reader's progress
  * rate over the period, in pages per millisecond (scale 1000): the pages its
@@ -103,6 +120,8 @@
 #define RA_SEQ_GAP	64		/* pages: an access this close after the last is sequential */
 #define RA_HOLD_MS	1000		/* default period a decision is held per stream */
 #define RA_MAX_HOLD_MS	60000
+#define RA_WARMUP	8		/* default accesses of a new stream decided unheld */
+#define RA_MAX_WARMUP	1024
 
 /* Every feature is a statistic of the reader's own accesses (see the top). */
 enum ra_feature {
@@ -124,6 +143,7 @@ struct ra_stream {
 	unsigned int stock;	/* ra_pages before the decision, restored on return */
 	pgoff_t last;		/* last page of the reader's previous access */
 	u64 progress;		/* pages the reader asked for since the period began */
+	u32 accesses;		/* since the stream began, saturating above RA_MAX_WARMUP */
 	u64 t_ns;		/* the held decision's period began */
 	s32 seq, reqavg, jump;	/* EWMAs of the accesses, feature scales */
 	struct kml_decision prev;
@@ -158,19 +178,37 @@ static const struct kernel_param_ops ra_hold_ops = {
 };
 module_param_cb(hold_ms, &ra_hold_ops, &hold_ms, 0644);
 MODULE_PARM_DESC(hold_ms, "ms a stream keeps one decision (one arm) before the next; 0..60000, default 1000");
+
+static unsigned int warmup_accesses = RA_WARMUP;
+
+static int ra_warmup_set(const char *val, const struct kernel_param *kp)
+{
+	return param_set_uint_minmax(val, kp, 0, RA_MAX_WARMUP);
+}
+
+static const struct kernel_param_ops ra_warmup_ops = {
+	.set	= ra_warmup_set,
+	.get	= param_get_uint,
+};
+module_param_cb(warmup_accesses, &ra_warmup_ops, &warmup_accesses, 0644);
+MODULE_PARM_DESC(warmup_accesses, "a new stream's first accesses decided at every decision point, unheld and unreported; 0..1024, default 8");
+
 /*
  * What deciding costs: windows applied (decision points served, held or
- * decided), decisions asked of kmlbus, and ns spent in ra_enter for them all.
+ * decided), decisions asked of kmlbus (warm-up ones among them, also counted
+ * apart), and ns spent in ra_enter for them all.
  */
 static atomic64_t ra_windows = ATOMIC64_INIT(0);
 static atomic64_t ra_decisions = ATOMIC64_INIT(0);
+static atomic64_t ra_warmups = ATOMIC64_INIT(0);
 static atomic64_t ra_decide_ns = ATOMIC64_INIT(0);
 
 static int ra_stats_get(char *buf, const struct kernel_param *kp)
 {
-	return scnprintf(buf, PAGE_SIZE, "windows=%lld decisions=%lld decide_ns=%lld\n",
+	return scnprintf(buf, PAGE_SIZE, "windows=%lld decisions=%lld warmup=%lld decide_ns=%lld\n",
 			 (long long)atomic64_read(&ra_windows),
 			 (long long)atomic64_read(&ra_decisions),
+			 (long long)atomic64_read(&ra_warmups),
 			 (long long)atomic64_read(&ra_decide_ns));
 }
 
@@ -178,7 +216,7 @@ static const struct kernel_param_ops ra_stats_ops = {
 	.get	= ra_stats_get,
 };
 module_param_cb(stats, &ra_stats_ops, NULL, 0444);
-MODULE_PARM_DESC(stats, "windows applied, decisions asked of kmlbus, ns spent on the windows (entry handler, without the probe's trap)");
+MODULE_PARM_DESC(stats, "windows applied, decisions asked of kmlbus, warm-up decisions among them, ns spent on the windows (entry handler, without the probe's trap)");
 
 static s32 ra_ewma(s32 avg, s32 x)
 {
@@ -213,6 +251,7 @@ static void ra_claim(struct ra_stream *s, const struct file_ra_state *ra, pgoff_
 	s->jump = 0;
 	s->last = index ? index - 1 : 0;
 	s->progress = 0;
+	s->accesses = 0;
 }
 
 /*
@@ -227,6 +266,8 @@ static void ra_access(struct ra_stream *s, const struct file_ra_state *ra, pgoff
 
 	if (s->ra != ra)
 		ra_claim(s, ra, index);
+	if (s->accesses <= RA_MAX_WARMUP)
+		s->accesses++;
 	npages = clamp_t(unsigned long, npages, 1, RA_MAX_WINDOW);
 	seq = index >= s->last && index - s->last <= RA_SEQ_GAP;
 	gap = index >= s->last ? index - s->last : s->last - index;
@@ -260,8 +301,9 @@ static bool ra_holding(const struct ra_stream *s, u64 now)
 
 /*
  * Decide the window for stream @ra at page @index, or reuse the decision
- * its period holds.  @mmap: a fault, counted as an access here (reads are
- * counted by ra_read_enter before they reach readahead).  Returns 0 with
+ * its period holds; during the stream's warm-up, decide unheld.  @mmap: a
+ * fault (accesses are counted by ra_note_access before they reach
+ * readahead).  Returns 0 with
  * @call filled when a window is in place until the call returns, 1 when this
  * call leaves the file as it is.
  */
@@ -271,7 +313,7 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	struct ra_stream *s = &ra_streams[slot];
 	struct kml_decision prev, dec;
 	s32 f[RA_NFEATURES], eff = 0, window;
-	bool report = false;
+	bool report = false, warm;
 	unsigned long flags;
 	u64 now = ktime_get_ns();
 	unsigned int cur;
@@ -284,7 +326,9 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	cur = READ_ONCE(ra->ra_pages);
 	if (s->ra != ra)
 		ra_claim(s, ra, index);
-	if (ra_holding(s, now)) {
+	/* a stream's accesses up to warmup_accesses, this one included */
+	warm = s->accesses <= READ_ONCE(warmup_accesses);
+	if (!warm && ra_holding(s, now)) {
 		/* the default arm's value is stock, whatever stock is now */
 		window = s->prev.arm == KMLBUS_ARM_MODEL ? s->prev.value : cur;
 		goto apply;
@@ -309,10 +353,16 @@ static int ra_enter(struct file_ra_state *ra, pgoff_t index, bool mmap, struct r
 	/* the default's value is cur itself; model values are clamped by kmlbus */
 	window = dec.value;
 	s->prev = dec;
-	s->held = true;
 	atomic64_inc(&ra_decisions);
-	s->progress = 0;
-	s->t_ns = now;
+	if (warm) {
+		/* neither held nor reported: the first decision after warm-up holds */
+		s->held = false;
+		atomic64_inc(&ra_warmups);
+	} else {
+		s->held = true;
+		s->progress = 0;
+		s->t_ns = now;
+	}
 apply:
 	s->busy = true;
 	s->stock = cur;
@@ -354,6 +404,30 @@ static int ra_read_enter(struct kprobe *kp, struct pt_regs *regs)
 		return 0;
 	ra_note_access(&file->f_ra, pos >> PAGE_SHIFT,
 		       ((pos + count - 1) >> PAGE_SHIFT) - (pos >> PAGE_SHIFT) + 1);
+	return 0;
+}
+
+/*
+ * void file_ra_state_init(struct file_ra_state *ra, struct address_space *mapping):
+ * a file is being opened.  A stream a closed file left at this address ends,
+ * so the file's first access starts its own (statistics, warm-up, period).
+ * No call can be in flight on @ra: each pins its file, and this one is new.
+ */
+static int ra_open_enter(struct kprobe *kp, struct pt_regs *regs)
+{
+	struct file_ra_state *ra = (struct file_ra_state *)regs_get_kernel_argument(regs, 0);
+	struct address_space *mapping =
+		(struct address_space *)regs_get_kernel_argument(regs, 1);
+	struct ra_stream *s;
+	unsigned long flags;
+
+	if (!ra_in_scope(mapping))
+		return 0;
+	s = &ra_streams[hash_ptr(ra, RA_HASH_BITS)];
+	spin_lock_irqsave(&s->lock, flags);
+	if (s->ra == ra)
+		s->ra = NULL;	/* the next access claims the slot afresh */
+	spin_unlock_irqrestore(&s->lock, flags);
 	return 0;
 }
 
@@ -463,6 +537,16 @@ static struct kprobe ra_read_probe = {
 	.pre_handler	= ra_read_enter,
 };
 
+/* Opens begin streams; nothing is changed. */
+static struct kprobe ra_open_probe = {
+	.symbol_name	= "file_ra_state_init",
+	.pre_handler	= ra_open_enter,
+};
+
+static struct kprobe *ra_kprobes[] = {
+	&ra_read_probe, &ra_open_probe,
+};
+
 static s32 ra_default(struct kml_proxy *proxy, u32 key, const s32 *features)
 {
 	return features[RA_F_STOCK];
@@ -569,9 +653,10 @@ static int __init ra_init(void)
 	}
 	ra_proxy = p;
 
-	err = register_kprobe(&ra_read_probe);
+	err = register_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 	if (err) {
-		pr_err("register_kprobe(%s): %d\n", ra_read_probe.symbol_name, err);
+		pr_err("register_kprobes(%s, %s): %d\n", ra_read_probe.symbol_name,
+		       ra_open_probe.symbol_name, err);
 		goto err_destroy;
 	}
 	err = register_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
@@ -583,7 +668,7 @@ static int __init ra_init(void)
 	return 0;
 
 err_read:
-	unregister_kprobe(&ra_read_probe);
+	unregister_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 err_destroy:
 	kml_proxy_destroy(p);
 err_free:
@@ -598,7 +683,7 @@ static void __exit ra_exit(void)
 	WRITE_ONCE(ra_draining, true);
 	ra_drain();
 	unregister_kretprobes(ra_probes, ARRAY_SIZE(ra_probes));
-	unregister_kprobe(&ra_read_probe);
+	unregister_kprobes(ra_kprobes, ARRAY_SIZE(ra_kprobes));
 	for (i = 0; i < ARRAY_SIZE(ra_probes); i++)
 		if (ra_probes[i]->nmissed)
 			pr_info("%s: %d calls missed (maxactive %d)\n",

@@ -18,6 +18,9 @@ at once, on two files of the same device).  Policies, all in the same run:
   hand-written baseline (8 MiB for sequential streams, 0 otherwise);
   ``proxy learned`` serves ``--model FILE``, e.g. a policy that
   ``python -m kmlbus.bus.treefit`` fitted from traces of ``--collect``.
+  ``--rule-variant NAME:param=N[,param=N]`` adds ``proxy rule NAME``: the
+  rule baseline with those module parameters of ``kmlbus_readahead.ko`` set
+  (e.g. ``w0:warmup_accesses=0``), so settings compare in one run.
 
 Prints MiB/s medians (min-max over the repetitions) and ratios to the
 default.  Guest under TCG: compare ratios within one run only.
@@ -29,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,7 +49,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["DEVICES", "GRID_KB", "WORKLOADS", "fio_args", "main", "rule_model", "summarize"]
+__all__ = ["DEVICES", "GRID_KB", "WORKLOADS", "fio_args", "main", "parse_rule_variant",
+           "rule_model", "summarize"]
 
 #: Static per-device settings (read_ahead_kb); 128 is the stock default.
 GRID_KB = (0, 128, 1024, 8192)
@@ -88,6 +93,37 @@ def fio_args(workload: str, files: dict[str, Path], runtime: float) -> list[str]
         args += [f"--name={job}", f"--filename={files[which]}", f"--rw={rw}", f"--bs={bs}",
                  f"--ioengine={engine}"]
     return args
+
+
+_VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+_PARAM_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+#: module parameters a variant may not set: the benchmark's own scope, and read-only output
+_NOT_VARIANT = ("devices", "stats")
+
+
+def parse_rule_variant(text: str) -> tuple[str, dict[str, int]]:
+    """``NAME:param=N[,param=N]`` -> (NAME, {param: N}): a rule-baseline run with those
+    module parameters of kmlbus_readahead.ko.  Raises ValueError saying what is wrong."""
+    name, sep, rest = text.partition(":")
+    if not sep or not _VARIANT_NAME.match(name):
+        raise ValueError(f"rule variant {text!r}: expected NAME:param=N[,param=N] with NAME of "
+                         "letters, digits, '_', '.', '+' or '-' (e.g. w0:warmup_accesses=0)")
+    params: dict[str, int] = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not _PARAM_NAME.match(key):
+            raise ValueError(f"rule variant {text!r}: {item!r} is not param=N "
+                             "(a module parameter's name, '=', an integer)")
+        if key in _NOT_VARIANT:
+            raise ValueError(f"rule variant {text!r}: {key} is not a setting to compare "
+                             f"(the variants may set any parameter but {', '.join(_NOT_VARIANT)})")
+        if key in params:
+            raise ValueError(f"rule variant {text!r}: {key} is given twice")
+        try:
+            params[key] = int(value, 10)
+        except ValueError:
+            raise ValueError(f"rule variant {text!r}: {key}={value!r} is not an integer") from None
+    return name, params
 
 
 def rule_model() -> onnx.ModelProto:
@@ -151,9 +187,11 @@ def _run(workload: str, files: dict[str, Path], runtime: float) -> dict[str, flo
     raise ValueError(f"unknown workload {workload!r}")
 
 
-def _workloads(files: dict[str, Path]) -> list[str]:
-    """The workloads *files* has data for (the applications' only outside ``--collect``)."""
-    return [wl for wl in WORKLOADS if wl in FIO_WORKLOADS or "lmdb" in files]
+def _workloads(files: dict[str, Path], only: Sequence[str] = ()) -> list[str]:
+    """The workloads *files* has data for (the applications' only outside ``--collect``),
+    restricted to *only* when given."""
+    return [wl for wl in WORKLOADS if (wl in FIO_WORKLOADS or "lmdb" in files)
+            and (not only or wl in only)]
 
 
 @contextmanager
@@ -254,6 +292,32 @@ def _decide_stats() -> tuple[int, int]:
     return int(kv["windows"]), int(kv["decide_ns"])
 
 
+RA_PARAMS = Path("/sys/module/kmlbus_readahead/parameters")
+
+
+@contextmanager
+def _module_params(params: dict[str, int]) -> Iterator[None]:
+    """kmlbus_readahead.ko's *params* set through sysfs while inside, the previous values after."""
+    before = {k: (RA_PARAMS / k).read_text().strip() for k in params}
+    try:
+        for k, v in params.items():
+            try:
+                (RA_PARAMS / k).write_text(f"{v}\n")
+            except OSError as e:
+                raise RuntimeError(f"kmlbus_readahead {k}={v} refused: {e}") from e
+        yield
+    finally:
+        for k, old in before.items():
+            (RA_PARAMS / k).write_text(f"{old}\n")
+
+
+def _module_param_names(ko: Path) -> list[str]:
+    """The parameters *ko* declares (``modinfo -F parm``: one "name:description" per line)."""
+    out = subprocess.run(["modinfo", "-F", "parm", str(ko)], capture_output=True, text=True,
+                         check=True).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines() if ":" in line]
+
+
 def _mode() -> str:
     """The readahead proxy's mode, as the kernel has it."""
     from kmlbus.contract import spec
@@ -284,10 +348,14 @@ def _show(got: dict[str, float]) -> str:
 def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], reps: int,
                runtime: float, res: Results, say: Callable[[str], None], *,
                models: dict[str, bytes], collect: Path | None = None,
-               live: Path | None = None, climb_s: float = 600.0) -> None:
+               live: Path | None = None, climb_s: float = 600.0,
+               params: dict[str, dict[str, int]] | None = None,
+               only: Sequence[str] = ()) -> None:
     """Every policy on one null_blk set-up, into *res*.
 
-    *models*: proxy policy name -> ONNX model the bus serves in recommendation.
+    *models*: proxy policy name -> ONNX model the bus serves in recommendation;
+    *params*: proxy policy name -> module parameters set for its run (the others
+    run with the module's defaults).  *only*: these workloads (default: all).
     With *live* (a trace path), also ``proxy learned live``: a bus that learns
     (``learner = "tree"``) with no model and no pin; the workloads run in turn
     until it has taken the proxy to recommendation on the kernel's evidence
@@ -306,10 +374,10 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
     with NullBlk("/run/kmlbus-bench-ra", name=DEV, size_mb=1536, completion_nsec=latency_ns,
                  mbps=mbps) as disk, ExitStack() as apps:
         files = {"seq": disk.make_file("seq", 512), "rand": disk.make_file("rand", 256)}
-        if collect is None:
+        if collect is None and (not only or {"lmdb", "sha256sum"} & set(only)):
             apps.enter_context(_apps(disk, files, say))
         for rep in range(reps if collect is None else 0):
-            for wl in _workloads(files):
+            for wl in _workloads(files, only):
                 for kb in grid:
                     set_read_ahead_kb(DEV, kb)
                     got = _run(wl, files, runtime)
@@ -331,8 +399,9 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
                                  "learn_every_s = 10\n", None, live))
             for name, body, mode, trace in runs:
                 try:
-                    _measure_proxy(device, name, body, mode, trace, models.get(name), files,
-                                   reps, runtime, res, say, climb_s)
+                    with _module_params((params or {}).get(name, {})):
+                        _measure_proxy(device, name, body, mode, trace, models.get(name), files,
+                                       reps, runtime, res, say, climb_s, only)
                 except RuntimeError as e:  # a bus that died: say so, measure the rest
                     say(f"{device} {name}: not measured: {e}")
         finally:
@@ -343,7 +412,8 @@ def run_device(device: str, latency_ns: int, mbps: int, grid: Sequence[int], rep
 
 def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: Path | None,
                    model: bytes | None, files: dict[str, Path], reps: int, runtime: float,
-                   res: Results, say: Callable[[str], None], climb_s: float) -> None:
+                   res: Results, say: Callable[[str], None], climb_s: float,
+                   only: Sequence[str] = ()) -> None:
     """One proxy policy: its bus, (for the live learner) the climb, then the workloads."""
     work = Path(tempfile.mkdtemp(prefix="kmlbus-bench-ra-"))
     if model is not None:
@@ -354,7 +424,7 @@ def _measure_proxy(device: str, name: str, body: str, mode: str | None, trace: P
                                          f"{device} {name}")
         c0, s0 = _counters(), _decide_stats()
         for rep in range(reps):
-            for wl in _workloads(files):
+            for wl in _workloads(files, only):
                 got = _run(wl, files, runtime)
                 res.add(device, name, wl, got)
                 say(f"{device} rep {rep + 1} {wl:<10} {name:<15} {_show(got)}"
@@ -420,13 +490,14 @@ def summarize(res: Results, grid: Sequence[int]) -> str:
                 spread = f"({min(xs):.1f}-{max(xs):.1f})" if xs else ""
                 row += f"{pm:>7.1f} {spread:>11} {pm / base:>4.2f}x {pm / meds[okb]:>4.2f}/or"
             lines.append(row)
-        static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
-        best = max(grid, key=lambda k: static[k])
-        lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
-                     f"best static {best} KiB {static[best]:.2f}x")
-        for p in proxies:
-            g = _mixed_gain(res, dev, p)
-            lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
+        if any(wl == "mixed" for wl, _ in _measured(res, dev)):  # not with --workload
+            static = {kb: _mixed_gain(res, dev, f"static {kb}") for kb in grid}
+            best = max(grid, key=lambda k: static[k])
+            lines.append(f"mixed, geometric mean of the two streams' speedups over the default: "
+                         f"best static {best} KiB {static[best]:.2f}x")
+            for p in proxies:
+                g = _mixed_gain(res, dev, p)
+                lines.append(f"  {p}: {g:.2f}x ({g / static[best]:.2f} x best static)")
         if dev in res.reached:
             lines.append(f"{LIVE}: learned from the kernel's feedback with no model and no pin; "
                          f"measured in {res.reached[dev]}")
@@ -508,6 +579,21 @@ def _guest_main(args: argparse.Namespace) -> int:
     devices = args.device or (list(DEVICES)[:1] if args.quick and not args.all_devices
                               else list(DEVICES))
     models = {"proxy rule": rule_model().SerializeToString()}
+    params: dict[str, dict[str, int]] = {}
+    if args.rule_variant:
+        from kmlbus.vm.kernels import project_root
+
+        known = _module_param_names(project_root() / "kernel" / "readahead"
+                                    / "kmlbus_readahead.ko")
+        for vname, vparams in args.rule_variant:
+            unknown = sorted(set(vparams) - set(known))
+            if unknown:
+                print(f"bench_readahead: --rule-variant {vname}: kmlbus_readahead.ko has no "
+                      f"parameter {', '.join(unknown)} (it has {', '.join(known)})",
+                      file=sys.stderr)
+                return 2
+            models[f"proxy rule {vname}"] = models["proxy rule"]
+            params[f"proxy rule {vname}"] = vparams
     if args.model:
         models["proxy learned"] = Path(args.model).read_bytes()
     for dev in devices:
@@ -517,7 +603,7 @@ def _guest_main(args: argparse.Namespace) -> int:
         if live is not None:
             live.unlink(missing_ok=True)
         run_device(dev, lat, mbps, grid, reps, runtime, res, say, models=models, collect=collect,
-                   live=live, climb_s=args.climb_s)
+                   live=live, climb_s=args.climb_s, params=params, only=args.workload or ())
     print(summarize(res, grid) if args.collect is None else f"traces: {args.collect}.*")
     if args.json:
         Path(args.json).write_text(json.dumps(
@@ -527,6 +613,13 @@ def _guest_main(args: argparse.Namespace) -> int:
     print(f"\n{reps} repetition(s), fio runtime {runtime:g} s, grid {list(grid)} KiB; "
           f"total {time.monotonic() - t0:.0f} s in the guest (TCG: compare ratios, not MiB/s)")
     return 0
+
+
+def _variant_arg(text: str) -> tuple[str, dict[str, int]]:
+    try:
+        return parse_rule_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,6 +635,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--grid", type=lambda t: tuple(int(v) for v in t.split(",")),
                     help=f"static read_ahead_kb settings, comma-separated (default "
                          f"{','.join(map(str, GRID_KB))}; must hold {DEFAULT_KB})")
+    ap.add_argument("--workload", action="append", choices=list(WORKLOADS),
+                    help="only this workload (repeatable; default: all)")
+    ap.add_argument("--rule-variant", action="append", type=_variant_arg,
+                    metavar="NAME:param=N[,param=N]",
+                    help="also the rule baseline with these kmlbus_readahead.ko parameters "
+                         "(policy 'proxy rule NAME'; repeatable), e.g. w0:warmup_accesses=0")
     ap.add_argument("--json", help="also write every sample to this JSON file")
     ap.add_argument("--model", help="also serve this ONNX model (policy 'proxy learned')")
     ap.add_argument("--live", metavar="TRACE",
@@ -557,6 +656,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--kver", help="kernel release the VM boots (default: newest installed)")
     ap.add_argument("--here", action="store_true", help="run in this kernel (root, modules loadable)")
     args = ap.parse_args(argv)
+    names = [n for n, _ in args.rule_variant or ()]
+    if len(set(names)) != len(names):
+        ap.error(f"--rule-variant names must differ: {', '.join(names)}")
     if shutil.which("fio") is None:
         print("bench_readahead: fio not found: apt-get install -y fio", file=sys.stderr)
         return 2

@@ -44,7 +44,8 @@ SPEC = kspec.load()
 MODE = SPEC.enums["mode"]
 REASON = SPEC.enums["reason"]
 KPROBES_LIST = Path("/sys/kernel/debug/kprobes/list")
-PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault", "filemap_read")
+PROBED = ("page_cache_sync_ra", "page_cache_async_ra", "filemap_fault", "filemap_read",
+          "file_ra_state_init")
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,11 @@ def recommend_all(c: Connection, pid: int, window: int) -> None:
 
 
 HOLD = Path("/sys/module/kmlbus_readahead/parameters/hold_ms")
+WARMUP = Path("/sys/module/kmlbus_readahead/parameters/warmup_accesses")
 
 
 def ra_stats() -> dict[str, int]:
-    """kmlbus_readahead's read-only ``stats`` parameter: windows, decisions, decide_ns."""
+    """kmlbus_readahead's read-only ``stats`` parameter: windows, decisions, warmup, decide_ns."""
     text = Path("/sys/module/kmlbus_readahead/parameters/stats").read_text()
     return {k: int(v) for k, v in (part.split("=") for part in text.split())}
 
@@ -301,12 +303,81 @@ def test_a_stream_keeps_one_decision_per_hold_period(
     finally:
         HOLD.write_text("1000")
     windows, decisions = s1["windows"] - s0["windows"], s1["decisions"] - s0["decisions"]
-    # one stream: one decision per period begun, the other decision points hold it
-    assert 1 <= decisions <= elapsed / 1.0 + 1 < windows
+    warm = s1["warmup"] - s0["warmup"]
+    # dd's stream is new: its first accesses (warmup_accesses) decide unheld; then
+    # one decision per period begun, the other decision points hold it
+    assert 1 <= warm <= 8
+    assert 1 <= decisions - warm <= elapsed / 1.0 + 1 < windows - warm
     # hold_ms=0: every decision point is a decision
     assert s3["decisions"] - s2["decisions"] == s3["windows"] - s2["windows"] > decisions
     # in emergency the held arm is the default: stock requests either way
     assert held == each == stock.seq4k
+
+
+def fresh_streams(path: Path, streams: int, reads: int, seed: int, *, mmap_: bool = False) -> None:
+    """*streams* new streams one after the other, each *reads* accesses long: open *path*,
+    read single pages 64 pages apart (none the first page; pread, or with *mmap_* a touch
+    of the mapped page) with the file's pages evicted first, close.  Each access misses
+    the cache and is not sequential, so it reaches exactly one decision point
+    (page_cache_sync_ra, or filemap_fault on a missing page)."""
+    rng = random.Random(seed)
+    for _ in range(streams):
+        drop_file(path)
+        pages = rng.sample(range(64, FILE_MB * 256, 64), reads)
+        with open(path, "rb") as f:
+            if mmap_:
+                with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
+                    for page in pages:
+                        m[page * 4096]
+            else:
+                for page in pages:
+                    assert len(os.pread(f.fileno(), 4096, page * 4096)) == 4096
+
+
+def test_a_new_streams_first_accesses_are_decided_unheld_and_not_reported(
+        readahead: int, disk: tuple[NullBlk, Path]) -> None:
+    _, path = disk
+    assert WARMUP.read_text().strip() == "8"
+    for bad in ("1025", "-1"):
+        with pytest.raises(OSError):
+            WARMUP.write_text(bad)
+    assert WARMUP.read_text().strip() == "8", "a rejected warmup_accesses changed the value"
+    streams, short, long = 4, 4, 8 + 4
+    got: dict[str, dict[str, int]] = {}
+    # a telemetry listener: decisions are recorded, so ended ones are reported as feedback
+    with Connection(groups=("telemetry",)) as c:
+        pid = int(c.proxy("readahead")["id"])
+
+        def measure(name: str, warmup: int, n: int, reads: int, mmap_: bool = False) -> None:
+            WARMUP.write_text(str(warmup))
+            s0, f0 = ra_stats(), c.proxy(pid)["counters"]["feedback"]
+            fresh_streams(path, n, reads, seed=len(got), mmap_=mmap_)
+            s1, f1 = ra_stats(), c.proxy(pid)["counters"]["feedback"]
+            got[name] = {k: s1[k] - s0[k] for k in ("windows", "decisions", "warmup")}
+            got[name]["feedback"] = f1 - f0
+
+        try:
+            # hold_ms=0: every decision point decides, and each would report the one before
+            HOLD.write_text("0")
+            measure("short", 8, streams, short)
+            measure("short mmap", 8, streams, short, mmap_=True)
+            measure("long", 8, 1, long)
+            measure("no warm-up", 0, streams, short)
+        finally:
+            HOLD.write_text("1000")
+            WARMUP.write_text("8")
+    # short fresh streams (the file opened anew each time, so also where a closed
+    # one's readahead state was): every decision is warm-up, none is reported
+    assert got["short"] == {"windows": streams * short, "decisions": streams * short,
+                            "warmup": streams * short, "feedback": 0}, got
+    # the same for streams of mmap faults (an open begins a stream, not only a first read())
+    assert got["short mmap"] == got["short"], got
+    # warm-up ends after 8 accesses; the first decision after it is not reported either
+    assert got["long"] == {"windows": long, "decisions": long, "warmup": 8,
+                           "feedback": long - 8 - 1}, got
+    # warmup_accesses=0: no warm-up, each decision after a stream's first reports the one before
+    assert got["no warm-up"] == {"windows": streams * short, "decisions": streams * short,
+                                 "warmup": 0, "feedback": streams * (short - 1)}, got
 
 
 # ---- (b) recommendations change real reads ----------------------------------------------
